@@ -1,0 +1,45 @@
+# Set-up and the two jobs of README: `make demo` (main job) and `make test` (test suite).
+# Everything is installed into .venv; the dataset comes from Debian's dataset-fashion-mnist.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+# torch/torchvision are pinned to the builds this project is tested with (on the team's
+# machines they install from local disk); override TORCH= to use another build.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup data demo test lint bench clean
+
+$(BIN)/robustse: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/robustse data
+
+data:
+	@if [ -n "$$ROBUSTSE_DATA" ] || [ -f $(FMNIST)/t10k-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or set" \
+		     "ROBUSTSE_DATA to a folder holding the four IDX .gz files" >&2; exit 1; \
+	fi
+
+demo: setup
+	$(BIN)/robustse experiment --spec attacks/quick.toml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check robustse tests benchmarks cli.py
+	$(BIN)/mypy robustse
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,32 @@
+"""robustse: does Squeeze-and-Excitation gating damp adversarial perturbations?
+
+The public API (stable names)::
+
+    import robustse as rs
+    rs.list_models("*resnet*")
+    model = rs.create_model("se_resnet20", num_classes=10, in_channels=1)
+    ds = rs.load_dataset("fashion-mnist", split="test")
+    rs.save_checkpoint(model, path, meta={...}); model, meta = rs.load_checkpoint(path)
+    gates = rs.find_gates(model)
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import Dataset, list_datasets, load_dataset
+from .errors import RobustseError
+from .models import create_model, list_models
+from .probes import find_gates
+
+__all__ = [
+    "Dataset",
+    "RobustseError",
+    "__version__",
+    "create_model",
+    "find_gates",
+    "list_datasets",
+    "list_models",
+    "load_checkpoint",
+    "load_dataset",
+    "save_checkpoint",
+]

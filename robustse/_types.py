@@ -1,0 +1,7 @@
+"""Small shared types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PathLike = str | Path

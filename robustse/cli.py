@@ -1,0 +1,418 @@
+"""The ``robustse`` command line (click).
+
+User errors (``RobustseError`` with exit code 2, and click usage errors) print one line,
+``error: <message>``, on stderr and exit 2; failures of the run itself exit 1. No traceback
+for anything the user can fix.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .errors import RobustseError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    first = " ".join(str(message).split())  # one line, whatever the message held
+    click.echo(f"error: {first}", err=True)
+    sys.exit(code)
+
+
+class RobustseGroup(click.Group):
+    """A click group that maps errors to one stderr line and an exit code."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        except click.ClickException as exc:
+            message = exc.format_message()
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                message = f"{message} (see '{exc.ctx.command_path} --help')"
+            _fail(message, exc.exit_code)
+        except RobustseError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted (finished work is saved; rerun the same command to resume)", 130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Ctx:
+    """Global options shared by every command."""
+
+    def __init__(self, device: str, seed: int, quiet: bool) -> None:
+        self.device_name, self.seed, self.quiet = device, seed, quiet
+
+    @property
+    def device(self):  # type: ignore[no-untyped-def]
+        from .device import resolve_device
+
+        return resolve_device(self.device_name)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(cls=RobustseGroup, context_settings=CONTEXT)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to run: auto picks CUDA when present.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, order and attacks.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; results only.")
+@click.version_option(package_name="robustse")
+@click.pass_context
+def cli(ctx: click.Context, device: str, seed: int, quiet: bool) -> None:
+    """robustse: does Squeeze-and-Excitation gating damp adversarial perturbations?"""
+    ctx.obj = Ctx(device, seed, quiet)
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def data_options(fn: Any) -> Any:
+    """--dataset, --data-root, --download, --eval-subset."""
+    from .data import list_datasets
+
+    fn = click.option(
+        "--eval-subset",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Evaluate on this many test images (seeded subset).",
+    )(fn)
+    fn = click.option("--download", is_flag=True, help="Let torchvision download missing files.")(fn)
+    fn = click.option(
+        "--data-root",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Folder with the dataset files (default: $ROBUSTSE_DATA, system locations).",
+    )(fn)
+    return click.option(
+        "--dataset",
+        type=click.Choice(list_datasets()),
+        default=None,
+        help="Dataset (default: fashion-mnist, or the checkpoint's).",
+    )(fn)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@cli.command("models")
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_cmd(pattern: str, as_json: bool) -> None:
+    """List registered architectures matching PATTERN (a glob, e.g. '*resnet*')."""
+    from .models import create_model, list_models, model_info
+    from .probes import find_gates
+
+    rows = []
+    for name in list_models(pattern):
+        info = model_info(name)
+        model = create_model(name)
+        params = sum(p.numel() for p in model.parameters())
+        rows.append(
+            {
+                "name": name,
+                "twin": info.twin,
+                "se": info.has_se,
+                "gates": len(find_gates(model)),
+                "params": params,
+                "options": sorted(info.options()),
+                "description": info.description,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no architecture matches {pattern!r}")
+        return
+    click.echo(f"{'name':<14} {'twin':<14} {'gates':>5} {'params':>9}  description")
+    for r in rows:
+        click.echo(f"{r['name']:<14} {r['twin']:<14} {r['gates']:>5} {r['params']:>9,}  {r['description']}")
+    click.echo("External: torchvision:<name> (any torchvision classifier, weights from your checkpoint).")
+
+
+def _looks_like_path(target: str) -> bool:
+    return Path(target).exists() or target.endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in target
+
+
+@cli.command("inspect")
+@click.argument("target")
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Classes, when TARGET is an architecture name.",
+)
+@click.option("--in-channels", type=click.IntRange(min=1), default=None, help="Input channels (name only).")
+@click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: str | None, as_json: bool) -> None:
+    """Show layers, parameters and SE gates of an architecture NAME or a CHECKPOINT file."""
+    from .checkpoint import load_checkpoint
+    from .models import Block, create_model
+    from .probes import find_gates
+
+    meta: dict[str, Any] = {}
+    if _looks_like_path(target):
+        model, meta = load_checkpoint(target, arch=arch, arch_kwargs={"num_classes": num_classes})
+    else:
+        kwargs: dict[str, Any] = {"num_classes": num_classes}
+        if in_channels is not None:
+            kwargs["in_channels"] = in_channels
+        model = create_model(target, **kwargs)
+    gates = find_gates(model)
+    layers = []
+    for name, module in model.named_modules():
+        depth = name.count(".")
+        if name and (depth == 0 or isinstance(module, Block)):
+            layers.append(
+                {"name": name, "type": type(module).__name__, "params": sum(p.numel() for p in module.parameters())}
+            )
+    gate_rows = []
+    for name, gate in gates.items():
+        se = model.get_submodule(name.rsplit(".", 1)[0])
+        channels = getattr(se, "channels", None) or getattr(getattr(se, "fc2", None), "out_channels", None)
+        gate_rows.append({"name": name, "type": type(gate).__name__, "channels": channels})
+    summary = {
+        "target": target,
+        "arch": meta.get("arch", target),
+        "params": sum(p.numel() for p in model.parameters()),
+        "layers": layers,
+        "gates": gate_rows,
+        "checkpoint": {k: v for k, v in meta.items() if k not in ("history", "fingerprint")} if meta else None,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    click.echo(f"{summary['arch']}: {summary['params']:,} parameters")
+    if meta:
+        for key in ("dataset", "seed", "epochs", "clean_accuracy", "eval_examples", "normalization", "weight_hash"):
+            if key in meta:
+                click.echo(f"  {key}: {meta[key]}")
+    click.echo("layers:")
+    for layer in layers:
+        click.echo(f"  {layer['name']:<24} {layer['type']:<22} {layer['params']:>9,}")
+    click.echo(f"SE gates found: {len(gate_rows)}" + ("" if gate_rows else " (a plain model)"))
+    for g in gate_rows:
+        click.echo(f"  {g['name']:<24} {g['type']:<12} C={g['channels']}")
+
+
+@cli.command("train")
+@click.argument("arch")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="Peak learning rate."
+)
+@click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
+@click.option("--no-augment", is_flag=True, help="No random crops/flips (faster convergence for short runs).")
+@click.option(
+    "--adv-eps",
+    type=click.FloatRange(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="Fast adversarial training (FGSM + random start) at this Linf eps, in pixels.",
+)
+@click.option("--reduction", type=click.IntRange(min=1), default=None, help="SE reduction ratio r (SE models).")
+@click.option("--squeeze", type=click.Choice(["avg", "max"]), default=None, help="SE squeeze (SE models).")
+@click.option("--gate", type=click.Choice(["sigmoid", "hardsigmoid"]), default=None, help="SE gate (SE models).")
+@data_options
+@click.option("--train-subset", type=click.IntRange(min=1), default=None, help="Train on this many images (seeded).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoint file [default: reports/models/<arch>_s<seed>.safetensors].",
+)
+@pass_ctx
+def train_cmd(
+    obj: Ctx,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    schedule: str,
+    no_augment: bool,
+    adv_eps: float,
+    reduction: int | None,
+    squeeze: str | None,
+    gate: str | None,
+    dataset: str | None,
+    data_root: Path | None,
+    download: bool,
+    eval_subset: int | None,
+    train_subset: int | None,
+    out: Path | None,
+) -> None:
+    """Train architecture ARCH and save a checkpoint (resumes if interrupted)."""
+    from .config import DataConfig, TrainConfig
+    from .errors import ModelError
+    from .models import model_info
+    from .train import train_model
+
+    se_kwargs = {k: v for k, v in {"reduction": reduction, "squeeze": squeeze, "gate": gate}.items() if v is not None}
+    if se_kwargs and not arch.startswith("torchvision:") and not model_info(arch).has_se:
+        raise ModelError(
+            f"{arch} has no SE blocks: --{next(iter(se_kwargs))} applies to its twin {model_info(arch).twin}"
+        )
+    data = DataConfig(
+        dataset=dataset or "fashion-mnist",
+        data_root=str(data_root) if data_root else None,
+        download=download,
+        train_subset=train_subset,
+        eval_subset=eval_subset,
+    )
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        schedule=schedule,  # type: ignore[arg-type]
+        augment=not no_augment,
+        adv_eps=adv_eps,
+    )
+    if out is None:
+        out = Path("reports") / "models" / f"{arch.replace(':', '-')}_s{obj.seed}.safetensors"
+    result = train_model(
+        arch,
+        out=out,
+        data=data,
+        train=cfg,
+        seed=obj.seed,
+        model_kwargs=se_kwargs,
+        device=obj.device,
+        progress=not obj.quiet,
+        log=obj.log,
+    )
+    _echo_accuracy(arch, result.meta, extra=f"{epochs} epochs, {result.meta['train_seconds']:.1f}s train")
+    click.echo(f"checkpoint: {result.checkpoint}")
+
+
+def _echo_accuracy(label: str, meta: dict[str, Any], *, extra: str = "") -> None:
+    from .stats import wilson_interval
+
+    n, acc = int(meta["eval_examples"]), float(meta["clean_accuracy"])
+    lo, hi = wilson_interval(round(acc * n), n)
+    tail = f", {extra}" if extra else ""
+    click.echo(f"{label}: clean accuracy {acc:.4f} (95% CI {lo:.4f}-{hi:.4f}, n={n}{tail})")
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@data_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
+@click.option(
+    "--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help="Classes of a foreign checkpoint."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def eval_cmd(
+    obj: Ctx,
+    checkpoint: Path,
+    dataset: str | None,
+    data_root: Path | None,
+    download: bool,
+    eval_subset: int | None,
+    batch_size: int,
+    arch: str | None,
+    num_classes: int,
+    as_json: bool,
+) -> None:
+    """Clean test accuracy of CHECKPOINT, with a 95% Wilson interval."""
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .errors import DataError
+    from .train import SUBSET_SEED, predict
+
+    device = obj.device
+    model, meta = load_checkpoint(checkpoint, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device)
+    name = dataset or meta.get("dataset") or "fashion-mnist"
+    ds = load_dataset(name, split="test", root=data_root, download=download).subset(eval_subset, seed=SUBSET_SEED)
+    expected = meta.get("arch_kwargs", {}).get("in_channels")
+    if expected is not None and ds.in_channels != expected:
+        raise DataError(f"{name} images have {ds.in_channels} channel(s) but the model takes {expected}")
+    try:
+        preds = predict(model, ds, batch_size=batch_size, device=device)
+    except RuntimeError as exc:
+        raise DataError(
+            f"{name} images {tuple(ds.x.shape[1:])} do not fit the model ({str(exc).splitlines()[0]})"
+        ) from None
+    correct = int((preds == ds.y).sum())
+    result = {
+        "checkpoint": str(checkpoint),
+        "arch": meta.get("arch"),
+        "dataset": name,
+        "eval_examples": len(ds),
+        "clean_accuracy": correct / len(ds),
+    }
+    if as_json:
+        from .stats import wilson_interval
+
+        result["ci95"] = list(wilson_interval(correct, len(ds)))
+        click.echo(json.dumps(result, indent=2))
+        return
+    _echo_accuracy(f"{meta.get('arch')} on {name}", result)
+
+
+@cli.command("experiment")
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(path_type=Path),
+    default=Path("attacks/quick.toml"),
+    show_default=True,
+    help="Experiment spec (TOML; schema in attacks/README.md).",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Run directory [default: reports/<spec name>]."
+)
+@pass_ctx
+def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
+    """Train the spec's twin pairs over its seeds and report clean accuracy (resumable)."""
+    from .pipeline import run_experiment
+
+    result = run_experiment(spec_path, out, device=obj.device, progress=not obj.quiet, log=obj.log)
+    click.echo(f"{'model':<14} {'seed':>4} {'clean acc':>9}  {'95% CI':<15} {'train s':>8}")
+    for r in result.rows:
+        click.echo(
+            f"{r.model:<14} {r.seed:>4} {r.clean_accuracy:>9.4f}  {r.ci_low:.4f}-{r.ci_high:.4f} "
+            f"{r.train_seconds:>8.1f}"
+        )
+    click.echo(f"run directory: {result.out_dir}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="robustse")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

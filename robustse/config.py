@@ -1,0 +1,244 @@
+"""Frozen configuration dataclasses and strict TOML loading.
+
+Defaults live on the dataclasses. Loading is strict: an unknown key, a value of
+the wrong type or an out-of-range value raises :class:`SpecError` naming the file
+and the dotted key, so a typo in a spec never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from .errors import SpecError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data to use and how much of it.
+
+    Args:
+        dataset: registry name (``robustse.data.list_datasets()``).
+        data_root: folder holding the files; ``None`` uses the dataset's default places.
+        download: let torchvision download missing files (needs internet).
+        train_subset: train on this many examples (seeded, deterministic); ``None`` = all.
+        eval_subset: evaluate on this many test examples; ``None`` = all.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    download: bool = False
+    train_subset: int | None = None
+    eval_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("train_subset", "eval_subset"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise SpecError(f"data.{key} must be >= 1 (got {value})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyperparameters (SGD + Nesterov momentum, one-cycle or cosine schedule).
+
+    Args:
+        epochs: passes over the training set.
+        batch_size: examples per SGD step.
+        lr: peak learning rate of the schedule.
+        momentum: Nesterov momentum.
+        weight_decay: L2 penalty on all parameters.
+        schedule: ``onecycle`` (warm-up then anneal) or ``cosine``.
+        augment: random crop (pad 2 px on 28 px, 4 px on 32 px) and, where labels allow, flips.
+        adv_eps: if > 0, fast adversarial training (FGSM with random start, Wong et al. 2020)
+            at this Linf epsilon in pixel units.
+        eval_batch_size: batch size of the per-epoch evaluation.
+    """
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    augment: bool = True
+    adv_eps: float = 0.0
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})"),
+            (self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})"),
+            (self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {self.eval_batch_size})"),
+            (self.lr > 0, f"train.lr must be > 0 (got {self.lr})"),
+            (0 <= self.momentum < 1, f"train.momentum must be in [0, 1) (got {self.momentum})"),
+            (self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})"),
+            (0 <= self.adv_eps <= 1, f"train.adv_eps must be in [0, 1] (got {self.adv_eps})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpecError(message)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which twin pairs an experiment trains.
+
+    Args:
+        twins: plain architecture names; each is trained together with its ``se_`` twin.
+        se_options: SE keyword options for the SE twin (``reduction``, ``squeeze``, ``gate``).
+    """
+
+    twins: tuple[str, ...] = ("small_cnn",)
+    se_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.twins:
+            raise SpecError("models.twins must name at least one architecture")
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """A whole experiment: data, models, seeds and training."""
+
+    name: str = "experiment"
+    seeds: tuple[int, ...] = (0,)
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise SpecError("seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise SpecError(f"seeds must be distinct (got {list(self.seeds)})")
+        check_run_name(self.name)
+
+
+def check_run_name(name: str) -> str:
+    """Refuse run names that are empty or would escape the output root."""
+    bad = not name or name in {".", ".."} or any(c in name for c in "/\\\0") or name.startswith(".")
+    if bad:
+        raise SpecError(f"invalid run name {name!r}: use letters, digits, '-', '_' (no path separators)")
+    return name
+
+
+# --------------------------------------------------------------------------- strict loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "table"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp``; return it converted (lists → tuples)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except SpecError:
+                continue
+        raise SpecError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = ", ".join(repr(a) for a in typing.get_args(tp))
+        raise SpecError(f"{where}: {value!r} is not one of {choices}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return from_mapping(tp, value, where=where)  # type: ignore[type-var]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a dataclass field of a type this loader does not know
+        raise TypeError(f"unsupported config type {tp!r}")
+    raise SpecError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_mapping(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data`` strictly.
+
+    Raises:
+        SpecError: on an unknown key (listing the valid ones), a wrong type or a bad value.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    prefix = f"{where}." if where else ""
+    for key, value in data.items():
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise SpecError(f"unknown key '{prefix}{key}' (valid: {valid})")
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Load an experiment spec from a TOML file, strictly.
+
+    The spec's ``name`` defaults to the file's stem.
+
+    Raises:
+        SpecError: naming the file on a missing file, invalid TOML, unknown key or bad value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read spec ({exc.__class__.__name__})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: invalid TOML: {exc}") from None
+    raw.setdefault("name", path.stem)
+    try:
+        return from_mapping(ExperimentSpec, raw)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None

@@ -1,0 +1,162 @@
+"""Building blocks shared by every model family: Normalize, SEBlock, ConvBNReLU, Block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+Squeeze = Literal["avg", "max"]
+Gate = Literal["sigmoid", "hardsigmoid"]
+
+
+class Normalize(nn.Module):
+    """First layer of every model: (x - mean) / std per channel, so attacks work in pixel units.
+
+    mean/std are buffers: they travel with the state dict and therefore with every checkpoint.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ModelError(f"normalization mean has {len(mean)} channels but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ModelError(f"normalization std must be > 0 (got {list(std)})")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        mean = [round(v, 4) for v in self.mean.flatten().tolist()]
+        std = [round(v, 4) for v in self.std.flatten().tolist()]
+        return f"mean={mean}, std={std}"
+
+
+def se_hidden(channels: int, reduction: int, min_hidden: int = 4) -> int:
+    """Hidden width of the excitation MLP: ``max(channels // reduction, min_hidden)``.
+
+    The floor keeps narrow stages (16 channels at r = 16) from collapsing to a single unit.
+    """
+    return max(channels // reduction, min_hidden)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-Excitation block (Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018).
+
+    For u of shape (B, C, H, W)::
+
+        z = squeeze(u)                       # (B, C): spatial mean (or max)
+        s = gate(fc2(relu(fc1(z))))          # (B, C): the excitation vector
+        y = s[:, :, None, None] * u          # (B, C, H, W)
+
+    ``gate`` is its own submodule so a forward hook on ``<block>.se.gate`` yields ``s``,
+    a forward pre-hook on the SEBlock yields ``u`` and its output is ``y``.
+
+    Args:
+        channels: C.
+        reduction: r; hidden width is ``max(C // r, min_hidden)``.
+        squeeze: ``avg`` (paper) or ``max`` pooling over H, W.
+        gate: ``sigmoid`` (paper) or ``hardsigmoid``.
+        min_hidden: floor of the hidden width.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        reduction: int = 16,
+        squeeze: Squeeze = "avg",
+        gate: Gate = "sigmoid",
+        min_hidden: int = 4,
+    ) -> None:
+        super().__init__()
+        if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
+            raise ModelError(f"SE reduction must be an integer >= 1 (got {reduction!r})")
+        if squeeze not in ("avg", "max"):
+            raise ModelError(f"unknown SE squeeze {squeeze!r} (valid: avg, max)")
+        if gate not in ("sigmoid", "hardsigmoid"):
+            raise ModelError(f"unknown SE gate {gate!r} (valid: sigmoid, hardsigmoid)")
+        hidden = se_hidden(channels, reduction, min_hidden)
+        self.channels, self.reduction, self.hidden = channels, reduction, hidden
+        self.squeeze = nn.AdaptiveAvgPool2d(1) if squeeze == "avg" else nn.AdaptiveMaxPool2d(1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, channels)
+        self.gate = nn.Sigmoid() if gate == "sigmoid" else nn.Hardsigmoid()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        z = self.squeeze(u).flatten(1)  # (B, C)
+        s = self.gate(self.fc2(self.act(self.fc1(z))))  # (B, C)
+        return u * s[:, :, None, None]  # (B, C, H, W)
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 convolution (no bias), batch norm, ReLU."""
+
+    def __init__(self, cin: int, cout: int, *, stride: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Block(nn.Module):
+    """Marker base class: a block whose output h_l is a depth step of the amplification profile."""
+
+
+class Classifier(nn.Module):
+    """Normalize → stem → blocks → average pool to pool_size² cells → linear head. Outputs logits.
+
+    ``pool_size=1`` is global average pooling; a larger grid keeps coarse spatial layout, which
+    lets a shallow network converge in a couple of epochs.
+    """
+
+    def __init__(
+        self,
+        normalize: Normalize,
+        stem: nn.Module,
+        blocks: nn.Sequential,
+        width: int,
+        num_classes: int,
+        *,
+        pool_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.stem = stem
+        self.blocks = blocks
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.head = nn.Linear(width * pool_size * pool_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(self.normalize(x)))
+        return self.head(self.pool(h).flatten(1))  # (B, num_classes)
+
+
+def make_normalize(in_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> Normalize:
+    """Normalize layer with identity defaults (mean 0, std 1); training sets the data's stats."""
+    mean = tuple(mean) if mean is not None else (0.0,) * in_channels
+    std = tuple(std) if std is not None else (1.0,) * in_channels
+    if len(mean) != in_channels:
+        raise ModelError(f"normalization has {len(mean)} channels but the model takes {in_channels}")
+    return Normalize(mean, std)
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal convolutions, unit/zero batch norm, default linear init."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,224 @@
+"""``experiment``: spec → trained twins over seeds → clean accuracy with CIs → run directory.
+
+This is the first stage of the full pipeline (attack sweeps, probes, statistics and the report
+are added on top of it). Every stage is resumable: trained checkpoints are reused when their
+configuration matches, and an interrupted training run resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._types import PathLike
+from .checkpoint import library_versions
+from .config import ExperimentSpec, load_spec
+from .errors import SpecError
+from .models import model_info
+from .stats import wilson_interval
+from .train import load_splits, train_model
+
+
+@dataclass
+class ModelRow:
+    """One trained model of an experiment."""
+
+    model: str
+    family: str
+    se: bool
+    seed: int
+    clean_accuracy: float
+    ci_low: float
+    ci_high: float
+    eval_examples: int
+    train_seconds: float
+    checkpoint: str
+
+
+@dataclass
+class ExperimentResult:
+    """What :func:`run_experiment` produced."""
+
+    spec: ExperimentSpec
+    out_dir: Path
+    rows: list[ModelRow] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def twin_names(spec: ExperimentSpec) -> list[str]:
+    """Every architecture the spec trains: each listed plain model followed by its SE twin."""
+    names = []
+    for plain in spec.models.twins:
+        info = model_info(plain)
+        if info.has_se:
+            raise SpecError(
+                f"models.twins lists {plain!r}: name the plain twin ({info.family!r}); its SE twin is added"
+            )
+        model_info(info.twin)  # the SE twin must exist
+        names += [plain, info.twin]
+    return names
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create the run directory (refusing a path that is a file or cannot be written)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpecError(f"output path {out_dir} exists and is not a directory")
+    try:
+        (out_dir / "models").mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SpecError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
+    return out_dir
+
+
+def run_experiment(
+    spec: ExperimentSpec | PathLike,
+    out_dir: PathLike | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ExperimentResult:
+    """Run an experiment spec end to end into ``out_dir`` (default ``reports/<spec name>``).
+
+    Args:
+        spec: an :class:`ExperimentSpec` or the path of a TOML spec.
+        out_dir: the run directory.
+        device: where to train and evaluate.
+        progress: show progress bars.
+        log: receives progress lines.
+
+    Returns:
+        :class:`ExperimentResult` with one row per trained model.
+
+    Example:
+        >>> run_experiment("attacks/quick.toml")  # doctest: +SKIP
+    """
+    spec_text = None
+    if not isinstance(spec, ExperimentSpec):
+        spec_text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else None
+        spec = load_spec(spec)
+    out = prepare_out_dir(Path(out_dir) if out_dir is not None else Path("reports") / spec.name)
+    (out / "spec.toml").write_text(spec_text if spec_text is not None else dump_toml(asdict(spec)), encoding="utf-8")
+    names = twin_names(spec)
+    result = ExperimentResult(spec, out)
+
+    t0 = time.perf_counter()
+    splits = load_splits(spec.data)
+    result.timings["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for seed in spec.seeds:
+        for name in names:
+            info = model_info(name)
+            kwargs = dict(spec.models.se_options) if info.has_se else {}
+            trained = train_model(
+                name,
+                out=out / "models" / f"{name}_s{seed}.safetensors",
+                data=spec.data,
+                train=spec.train,
+                seed=seed,
+                model_kwargs=kwargs,
+                device=device,
+                progress=progress,
+                log=log,
+                splits=splits,
+            )
+            meta = trained.meta
+            n = int(meta["eval_examples"])
+            acc = float(meta["clean_accuracy"])
+            lo, hi = wilson_interval(round(acc * n), n)
+            result.rows.append(
+                ModelRow(
+                    name,
+                    info.family,
+                    info.has_se,
+                    seed,
+                    acc,
+                    lo,
+                    hi,
+                    n,
+                    float(meta["train_seconds"]),
+                    str(trained.checkpoint),
+                )
+            )
+            if log:
+                log(f"{name} seed {seed}: clean accuracy {acc:.4f} [{lo:.4f}, {hi:.4f}]")
+    result.timings["train"] = time.perf_counter() - t0
+
+    _write_rows(out / "models.csv", result.rows)
+    _write_manifest(out / "manifest.json", result, device)
+    return result
+
+
+def _write_rows(path: Path, rows: list[ModelRow]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(ModelRow.__dataclass_fields__))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def git_commit() -> str | None:
+    """The commit of the robustse checkout, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _write_manifest(path: Path, result: ExperimentResult, device: torch.device | str) -> None:
+    manifest = {
+        "spec": result.spec.name,
+        "seeds": list(result.spec.seeds),
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "timings_seconds": {k: round(v, 3) for k, v in result.timings.items()},
+        "models": [asdict(r) for r in result.rows],
+    }
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write the simple nested structure of a spec as TOML (scalars, lists, tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    tables = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            body = [f"{kk} = {value(vv)}" for kk, vv in v.items() if vv is not None]
+            tables.append(f"[{k}]\n" + "\n".join(body))
+    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"

@@ -1,0 +1,51 @@
+"""Shared fixtures: small datasets written to disk in the real file formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustse.data import DEBIAN_FASHION_MNIST, write_idx
+
+REAL_FMNIST = DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
+
+
+def make_images(
+    n: int, *, seed: int, size: int = 28, channels: int = 1, classes: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable toy problem: class k lights a bar whose row depends on k, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n).astype(np.uint8)
+    x = rng.integers(0, 60, size=(n, channels, size, size)).astype(np.int32)
+    rows = (np.arange(classes) * (size - 3)) // max(1, classes - 1)
+    for i, label in enumerate(y):
+        r = rows[label]
+        x[i, :, r : r + 3, 4 : size - 4] += 180
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def write_fake_fmnist(root: Path, *, n_train: int = 600, n_test: int = 200, gz: bool = True) -> Path:
+    """Write the four Fashion-MNIST IDX files (toy content) into ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for split, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        x, y = make_images(n, seed=seed)
+        write_idx(root / f"{split}-images-idx3-ubyte{suffix}", x[:, 0])
+        write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", y)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a small learnable dataset in Fashion-MNIST's IDX .gz format."""
+    return write_fake_fmnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture(scope="session")
+def real_fmnist() -> Path:
+    """The installed Fashion-MNIST (make test installs it; its absence is a set-up failure)."""
+    if not REAL_FMNIST.exists():
+        pytest.fail(f"Fashion-MNIST not installed at {DEBIAN_FASHION_MNIST}: run `make data`")
+    return DEBIAN_FASHION_MNIST
