@@ -182,7 +182,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SpecError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-        return from_mapping(tp, value, where=where)  # type: ignore[type-var]
+        return from_mapping(typing.cast(type, tp), value, where=where)
     if tp is bool:
         if isinstance(value, bool):
             return value

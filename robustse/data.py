@@ -17,14 +17,14 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .errors import DataError
+from .registry import Registry
 
 Split = Literal["train", "test"]
 
@@ -118,16 +118,14 @@ class DatasetInfo:
     description: str
 
 
-_REGISTRY: dict[str, DatasetInfo] = {}
+_REGISTRY: Registry[DatasetInfo] = Registry("dataset", DataError)
 
 
 def register_dataset(name: str, *, hflip: bool, description: str) -> Callable[[Builder], Builder]:
     """Register a loader ``fn(split, root, download) -> Dataset`` under ``name``."""
 
     def deco(fn: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _REGISTRY[name] = DatasetInfo(name, fn, hflip, description)
+        _REGISTRY.add(name, DatasetInfo(name, fn, hflip, description))
         return fn
 
     return deco
@@ -135,7 +133,7 @@ def register_dataset(name: str, *, hflip: bool, description: str) -> Callable[[B
 
 def list_datasets(pattern: str = "*") -> list[str]:
     """Registered dataset names matching a glob pattern."""
-    return sorted(n for n in _REGISTRY if fnmatch(n, pattern))
+    return _REGISTRY.names(pattern)
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -144,10 +142,7 @@ def dataset_info(name: str) -> DatasetInfo:
     Raises:
         DataError: unknown name, listing the valid ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise DataError(f"unknown dataset {name!r} (valid: {', '.join(list_datasets())})") from None
+    return _REGISTRY.get(name)
 
 
 def load_dataset(
@@ -185,7 +180,7 @@ def load_dataset(
 # --------------------------------------------------------------------------- IDX files
 
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -291,7 +286,7 @@ def _fashion_mnist(split: Split, root: Path | None, download: bool) -> Dataset:
 # --------------------------------------------------------------------------- torchvision datasets
 
 
-def _torchvision_call(name: str, root: Path, make: Callable[..., object]) -> object:
+def _torchvision_call(name: str, root: Path, make: Callable[..., Any]) -> Any:
     """Run a torchvision dataset constructor, turning its errors into one-line DataErrors."""
     import torchvision.datasets as tvd
 
@@ -309,8 +304,8 @@ def _torchvision_call(name: str, root: Path, make: Callable[..., object]) -> obj
 def _mnist(split: Split, root: Path | None, download: bool) -> Dataset:
     root = root or _default_root()
     ds = _torchvision_call("mnist", root, lambda tv: tv.MNIST(str(root), train=split == "train", download=download))
-    x = ds.data.to(torch.uint8).unsqueeze(1)  # type: ignore[attr-defined]
-    y = ds.targets.to(torch.int64)  # type: ignore[attr-defined]
+    x = ds.data.to(torch.uint8).unsqueeze(1)
+    y = ds.targets.to(torch.int64)
     return Dataset("mnist", split, x.contiguous(), y, tuple(str(i) for i in range(10)))
 
 
@@ -333,7 +328,7 @@ def _cifar10(split: Split, root: Path | None, download: bool) -> Dataset:
     root = root or _default_root()
     ds = _torchvision_call("cifar10", root, lambda tv: tv.CIFAR10(str(root), train=split == "train", download=download))
     x = torch.from_numpy(np.asarray(ds.data, dtype=np.uint8)).permute(0, 3, 1, 2)  # (N,H,W,C) → (N,C,H,W)
-    y = torch.as_tensor(ds.targets, dtype=torch.int64)  # type: ignore[attr-defined]
+    y = torch.as_tensor(ds.targets, dtype=torch.int64)
     return Dataset("cifar10", split, x.contiguous(), y, CIFAR10_CLASSES)
 
 
@@ -342,5 +337,5 @@ def _svhn(split: Split, root: Path | None, download: bool) -> Dataset:
     root = root or _default_root()
     ds = _torchvision_call("svhn", root, lambda tv: tv.SVHN(str(root), split=split, download=download))
     x = torch.from_numpy(np.asarray(ds.data, dtype=np.uint8))  # already (N, C, H, W)
-    y = torch.as_tensor(np.asarray(ds.labels), dtype=torch.int64)  # type: ignore[attr-defined]
+    y = torch.as_tensor(np.asarray(ds.labels), dtype=torch.int64)
     return Dataset("svhn", split, x.contiguous(), y, tuple(str(i) for i in range(10)))

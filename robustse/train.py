@@ -234,7 +234,7 @@ def train_model(
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"{arch} s{seed} ep {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
+            disable=None if progress else True,  # None: off when stderr is not a terminal
             leave=False,
             unit="batch",
             dynamic_ncols=True,

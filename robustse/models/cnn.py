@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .layers import Block, Classifier, ConvBNReLU, Gate, SEBlock, Squeeze, init_weights, make_normalize
-from .registry import register_model
+from .layers import Block, Classifier, ConvBNReLU, SEBlock, init_weights, make_normalize
+from .registry import register_twins
 
 
 class VGGStage(Block):
@@ -60,62 +60,24 @@ def vgg(
     return model
 
 
-CNN_WIDTHS = (32, 64, 128)
-SMALL_WIDTHS = (16, 32)
-SMALL = {"widths": SMALL_WIDTHS, "convs": 1, "pool_last": True, "pool_size": 4}
+def _cnn(**kw: Any) -> Classifier:
+    return vgg(widths=(32, 64, 128), convs=2, **kw)
 
 
-@register_model("cnn", family="cnn", description="VGG-style, 3 stages x 2 convs (32/64/128)")
-def cnn(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Classifier:
-    return vgg(
-        widths=CNN_WIDTHS, convs=2, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=None
-    )
+def _small_cnn(**kw: Any) -> Classifier:
+    return vgg(widths=(16, 32), convs=1, pool_last=True, pool_size=4, **kw)
 
 
-@register_model("se_cnn", family="cnn", description="cnn with an SE block closing each stage")
-def se_cnn(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    reduction: int = 16,
-    squeeze: Squeeze = "avg",
-    gate: Gate = "sigmoid",
-) -> Classifier:
-    se = {"reduction": reduction, "squeeze": squeeze, "gate": gate}
-    return vgg(widths=CNN_WIDTHS, convs=2, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=se)
-
-
-@register_model(
-    "small_cnn", family="small_cnn", description="fast VGG-style, 2 stages x 1 conv (16/32), 4x4 pooled head"
+register_twins(
+    "cnn",
+    _cnn,
+    description="VGG-style, 3 stages x 2 convs (32/64/128)",
+    se_description="cnn with an SE block closing each stage",
 )
-def small_cnn(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Classifier:
-    return vgg(**SMALL, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=None)
-
-
-@register_model("se_small_cnn", family="small_cnn", description="small_cnn with an SE block closing each stage")
-def se_small_cnn(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    reduction: int = 4,
-    squeeze: Squeeze = "avg",
-    gate: Gate = "sigmoid",
-) -> Classifier:
-    se = {"reduction": reduction, "squeeze": squeeze, "gate": gate}
-    return vgg(**SMALL, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=se)
+register_twins(
+    "small_cnn",
+    _small_cnn,
+    description="fast VGG-style, 2 stages x 1 conv (16/32), 4x4 pooled head",
+    se_description="small_cnn with an SE block closing each stage",
+    reduction=4,
+)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from typing import Any
 
 from torch import nn
 
 from ..errors import ModelError
+from ..registry import Registry
+from .layers import Gate, Squeeze
 
 Builder = Callable[..., nn.Module]
-
-EXTERNAL_PREFIXES = ("torchvision:",)
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class ModelInfo:
         return {k: p.default for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
+_REGISTRY: Registry[ModelInfo] = Registry("architecture", ModelError, hint="or torchvision:<name>")
 
 
 def register_model(name: str, *, family: str, description: str) -> Callable[[Builder], Builder]:
@@ -57,20 +56,58 @@ def register_model(name: str, *, family: str, description: str) -> Callable[[Bui
     """
 
     def deco(fn: Builder) -> Builder:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
         has_se = name != family
         if has_se and name != f"se_{family}":
             raise ValueError(f"SE twin of {family!r} must be named 'se_{family}', not {name!r}")
-        _REGISTRY[name] = ModelInfo(name, fn, family, has_se, description)
+        _REGISTRY.add(name, ModelInfo(name, fn, family, has_se, description))
         return fn
 
     return deco
 
 
+def register_twins(
+    family: str,
+    build: Callable[..., nn.Module],
+    *,
+    description: str,
+    se_description: str,
+    reduction: int = 16,
+) -> None:
+    """Register ``family`` and ``se_<family>`` from one builder, so the twins differ only in SE.
+
+    ``build(num_classes=, in_channels=, mean=, std=, se=)`` gets ``se=None`` for the plain twin
+    and the SE options dict for the SE twin.
+    """
+
+    def plain(
+        *,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> nn.Module:
+        return build(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=None)
+
+    def with_se(
+        *,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        reduction: int = reduction,
+        squeeze: Squeeze = "avg",
+        gate: Gate = "sigmoid",
+    ) -> nn.Module:
+        se = {"reduction": reduction, "squeeze": squeeze, "gate": gate}
+        return build(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=se)
+
+    register_model(family, family=family, description=description)(plain)
+    register_model(f"se_{family}", family=family, description=se_description)(with_se)
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a glob pattern, e.g. ``"*resnet*"``."""
-    return sorted(n for n in _REGISTRY if fnmatch(n, pattern))
+    return _REGISTRY.names(pattern)
 
 
 def model_info(name: str) -> ModelInfo:
@@ -79,11 +116,7 @@ def model_info(name: str) -> ModelInfo:
     Raises:
         ModelError: unknown name, listing the valid ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        valid = ", ".join(list_models())
-        raise ModelError(f"unknown architecture {name!r} (valid: {valid}, or torchvision:<name>)") from None
+    return _REGISTRY.get(name)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import Block, Classifier, ConvBNReLU, Gate, SEBlock, Squeeze, init_weights, make_normalize
-from .registry import register_model
+from .layers import Block, Classifier, ConvBNReLU, SEBlock, init_weights, make_normalize
+from .registry import register_twins
 
 
 class BasicBlock(Block):
@@ -69,27 +69,13 @@ def cifar_resnet(
     return model
 
 
-@register_model("resnet20", family="resnet20", description="CIFAR ResNet-20 (3 stages x 3 basic blocks, 16/32/64)")
-def resnet20(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> Classifier:
-    return cifar_resnet(depth=20, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=None)
+def _resnet20(**kw: Any) -> Classifier:
+    return cifar_resnet(depth=20, **kw)
 
 
-@register_model("se_resnet20", family="resnet20", description="SE-ResNet-20: SE on every residual branch")
-def se_resnet20(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    reduction: int = 16,
-    squeeze: Squeeze = "avg",
-    gate: Gate = "sigmoid",
-) -> Classifier:
-    se = {"reduction": reduction, "squeeze": squeeze, "gate": gate}
-    return cifar_resnet(depth=20, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=se)
+register_twins(
+    "resnet20",
+    _resnet20,
+    description="CIFAR ResNet-20 (3 stages x 3 basic blocks, 16/32/64)",
+    se_description="SE-ResNet-20: SE on every residual branch",
+)
