@@ -8,10 +8,12 @@ The public API (stable names)::
     ds = rs.load_dataset("fashion-mnist", split="test")
     rs.save_checkpoint(model, path, meta={...}); model, meta = rs.load_checkpoint(path)
     gates = rs.find_gates(model)
+    res = rs.create_attack("pgd", norm="linf", steps=10)(model, x, y, epsilons=[0.0, 0.03])
 """
 
 __version__ = "0.1.0"
 
+from .attacks import create_attack, list_attacks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset, list_datasets, load_dataset
 from .errors import RobustseError
@@ -22,8 +24,10 @@ __all__ = [
     "Dataset",
     "RobustseError",
     "__version__",
+    "create_attack",
     "create_model",
     "find_gates",
+    "list_attacks",
     "list_datasets",
     "list_models",
     "load_checkpoint",

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .errors import RobustseError
+from .errors import RobustseError, SpecError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -382,6 +382,192 @@ def eval_cmd(
     _echo_accuracy(f"{meta.get('arch')} on {name}", result)
 
 
+def parse_attack(text: str) -> dict[str, Any]:
+    """``pgd`` or ``pgd(steps=20,restarts=2)`` → ``{"name": "pgd", "steps": 20, "restarts": 2}``.
+
+    Values are read as TOML scalars (numbers, true/false, quoted or bare strings).
+    """
+    import tomllib
+
+    from .errors import AttackError
+
+    text = text.strip()
+    name, _, rest = text.partition("(")
+    spec: dict[str, Any] = {"name": name.strip()}
+    if rest:
+        if not rest.endswith(")"):
+            raise AttackError(f"attack {text!r}: expected NAME(key=value,...)")
+        for part in filter(None, (p.strip() for p in rest[:-1].split(","))):
+            key, eq, raw = part.partition("=")
+            if not eq or not key.strip():
+                raise AttackError(f"attack {text!r}: option {part!r} is not key=value")
+            try:
+                value = tomllib.loads(f"v = {raw.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw.strip()
+            spec[key.strip()] = value
+    if not spec["name"]:
+        raise AttackError(f"attack {text!r}: missing name")
+    return spec
+
+
+def parse_epsilons(text: str) -> tuple[float, ...]:
+    """``0,0.01,0.03`` or ``0.01:0.05:0.01`` (start:stop:step, stop included) → floats."""
+    from .errors import AttackError
+
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            return tuple(round(start + i * step, 10) for i in range(count))
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise AttackError(f"--eps {text!r}: expected numbers like 0,0.01,0.03 or start:stop:step") from None
+
+
+@cli.command("attacks")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def attacks_cmd(as_json: bool) -> None:
+    """List the attacks and their options (defaults shown)."""
+    from .attacks import attack_info, list_attacks
+
+    rows: list[dict[str, Any]] = [
+        {"name": n, "description": attack_info(n).description, "options": attack_info(n).options()}
+        for n in list_attacks()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        click.echo(f"{r['name']:<7} {r['description']}\n        options: {opts}")
+    click.echo("torchattacks:<Name>  any torchattacks attack with an eps budget, e.g. 'torchattacks:APGD(steps=10)';")
+    click.echo("        its own keyword options; eps comes from the ladder")
+
+
+def _sweep_summary(result: Any) -> None:
+    robust = result.robust
+    click.echo("robust accuracy (worst case over attacks, noise excluded), 95% Wilson CI:")
+    click.echo(f"  {'model':<20} {'norm':<5} {'eps':>7} {'acc':>7}  CI")
+    for _, r in robust.iterrows():
+        click.echo(f"  {r.model:<20} {r.norm:<5} {r.eps:>7.4g} {r.accuracy:>7.4f}  {r.ci_low:.4f}-{r.ci_high:.4f}")
+    click.echo("sanity checks:")
+    for c in result.checks:
+        click.echo(f"  {c.status.upper():<4} {c.model:<20} {c.name:<28} {c.detail}")
+    click.echo(
+        f"results: {result.out_dir / 'results.db'} ({result.computed_cells} new cells), "
+        f"{result.out_dir / 'results.csv'}"
+    )
+
+
+@cli.command("sweep")
+@click.argument("checkpoints", nargs=-1)
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Take attacks, epsilons and options from this spec's [sweep] table.",
+)
+@click.option(
+    "--attack",
+    "attack_texts",
+    multiple=True,
+    help="Attack, repeatable: fgsm, 'pgd(steps=20,restarts=2)', noise, 'torchattacks:APGD(steps=10)'.",
+)
+@click.option("--eps", "eps_text", default=None, help="Ladder: 0,0.01,0.03 or start:stop:step [default: spec's].")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="Default norm of the attacks.")
+@click.option("--eval-subset", type=click.IntRange(min=1), default=None, help="Attack this many test images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--accuracy-only", is_flag=True, default=None, help="Larger eps attack only the survivors.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
+@click.option("--strict", is_flag=True, help="Exit 1 if a sanity check fails.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@pass_ctx
+def sweep_cmd(
+    obj: Ctx,
+    checkpoints: tuple[str, ...],
+    spec_path: Path | None,
+    attack_texts: tuple[str, ...],
+    eps_text: str | None,
+    norm: str | None,
+    eval_subset: int | None,
+    batch_size: int | None,
+    accuracy_only: bool | None,
+    data_root: Path | None,
+    out: Path,
+    strict: bool,
+    as_json: bool,
+) -> None:
+    """Attack CHECKPOINTS with every attack at every eps; resumable (rerun to continue).
+
+    Records per example the label, clean and adversarial prediction, correctness and margins in
+    OUT/results.db (SQLite) and OUT/results.csv, then runs the sanity checks.
+    """
+    import dataclasses
+
+    from .config import SweepConfig, load_spec
+    from .pipeline import load_sweep_models, prepare_out_dir, sweep_dataset
+    from .sweep import build_attacks, run_sweep
+
+    cfg = SweepConfig()
+    if spec_path is not None:
+        spec = load_spec(spec_path)
+        if spec.sweep is None:
+            raise SpecError(f"{spec_path}: no [sweep] table")
+        cfg = spec.sweep
+    changes: dict[str, Any] = {}
+    if attack_texts:
+        changes["attacks"] = tuple(parse_attack(t) for t in attack_texts)
+    if eps_text is not None:
+        changes["epsilons"] = parse_epsilons(eps_text)
+    for key, value in (
+        ("norm", norm),
+        ("eval_subset", eval_subset),
+        ("batch_size", batch_size),
+        ("accuracy_only", accuracy_only),
+    ):
+        if value is not None:
+            changes[key] = value
+    cfg = dataclasses.replace(cfg, **changes)
+    paths = list(checkpoints) or list(cfg.models)
+    if not paths:
+        raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
+    device = obj.device
+    models = load_sweep_models(paths, device=device)
+    attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
+    ds = sweep_dataset(models, cfg, data_root=data_root)
+    out = prepare_out_dir(out)
+    result = run_sweep(
+        models,
+        attacks,
+        cfg.epsilons,
+        ds,
+        out,
+        batch_size=cfg.batch_size,
+        accuracy_only=cfg.accuracy_only,
+        device=device,
+        progress=not obj.quiet,
+        log=obj.log,
+    )
+    if as_json:
+        payload = {
+            "robust": result.robust.to_dict(orient="records"),
+            "checks": [dataclasses.asdict(c) for c in result.checks],
+            "out": str(result.out_dir),
+        }
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        _sweep_summary(result)
+    if strict and any(c.status == "fail" for c in result.checks):
+        failed = [f"{c.model}:{c.name}" for c in result.checks if c.status == "fail"]
+        click.echo(f"error: sanity check(s) failed: {', '.join(failed)}", err=True)
+        sys.exit(1)
+
+
 @cli.command("experiment")
 @click.option(
     "--spec",
@@ -396,7 +582,7 @@ def eval_cmd(
 )
 @pass_ctx
 def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
-    """Train the spec's twin pairs over its seeds and report clean accuracy (resumable)."""
+    """Train the spec's twin pairs over its seeds, then run its [sweep] (resumable)."""
     from .pipeline import run_experiment
 
     result = run_experiment(spec_path, out, device=obj.device, progress=not obj.quiet, log=obj.log)
@@ -406,7 +592,10 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
             f"{r.model:<14} {r.seed:>4} {r.clean_accuracy:>9.4f}  {r.ci_low:.4f}-{r.ci_high:.4f} "
             f"{r.train_seconds:>8.1f}"
         )
-    click.echo(f"run directory: {result.out_dir}")
+    if result.sweep is not None:
+        _sweep_summary(result.sweep)
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    click.echo(f"run directory: {result.out_dir} ({timings})")
 
 
 def main() -> None:

@@ -104,15 +104,59 @@ class ModelsConfig:
             raise SpecError("models.twins must name at least one architecture")
 
 
+DEFAULT_ATTACKS: tuple[dict[str, Any], ...] = ({"name": "fgsm"}, {"name": "pgd", "steps": 10}, {"name": "noise"})
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """An attack sweep: every model × attack × eps on one evaluation set.
+
+    Args:
+        epsilons: the eps ladder in pixel units (of each attack's norm); 0 is added if missing.
+        attacks: tables ``{name = "pgd", steps = 10, ...}`` (``robustse attacks`` lists options).
+        norm: default norm of the attacks (``linf`` or ``l2``).
+        eval_subset: attack this many test images (seeded subset); ``None`` = the whole test split.
+        batch_size: examples per attack call.
+        accuracy_only: larger eps attack only the examples that survived smaller ones.
+        seed: default seed of the attacks' random starts.
+        models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
+    """
+
+    epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
+    attacks: tuple[dict[str, Any], ...] = DEFAULT_ATTACKS
+    norm: Literal["linf", "l2"] = "linf"
+    eval_subset: int | None = 1000
+    batch_size: int = 256
+    accuracy_only: bool = False
+    seed: int = 0
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.epsilons:
+            raise SpecError("sweep.epsilons must list at least one eps")
+        for e in self.epsilons:
+            if e < 0 or (self.norm == "linf" and e > 1):
+                raise SpecError(f"sweep.epsilons: {e} is outside [0, 1]" if e >= 0 else f"sweep.epsilons: {e} < 0")
+        if not self.attacks:
+            raise SpecError("sweep.attacks must list at least one attack")
+        if self.batch_size < 1:
+            raise SpecError(f"sweep.batch_size must be >= 1 (got {self.batch_size})")
+        if self.eval_subset is not None and self.eval_subset < 1:
+            raise SpecError(f"sweep.eval_subset must be >= 1 (got {self.eval_subset})")
+        if 0.0 not in self.epsilons:
+            object.__setattr__(self, "epsilons", (0.0, *self.epsilons))
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
-    """A whole experiment: data, models, seeds and training."""
+    """A whole experiment: data, models, seeds, training and (optionally) an attack sweep."""
 
     name: str = "experiment"
     seeds: tuple[int, ...] = (0,)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -157,7 +201,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise, error message
+            return _convert(value, options[0], where)
+        for arg in options:
             if arg is type(None):
                 continue
             try:

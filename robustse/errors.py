@@ -43,3 +43,11 @@ class DeviceError(UserError):
 
 class TrainingError(RobustseError):
     """Training failed (for example the loss became NaN)."""
+
+
+class AttackError(UserError):
+    """An attack, norm or attack option is unknown or out of range."""
+
+
+class StoreError(RobustseError):
+    """The results store is unreadable, corrupt or belongs to another run."""

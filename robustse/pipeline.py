@@ -19,12 +19,14 @@ from typing import Any
 import torch
 
 from ._types import PathLike
-from .checkpoint import library_versions
-from .config import ExperimentSpec, load_spec
-from .errors import SpecError
+from .checkpoint import library_versions, load_checkpoint
+from .config import ExperimentSpec, SweepConfig, load_spec
+from .data import Dataset, load_dataset
+from .errors import DataError, SpecError
 from .models import model_info
 from .stats import wilson_interval
-from .train import load_splits, train_model
+from .sweep import SweepModel, SweepResult, build_attacks, run_sweep
+from .train import SUBSET_SEED, load_splits, train_model
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ExperimentResult:
     out_dir: Path
     rows: list[ModelRow] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    sweep: SweepResult | None = None
 
 
 def twin_names(spec: ExperimentSpec) -> list[str]:
@@ -157,8 +160,73 @@ def run_experiment(
     result.timings["train"] = time.perf_counter() - t0
 
     _write_rows(out / "models.csv", result.rows)
+    if spec.sweep is not None:
+        t0 = time.perf_counter()
+        attacks = build_attacks(spec.sweep.attacks, norm=spec.sweep.norm, seed=spec.sweep.seed)
+        models = load_sweep_models([r.checkpoint for r in result.rows], device=device)
+        evalset = splits[1].subset(spec.sweep.eval_subset, seed=SUBSET_SEED)
+        result.sweep = run_sweep(
+            models,
+            attacks,
+            spec.sweep.epsilons,
+            evalset,
+            out,
+            batch_size=spec.sweep.batch_size,
+            accuracy_only=spec.sweep.accuracy_only,
+            device=device,
+            progress=progress,
+            log=log,
+        )
+        result.timings["sweep"] = time.perf_counter() - t0
     _write_manifest(out / "manifest.json", result, device)
     return result
+
+
+def load_sweep_models(paths: list[str], *, device: torch.device | str = "cpu") -> list[SweepModel]:
+    """Load checkpoints (paths or globs) as sweep models labelled by file stem.
+
+    Raises:
+        SpecError: a glob that matches nothing, or two checkpoints with the same stem.
+        CheckpointError: a missing, corrupt or unsafe checkpoint.
+    """
+    files: list[Path] = []
+    for p in paths:
+        if any(c in p for c in "*?["):
+            matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
+            if not matched:
+                raise SpecError(f"no checkpoint matches {p!r}")
+            files += matched
+        else:
+            files.append(Path(p))
+    models = []
+    for f in files:
+        model, meta = load_checkpoint(f, map_location=device)
+        models.append(SweepModel(f.name.removesuffix(".safetensors"), model, str(f), meta))
+    labels = [m.label for m in models]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise SpecError(f"two checkpoints are both named {dupes[0]!r}: rename one")
+    return models
+
+
+def sweep_dataset(
+    models: list[SweepModel], cfg: SweepConfig, *, data_root: PathLike | None = None, download: bool = False
+) -> Dataset:
+    """The evaluation set of a sweep: the models' common dataset, test split, seeded subset.
+
+    Raises:
+        DataError: the models were trained on different datasets, or images do not fit them.
+    """
+    names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
+    if len(names) != 1:
+        raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
+    name = names.pop()
+    ds = load_dataset(name, split="test", root=data_root, download=download).subset(cfg.eval_subset, seed=SUBSET_SEED)
+    for m in models:
+        expected = m.meta.get("arch_kwargs", {}).get("in_channels")
+        if expected is not None and expected != ds.in_channels:
+            raise DataError(f"{name} images have {ds.in_channels} channel(s) but {m.label} takes {expected}")
+    return ds
 
 
 def _write_rows(path: Path, rows: list[ModelRow]) -> None:

@@ -49,3 +49,22 @@ def real_fmnist() -> Path:
     if not REAL_FMNIST.exists():
         pytest.fail(f"Fashion-MNIST not installed at {DEBIAN_FASHION_MNIST}: run `make data`")
     return DEBIAN_FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def trained_small(real_fmnist, tmp_path_factory):
+    """An se_small_cnn trained briefly on real Fashion-MNIST, and 128 test images (x float, y)."""
+    from robustse.config import DataConfig, TrainConfig
+    from robustse.data import load_dataset, to_float
+    from robustse.train import train_model
+
+    out = tmp_path_factory.mktemp("trained") / "se_small_cnn.safetensors"
+    res = train_model(
+        "se_small_cnn",
+        out=out,
+        data=DataConfig(train_subset=4000, eval_subset=500),
+        train=TrainConfig(epochs=2, augment=False),
+        progress=False,
+    )
+    test = load_dataset("fashion-mnist", split="test").subset(128, seed=1)
+    return res.model, to_float(test.x), test.y, out

@@ -28,7 +28,7 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("seed = [0]", r"s.toml: unknown key 'seed' \(valid: data, models, name, seeds, train\)"),
+        ("seed = [0]", r"s.toml: unknown key 'seed' \(valid: data, models, name, seeds, sweep, train\)"),
         ("[train]\nepoch = 3", r"unknown key 'train.epoch' \(valid: .*epochs"),
         ("[train]\nepochs = 'three'", r"train.epochs: expected int, got str 'three'"),
         ("[train]\nepochs = 2.5", r"train.epochs: expected int"),
@@ -43,6 +43,11 @@ def _write(tmp_path, text):
         ("name = '../../etc'", r"invalid run name '../../etc'"),
         ("[train\nepochs = 1", r"s.toml: invalid TOML"),
         ("train = 3", r"train: expected a table"),
+        ("[sweep]\nepsilons = []", r"sweep.epsilons must list at least one eps"),
+        ("[sweep]\nepsilons = [-0.5]", r"sweep.epsilons: -0.5 < 0"),
+        ("[sweep]\nnorm = 'l1'", r"sweep.norm: 'l1' is not one of 'linf', 'l2'"),
+        ("[sweep]\nattacks = ['pgd']", r"sweep.attacks\[0\]: expected a table, got str 'pgd'"),
+        ("[sweep]\nbatch = 3", r"unknown key 'sweep.batch' \(valid: accuracy_only, attacks, batch_size"),
     ],
 )
 def test_bad_specs(tmp_path, text, match):
@@ -56,6 +61,13 @@ def test_defaults_and_conversion(tmp_path):
     assert spec.train.lr == 1.0 and isinstance(spec.train.lr, float)
     assert spec.train.epochs == 5 and spec.data.dataset == "fashion-mnist"
     assert spec.models.se_options == {"reduction": 4}
+
+
+def test_sweep_table(tmp_path):
+    spec = load_spec(_write(tmp_path, "[sweep]\nepsilons = [0.01, 0.03]\nattacks = [{name = 'pgd', steps = 5}]"))
+    assert spec.sweep is not None and spec.sweep.epsilons == (0.0, 0.01, 0.03)  # eps = 0 is always measured
+    assert spec.sweep.attacks == ({"name": "pgd", "steps": 5},)
+    assert load_spec(_write(tmp_path, "seeds = [1]")).sweep is None
 
 
 def test_missing_spec(tmp_path):

@@ -1,0 +1,493 @@
+"""Attack engine: FGSM/FGM, PGD (Linf, L2), a random-noise control, and any torchattacks attack.
+
+All attacks work in pixel units on inputs in [0, 1] (normalization is inside the model) and take
+many epsilons in one call::
+
+    atk = create_attack("pgd", norm="linf", steps=10)
+    res = atk(model, x, y, epsilons=[0.0, 0.01, 0.03])
+    res.adversarials[i]          # like x, for epsilons[i]
+
+* One PGD loop with small norm-specific pieces (random start, step, projection) serves every
+  gradient attack; FGSM is PGD with one step of size eps and no random start (Goodfellow et al.
+  2015; Madry et al. 2018). Without a random start the first gradient does not depend on eps, so it
+  is computed once and shared by every epsilon — FGSM's whole ladder costs one backward pass.
+* Several epsilons run as one stacked batch (E·B examples, each with its own eps).
+* Restarts keep the per-example worst case (misclassified first, then highest loss).
+* ``eps = 0`` returns the clean input exactly. The model is put in eval mode and restored.
+* ``accuracy_only=True``: larger epsilons attack only the examples that survived smaller ones
+  (an adversarial for a smaller eps lies inside every larger ball, so robust accuracy is exact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AttackError
+from .registry import Registry
+
+Norm = Literal["linf", "l2"]
+NORMS: tuple[str, ...] = ("linf", "l2")
+DIV_EPS = 1e-10  # guards divisions by a zero gradient or perturbation norm (as torchattacks)
+
+
+@dataclass
+class AttackResult:
+    """Adversarial batches for each epsilon.
+
+    Attributes:
+        epsilons: the epsilons, in the order asked.
+        adversarials: one tensor like ``x`` per epsilon.
+        correct: with ``accuracy_only``, one bool tensor (B,) per epsilon: still classified correctly.
+    """
+
+    epsilons: tuple[float, ...]
+    adversarials: list[torch.Tensor]
+    correct: list[torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with parameter gradients off; restore both afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def check_epsilons(epsilons: Sequence[float], norm: str) -> tuple[float, ...]:
+    """Validate an epsilon ladder (pixel units).
+
+    Raises:
+        AttackError: empty ladder, a negative or non-finite eps, or a Linf eps above 1.
+    """
+    eps = tuple(float(e) for e in epsilons)
+    if not eps:
+        raise AttackError("no epsilons given")
+    for e in eps:
+        if not e >= 0 or e == float("inf"):
+            raise AttackError(f"eps must be a finite number >= 0 (got {e})")
+        if norm == "linf" and e > 1:
+            raise AttackError(f"Linf eps {e} > 1 is larger than the whole pixel range [0, 1]")
+    return eps
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-example L2 norm, shaped (N, 1, 1, 1) for broadcasting."""
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+class _Linf:
+    """Linf ball: uniform start, signed-gradient step, coordinate-wise clipping."""
+
+    @staticmethod
+    def random_start(x: torch.Tensor, eps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        u = torch.rand(x.shape, generator=gen, device=gen.device).to(x.device)
+        return (x + (2 * u - 1) * eps).clamp(0, 1)
+
+    @staticmethod
+    def step(adv: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        return adv + alpha * grad.sign()
+
+    @staticmethod
+    def project(x: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        delta = torch.maximum(torch.minimum(adv - x, eps), -eps)
+        return (x + delta).clamp(0, 1)
+
+    @staticmethod
+    def noise(x: torch.Tensor, eps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        signs = torch.randint(0, 2, x.shape, generator=gen, device=gen.device).to(x.device) * 2 - 1
+        return (x + eps * signs).clamp(0, 1)
+
+
+class _L2:
+    """L2 ball: start at a random direction and radius, normalized-gradient step, radial projection."""
+
+    @staticmethod
+    def random_start(x: torch.Tensor, eps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        d = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+        r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=gen, device=gen.device).to(x.device)
+        return (x + d / (_flat_norm(d) + DIV_EPS) * r * eps).clamp(0, 1)
+
+    @staticmethod
+    def step(adv: torch.Tensor, grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        return adv + alpha * (grad / (_flat_norm(grad) + DIV_EPS))  # this order of rounding, as torchattacks
+
+    @staticmethod
+    def project(x: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        delta = adv - x
+        factor = torch.minimum(eps / _flat_norm(delta), torch.ones_like(eps))
+        factor = torch.nan_to_num(factor, nan=1.0)  # delta = 0 and eps = 0
+        return (x + delta * factor).clamp(0, 1)
+
+    @staticmethod
+    def noise(x: torch.Tensor, eps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        d = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+        return (x + d / (_flat_norm(d) + DIV_EPS) * eps).clamp(0, 1)
+
+
+_NORM_OPS = {"linf": _Linf, "l2": _L2}
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+@dataclass
+class Attack:
+    """Base class: validation, eval mode, eps = 0, stacking and accuracy-only bookkeeping.
+
+    Subclasses implement :meth:`_perturb` for a batch whose rows carry their own eps.
+    """
+
+    norm: str = "linf"
+    seed: int = 0
+    max_batch: int = 4096  # rows per stacked chunk (E·B); bounds memory
+    name: str = field(default="attack", init=False)
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise AttackError(f"unknown norm {self.norm!r} (valid: {', '.join(NORMS)})")
+
+    def describe(self) -> dict[str, Any]:
+        """Name and options, for stores and reports."""
+        opts = {k: v for k, v in vars(self).items() if k not in ("name", "max_batch")}
+        return {"attack": self.name, **opts}
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        epsilons: Sequence[float],
+        accuracy_only: bool = False,
+    ) -> AttackResult:
+        """Attack ``x`` (floats in [0, 1], (B, C, H, W)) with labels ``y`` at every eps.
+
+        Args:
+            model: classifier returning logits; evaluated in eval mode.
+            x: clean inputs.
+            y: labels (B,).
+            epsilons: perturbation budgets in pixel units (norm of the attack).
+            accuracy_only: attack at a larger eps only what survived the smaller ones; fills
+                ``result.correct``.
+
+        Returns:
+            :class:`AttackResult`.
+
+        Raises:
+            AttackError: bad epsilons or inputs outside [0, 1].
+        """
+        eps = check_epsilons(epsilons, self.norm)
+        if x.min() < 0 or x.max() > 1:
+            raise AttackError(f"inputs must lie in [0, 1] (got [{float(x.min()):.3g}, {float(x.max()):.3g}])")
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        with eval_mode(model):
+            if accuracy_only:
+                return self._accuracy_only(model, x, y, eps, gen)
+            advs: list[torch.Tensor | None] = [x.clone() if e == 0 else None for e in eps]
+            todo = [i for i, e in enumerate(eps) if e > 0]
+            for i, adv in zip(todo, self._ladder(model, x, y, [eps[i] for i in todo], gen), strict=True):
+                advs[i] = adv
+            return AttackResult(eps, [a for a in advs if a is not None])
+
+    def _ladder(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], gen: torch.Generator
+    ) -> list[torch.Tensor]:
+        """Adversarials for every eps > 0, stacking epsilons into chunks of at most max_batch rows."""
+        if not eps:
+            return []
+        b = x.shape[0]
+        per_chunk = max(1, self.max_batch // max(1, b))
+        out: list[torch.Tensor] = []
+        for start in range(0, len(eps), per_chunk):
+            chunk = eps[start : start + per_chunk]
+            e = torch.tensor(chunk, dtype=x.dtype, device=x.device).repeat_interleave(b)
+            e = e.view(-1, *([1] * (x.dim() - 1)))  # (E·B, 1, 1, 1)
+            reps = (len(chunk),) + (1,) * (x.dim() - 1)
+            adv = self._perturb(model, x.repeat(reps), y.repeat(len(chunk)), e, gen, base=x)
+            out.extend(adv.split(b))
+        return out
+
+    def _accuracy_only(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], gen: torch.Generator
+    ) -> AttackResult:
+        order = sorted(range(len(eps)), key=lambda i: eps[i])
+        advs: dict[int, torch.Tensor] = {}
+        correct: dict[int, torch.Tensor] = {}
+        current = x.clone()
+        alive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        with torch.no_grad():
+            alive &= model(x).argmax(1) == y
+        for i in order:
+            if eps[i] > 0 and bool(alive.any()):
+                idx = alive.nonzero().flatten()
+                (adv,) = self._ladder(model, x[idx], y[idx], [eps[i]], gen)
+                current = current.clone()
+                current[idx] = adv
+                with torch.no_grad():
+                    alive[idx] = model(adv).argmax(1) == y[idx]
+            advs[i], correct[i] = current, alive.clone()
+        return AttackResult(eps, [advs[i] for i in range(len(eps))], [correct[i] for i in range(len(eps))])
+
+    def _perturb(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: torch.Tensor,
+        gen: torch.Generator,
+        *,
+        base: torch.Tensor,
+    ) -> torch.Tensor:
+        """Adversarial rows for stacked inputs ``x`` (E·B) whose rows carry budgets ``eps``.
+
+        ``base`` is the unstacked clean batch (B): the first gradient can be shared through it.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class PGD(Attack):
+    """Projected gradient descent on the cross-entropy loss (Madry et al., ICLR 2018).
+
+    Args:
+        norm: ``linf`` or ``l2``.
+        steps: gradient steps (>= 1).
+        rel_stepsize: step size as a multiple of eps (default 2.5 / steps).
+        abs_stepsize: absolute step size in pixels (overrides ``rel_stepsize``).
+        random_start: start uniformly inside the ball.
+        restarts: independent runs; each example keeps its worst case.
+        seed: seeds random starts.
+    """
+
+    steps: int = 10
+    rel_stepsize: float | None = None
+    abs_stepsize: float | None = None
+    random_start: bool = True
+    restarts: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = "pgd"
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise AttackError(f"steps must be an integer >= 1 (got {self.steps!r})")
+        if not isinstance(self.restarts, int) or self.restarts < 1:
+            raise AttackError(f"restarts must be an integer >= 1 (got {self.restarts!r})")
+        for key in ("rel_stepsize", "abs_stepsize"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise AttackError(f"{key} must be > 0 (got {value})")
+        if self.restarts > 1 and not self.random_start:
+            raise AttackError("restarts > 1 need random_start = true (otherwise every restart is the same)")
+        if self.rel_stepsize is None:
+            self.rel_stepsize = 2.5 / self.steps
+
+    def _alpha(self, eps: torch.Tensor) -> torch.Tensor:
+        if self.abs_stepsize is not None:
+            return torch.full_like(eps, self.abs_stepsize)
+        assert self.rel_stepsize is not None
+        return eps * self.rel_stepsize
+
+    def _perturb(self, model, x, y, eps, gen, *, base):  # type: ignore[no-untyped-def]
+        ops = _NORM_OPS[self.norm]
+        alpha = self._alpha(eps)
+        best, best_score = x, None
+        for _ in range(self.restarts):
+            if self.random_start:
+                adv = ops.random_start(x, eps, gen)
+                first = 0
+            else:
+                # No random start: the first gradient is taken at the clean input for every eps,
+                # so compute it once on the unstacked batch and tile it.
+                grad = _input_grad(model, base, y[: base.shape[0]], base.shape[0]).repeat(
+                    x.shape[0] // base.shape[0], 1, 1, 1
+                )
+                adv = ops.project(x, ops.step(x, grad, alpha), eps)
+                first = 1
+            for _step in range(first, self.steps):
+                grad = _input_grad(model, adv, y, base.shape[0])
+                adv = ops.project(x, ops.step(adv, grad, alpha), eps)
+            if self.restarts == 1:
+                return adv
+            with torch.no_grad():
+                logits = model(adv)
+                score = F.cross_entropy(logits, y, reduction="none") + 1e6 * (logits.argmax(1) != y)
+            if best_score is None:
+                best, best_score = adv, score
+            else:
+                better = score > best_score
+                best = torch.where(better.view(-1, 1, 1, 1), adv, best)
+                best_score = torch.maximum(score, best_score)
+        return best
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """Input gradient of the cross-entropy summed over rows and divided by ``batch``.
+
+    Dividing by the unstacked batch size B (not the E·B stacked rows) gives every row exactly the
+    gradient of a mean-loss attack on B examples, as torchattacks computes it; this matters for L2
+    steps, whose normalization adds a small constant to the gradient norm.
+    """
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y, reduction="sum") / batch
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+@dataclass
+class FGSM(PGD):
+    """Fast gradient sign method (Goodfellow et al., ICLR 2015); FGM for ``norm="l2"``.
+
+    PGD with one step of size eps and no random start: one gradient serves every epsilon.
+    """
+
+    steps: int = field(default=1, init=False)
+    rel_stepsize: float | None = field(default=1.0, init=False)
+    abs_stepsize: float | None = field(default=None, init=False)
+    random_start: bool = field(default=False, init=False)
+    restarts: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = "fgsm"
+
+
+@dataclass
+class Noise(Attack):
+    """Random-noise control at the same norm and eps: ±eps per pixel (Linf) or a random
+    direction of L2 length eps, then clipped to [0, 1]."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = "noise"
+
+    def _perturb(self, model, x, y, eps, gen, *, base):  # type: ignore[no-untyped-def]
+        return _NORM_OPS[self.norm].noise(x, eps, gen)
+
+
+@dataclass
+class TorchattacksAttack(Attack):
+    """Any torchattacks attack by name, eps injected per epsilon, other options passed through."""
+
+    attack: str = "PGD"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = f"torchattacks:{self.attack}"
+        try:
+            import torchattacks
+        except ImportError:  # pragma: no cover - a dependency
+            raise AttackError("torchattacks is not installed (pip install torchattacks)") from None
+        cls = getattr(torchattacks, self.attack, None)
+        if not (isinstance(cls, type) and issubclass(cls, torchattacks.attack.Attack)):
+            valid = sorted(n for n in dir(torchattacks) if n[:1].isupper() and n not in ("Attack", "MultiAttack"))
+            raise AttackError(f"unknown torchattacks attack {self.attack!r} (valid: {', '.join(valid)})")
+        params = inspect.signature(cls).parameters
+        if "eps" not in params:
+            raise AttackError(f"torchattacks:{self.attack} has no eps budget, so it cannot run over an eps ladder")
+        allowed = [p for p in params if p not in ("self", "model", "eps")]
+        bad = sorted(set(self.options) - set(allowed))
+        if bad:
+            raise AttackError(
+                f"torchattacks:{self.attack}: option {bad[0]!r} not allowed (valid: {', '.join(allowed)}; "
+                "eps comes from the ladder)"
+            )
+        self._cls = cls
+
+    def describe(self) -> dict[str, Any]:
+        return {"attack": self.name, "norm": self.norm, "seed": self.seed, **self.options}
+
+    def _ladder(self, model, x, y, eps, gen):  # type: ignore[no-untyped-def]
+        out = []
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(self.seed)
+            for e in eps:
+                atk = self._cls(model, eps=e, **self.options)
+                out.append(atk(x, y).detach())
+        return out
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    """A registered attack class and a line about it."""
+
+    name: str
+    cls: type[Attack]
+    description: str
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options with defaults (``robustse attacks`` lists them)."""
+        return {
+            f.name: f.default
+            for f in self.cls.__dataclass_fields__.values()  # type: ignore[attr-defined]
+            if f.init and f.name != "max_batch"
+        }
+
+
+_REGISTRY: Registry[AttackInfo] = Registry("attack", AttackError, hint="or torchattacks:<Name>")
+for _info in (
+    AttackInfo("fgsm", FGSM, "FGSM (Linf) / FGM (L2): one gradient, reused for every eps"),
+    AttackInfo("pgd", PGD, "PGD (Linf, L2): random start, steps, restarts keep the worst case"),
+    AttackInfo("noise", Noise, "random-noise control: same norm and eps, no gradient"),
+):
+    _REGISTRY.add(_info.name, _info)
+
+
+def list_attacks(pattern: str = "*") -> list[str]:
+    """Registered attack names (torchattacks attacks are reached as ``torchattacks:<Name>``)."""
+    return _REGISTRY.names(pattern)
+
+
+def attack_info(name: str) -> AttackInfo:
+    """Registry entry of ``name`` (AttackError listing the valid names if unknown)."""
+    return _REGISTRY.get(name)
+
+
+def create_attack(name: str, **kwargs: Any) -> Attack:
+    """Build an attack by name.
+
+    Args:
+        name: ``fgsm``, ``pgd``, ``noise`` or ``torchattacks:<Name>``.
+        **kwargs: options (``norm``, ``steps``, ``rel_stepsize``, ``random_start``, ``restarts``,
+            ``seed``...); for torchattacks, that attack's own keyword arguments.
+
+    Raises:
+        AttackError: unknown attack, norm or option, or an out-of-range option.
+
+    Example:
+        >>> atk = create_attack("pgd", norm="linf", steps=10)
+    """
+    if name.startswith("torchattacks:"):
+        common = {k: kwargs.pop(k) for k in ("norm", "seed") if k in kwargs}
+        return TorchattacksAttack(attack=name.split(":", 1)[1], options=kwargs, **common)
+    info = attack_info(name)
+    valid = info.options()
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise AttackError(f"{name}: unknown option {unknown[0]!r} (valid: {', '.join(valid)})")
+    try:
+        return info.cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the option check above
+        raise AttackError(f"{name}: {exc}") from None

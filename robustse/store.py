@@ -1,0 +1,220 @@
+"""SQLite results store of a run directory: ``results.db``.
+
+One row per finished *cell* (model × attack × eps) in ``cells`` and one row per example of that
+cell in ``examples``, written together in one transaction: a killed sweep never leaves half a
+cell, and a rerun skips the cells already there (``UNIQUE(model, attack_key, eps)``), so nothing
+is lost or duplicated. Sanity-check outcomes go to ``checks``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._types import PathLike
+from .errors import StoreError
+
+SCHEMA_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL,
+    attack TEXT NOT NULL,
+    attack_key TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    n INTEGER NOT NULL,
+    correct INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    seconds REAL NOT NULL,
+    max_linf REAL, max_l2 REAL, min_pixel REAL, max_pixel REAL,
+    nonfinite INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (model, attack_key, eps)
+);
+CREATE TABLE IF NOT EXISTS examples (
+    cell_id INTEGER NOT NULL REFERENCES cells(id),
+    idx INTEGER NOT NULL,
+    label INTEGER NOT NULL,
+    clean_pred INTEGER NOT NULL,
+    adv_pred INTEGER NOT NULL,
+    correct INTEGER NOT NULL,
+    clean_margin REAL NOT NULL,
+    adv_margin REAL NOT NULL,
+    PRIMARY KEY (cell_id, idx)
+);
+CREATE TABLE IF NOT EXISTS models (
+    model TEXT PRIMARY KEY,
+    checkpoint TEXT NOT NULL,
+    arch TEXT,
+    n INTEGER NOT NULL,
+    clean_correct INTEGER NOT NULL,
+    zero_grad_fraction REAL NOT NULL,
+    probability_like INTEGER NOT NULL,
+    train_mode_forwards INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checks (
+    model TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (model, name)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A finished cell's summary (the per-example rows travel separately)."""
+
+    model: str
+    attack: str
+    attack_key: str
+    norm: str
+    eps: float
+    n: int
+    correct: int
+    seconds: float
+    status: str = "done"
+    reason: str | None = None
+    max_linf: float | None = None
+    max_l2: float | None = None
+    min_pixel: float | None = None
+    max_pixel: float | None = None
+    nonfinite: int = 0
+
+
+EXAMPLE_COLUMNS = ("idx", "label", "clean_pred", "adv_pred", "correct", "clean_margin", "adv_margin")
+
+
+class ResultsStore:
+    """The SQLite store of one run directory.
+
+    Raises:
+        StoreError: the file is not a robustse results database (corrupt, truncated or foreign);
+            it is reported and never overwritten.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=30)
+            if existed:
+                ok = self.conn.execute("PRAGMA quick_check").fetchone()
+                if not ok or ok[0] != "ok":
+                    raise sqlite3.DatabaseError(f"integrity check: {ok[0] if ok else 'no answer'}")
+                version = self._meta_version()
+                if version != SCHEMA_VERSION:
+                    raise sqlite3.DatabaseError(f"not a robustse results store (schema {version!r})")
+            with self.conn:
+                self.conn.executescript(SCHEMA)
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        except sqlite3.DatabaseError as exc:
+            if hasattr(self, "conn"):
+                self.conn.close()
+            raise StoreError(
+                f"{self.path}: corrupt or foreign results database ({exc}); move it away to start over"
+            ) from None
+
+    def _meta_version(self) -> str | None:
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.conn:
+            yield self.conn
+
+    # ------------------------------------------------------------------ writing
+
+    def has_cell(self, model: str, attack_key: str, eps: float) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM cells WHERE model = ? AND attack_key = ? AND eps = ?", (model, attack_key, eps)
+        ).fetchone()
+        return row is not None
+
+    def write_cell(self, cell: Cell, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Commit a cell and its per-example rows (``EXAMPLE_COLUMNS`` order) in one transaction."""
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO cells (model, attack, attack_key, norm, eps, n, correct, status, reason, seconds,"
+                " max_linf, max_l2, min_pixel, max_pixel, nonfinite) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (cell.model, cell.attack, cell.attack_key, cell.norm, cell.eps, cell.n, cell.correct, cell.status,
+                 cell.reason, cell.seconds, cell.max_linf, cell.max_l2, cell.min_pixel, cell.max_pixel,
+                 cell.nonfinite),
+            )  # fmt: skip
+            cell_id = cur.lastrowid
+            self.conn.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?)", ((cell_id, *row) for row in rows))
+
+    def write_model(self, model: str, **fields: Any) -> None:
+        cols = ["model", *fields]
+        with self.conn:
+            self.conn.execute(
+                f"INSERT OR REPLACE INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                (model, *fields.values()),
+            )
+
+    def write_checks(self, rows: Iterable[tuple[str, str, str, str]]) -> None:
+        """Replace the sanity-check table with (model, name, status, detail) rows."""
+        with self.conn:
+            self.conn.execute("DELETE FROM checks")
+            self.conn.executemany("INSERT INTO checks VALUES (?,?,?,?)", rows)
+
+    # ------------------------------------------------------------------ reading
+
+    def cells(self):  # type: ignore[no-untyped-def]
+        """All cells as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM cells ORDER BY model, attack_key, eps", self.conn)
+
+    def examples(self):  # type: ignore[no-untyped-def]
+        """Per-example rows joined with their cell (model, attack, eps) as a DataFrame."""
+        import pandas as pd
+
+        return pd.read_sql_query(
+            "SELECT c.model, c.attack, c.attack_key, c.norm, c.eps, e.* FROM examples e"
+            " JOIN cells c ON c.id = e.cell_id ORDER BY c.model, c.attack_key, c.eps, e.idx",
+            self.conn,
+        )
+
+    def models(self):  # type: ignore[no-untyped-def]
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM models ORDER BY model", self.conn)
+
+    def checks(self):  # type: ignore[no-untyped-def]
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM checks ORDER BY model, name", self.conn)
+
+    def export_csv(self, path: PathLike) -> Path:
+        """Write every per-example row with its cell columns to ``path`` (CSV)."""
+        path = Path(path)
+        self.examples().drop(columns=["cell_id"]).to_csv(path, index=False)
+        return path
+
+
+def attack_key(description: dict[str, Any]) -> str:
+    """A stable text key of an attack's configuration (its name and every option)."""
+    return json.dumps(description, sort_keys=True, default=str)

@@ -1,0 +1,281 @@
+"""Sweeps: models × attacks × epsilons over one evaluation set, into a resumable results store.
+
+For every model the clean pass runs once and is reused by every cell. For every attack the whole
+epsilon ladder is computed batch by batch (one stacked call; FGSM's ladder costs one gradient),
+then each eps is committed as its own cell in one transaction. A rerun skips finished cells; a
+killed sweep loses only the ladder in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .attacks import Attack, create_attack, eval_mode
+from .checks import Check, run_checks
+from .data import Dataset, to_float
+from .errors import SpecError
+from .stats import wilson_interval
+from .store import Cell, ResultsStore, attack_key
+
+
+@dataclass
+class SweepModel:
+    """A model taking part in a sweep."""
+
+    label: str
+    model: nn.Module
+    checkpoint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` produced: per-cell robust accuracy, worst case, checks."""
+
+    out_dir: Path
+    cells: Any  # pandas DataFrame of the cells table
+    robust: Any  # DataFrame: model, eps, n, correct, accuracy, ci_low, ci_high (worst case over attacks)
+    checks: list[Check]
+    computed_cells: int = 0
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """f_y − max_{j≠y} f_j per example (> 0: correct with that margin)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
+    return true - other
+
+
+def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int) -> list[Attack]:
+    """Attacks from spec tables ``{name = "pgd", steps = 10, ...}``; norm and seed default from the sweep."""
+    attacks = []
+    for spec in specs:
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if not isinstance(name, str):
+            raise SpecError(f"every attack needs a name (got {spec!r})")
+        spec.setdefault("norm", norm)
+        spec.setdefault("seed", seed)
+        attacks.append(create_attack(name, **spec))
+    keys = [attack_key(a.describe()) for a in attacks]
+    if len(set(keys)) != len(keys):
+        raise SpecError("the same attack with the same options is listed twice")
+    return attacks
+
+
+def _clean_pass(sm: SweepModel, x: torch.Tensor, y: torch.Tensor, bs: int, device: torch.device):
+    """Clean predictions and margins, the zero-gradient fraction and a probabilities test."""
+    preds, margs, zero_grads, prob_like = [], [], 0, True
+    for i in range(0, len(x), bs):
+        xb, yb = to_float(x[i : i + bs].to(device)), y[i : i + bs].to(device)
+        xb.requires_grad_(True)
+        logits = sm.model(xb)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"), xb)
+        zero_grads += int((grad.flatten(1).abs().amax(1) == 0).sum())
+        logits = logits.detach()
+        rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
+        prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
+        preds.append(logits.argmax(1).cpu())
+        margs.append(margins(logits, yb).cpu())
+    return torch.cat(preds), torch.cat(margs), zero_grads / len(x), prob_like
+
+
+def run_sweep(
+    models: Sequence[SweepModel],
+    attacks: Sequence[Attack],
+    epsilons: Sequence[float],
+    dataset: Dataset,
+    out_dir: Path,
+    *,
+    batch_size: int = 256,
+    accuracy_only: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Run every (model, attack, eps) cell not yet in ``out_dir/results.db``; then check and summarize.
+
+    Args:
+        models: the models (distinct labels).
+        attacks: the attacks (their ``describe()`` tells cells apart).
+        epsilons: the eps ladder, shared by all attacks (pixel units of each attack's norm).
+        dataset: the evaluation set (uint8 images); example ``idx`` is the row in it.
+        out_dir: run directory (``results.db``, ``results.csv``).
+        batch_size: examples per attack call.
+        accuracy_only: larger eps attack only the examples that survived smaller ones.
+        device: where to run.
+        progress: progress bar with ETA over batches of all cells.
+        log: receives one line per finished ladder.
+
+    Returns:
+        :class:`SweepResult`.
+
+    Example:
+        >>> run_sweep([SweepModel("m", model, "m.safetensors")], [create_attack("fgsm")],
+        ...           [0, 0.03], ds, Path("reports/sweep"))  # doctest: +SKIP
+    """
+    device = torch.device(device)
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise SpecError(f"model labels must be distinct (got {labels})")
+    eps = sorted({float(e) for e in epsilons})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(out_dir / "results.db")
+    computed = 0
+    try:
+        x_all, y_all = dataset.x, dataset.y
+        n = len(y_all)
+        n_batches = (n + batch_size - 1) // batch_size
+        plan = [
+            (sm, atk, [e for e in eps if not store.has_cell(sm.label, attack_key(atk.describe()), e)])
+            for sm in models
+            for atk in attacks
+        ]
+        total = sum(n_batches for *_, todo in plan if todo)
+        bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if progress else True, dynamic_ncols=True)
+        clean_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for sm, atk, todo in plan:
+            sm.model.to(device).eval()
+            train_forwards = [0]
+            hook = sm.model.register_forward_pre_hook(
+                lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(mod.training))
+            )
+            try:
+                if sm.label not in clean_cache:
+                    with eval_mode(sm.model):
+                        preds, margs, zero_frac, prob_like = _clean_pass(sm, x_all, y_all, batch_size, device)
+                    clean_cache[sm.label] = (preds, margs)
+                    store.write_model(
+                        sm.label,
+                        checkpoint=sm.checkpoint,
+                        arch=sm.meta.get("arch"),
+                        n=n,
+                        clean_correct=int((preds == y_all).sum()),
+                        zero_grad_fraction=zero_frac,
+                        probability_like=int(prob_like),
+                        train_mode_forwards=train_forwards[0],
+                    )
+                if not todo:
+                    continue
+                clean_pred, clean_margin = clean_cache[sm.label]
+                computed += _run_ladder(
+                    store,
+                    sm,
+                    atk,
+                    todo,
+                    x_all,
+                    y_all,
+                    clean_pred,
+                    clean_margin,
+                    batch_size,
+                    accuracy_only,
+                    device,
+                    bar,
+                    train_forwards,
+                )
+                if log:
+                    log(f"{sm.label} × {atk.name}: {len(todo)} eps done")
+            finally:
+                hook.remove()
+        bar.close()
+        num_classes = len(dataset.classes)
+        checks = run_checks(store, num_classes=num_classes)
+        store.write_checks((c.model, c.name, c.status, c.detail) for c in checks)
+        store.export_csv(out_dir / "results.csv")
+        cells = store.cells()
+        robust = worst_case_accuracy(store)
+    finally:
+        store.close()
+    return SweepResult(out_dir, cells, robust, checks, computed)
+
+
+def _run_ladder(
+    store, sm, atk, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, train_forwards
+) -> int:  # type: ignore[no-untyped-def]
+    key = attack_key(atk.describe())
+    per_eps: dict[float, dict[str, Any]] = {
+        e: {"pred": [], "margin": [], "linf": 0.0, "l2": 0.0, "min": 1.0, "max": 0.0, "nonfinite": 0, "t": 0.0}
+        for e in todo
+    }
+    for i in range(0, len(y_all), bs):
+        xb, yb = to_float(x_all[i : i + bs].to(device)), y_all[i : i + bs].to(device)
+        t0 = time.perf_counter()
+        res = atk(sm.model, xb, yb, epsilons=todo, accuracy_only=accuracy_only)
+        dt = (time.perf_counter() - t0) / len(todo)
+        with torch.no_grad(), eval_mode(sm.model):
+            for e, adv in zip(todo, res.adversarials, strict=True):
+                t1 = time.perf_counter()
+                logits = sm.model(adv)
+                acc = per_eps[e]
+                finite = torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)
+                acc["nonfinite"] += int((~finite).sum())
+                delta = (adv - xb).flatten(1)
+                acc["linf"] = max(acc["linf"], float(delta.abs().max()))
+                acc["l2"] = max(acc["l2"], float(delta.norm(dim=1).max()))
+                acc["min"], acc["max"] = min(acc["min"], float(adv.min())), max(acc["max"], float(adv.max()))
+                acc["pred"].append(logits.argmax(1).cpu())
+                acc["margin"].append(margins(logits, yb).cpu())
+                acc["t"] += dt + time.perf_counter() - t1
+        bar.update(1)
+    for e in todo:
+        acc = per_eps[e]
+        pred, margin = torch.cat(acc["pred"]), torch.cat(acc["margin"])
+        correct = pred == y_all
+        status, reason = ("done", None) if acc["nonfinite"] == 0 else ("failed", f"{acc['nonfinite']} non-finite rows")
+        cell = Cell(
+            sm.label,
+            atk.name,
+            key,
+            atk.norm,
+            e,
+            len(y_all),
+            int(correct.sum()),
+            acc["t"],
+            status,
+            reason,
+            acc["linf"],
+            acc["l2"],
+            acc["min"],
+            acc["max"],
+            acc["nonfinite"],
+        )
+        rows = zip(
+            range(len(y_all)),
+            y_all.tolist(),
+            clean_pred.tolist(),
+            pred.tolist(),
+            correct.int().tolist(),
+            torch.nan_to_num(clean_margin).tolist(),
+            torch.nan_to_num(margin).tolist(),
+            strict=True,
+        )
+        store.write_cell(cell, rows)
+    return len(todo)
+
+
+def worst_case_accuracy(store: ResultsStore):  # type: ignore[no-untyped-def]
+    """Robust accuracy per model and eps: an example counts as robust only if no attack fooled it.
+
+    The random-noise control is not an attack and is left out of the worst case.
+    """
+    import pandas as pd
+
+    ex = store.examples()
+    ex = ex[ex.attack != "noise"]
+    if ex.empty:
+        return pd.DataFrame(columns=["model", "norm", "eps", "n", "correct", "accuracy", "ci_low", "ci_high"])
+    per = ex.groupby(["model", "norm", "eps", "idx"]).correct.min().reset_index()
+    agg = per.groupby(["model", "norm", "eps"]).correct.agg(["size", "sum"]).reset_index()
+    agg.columns = ["model", "norm", "eps", "n", "correct"]
+    agg["accuracy"] = agg.correct / agg.n
+    cis = [wilson_interval(int(c), int(k)) for c, k in zip(agg.correct, agg.n, strict=True)]
+    agg["ci_low"], agg["ci_high"] = [c[0] for c in cis], [c[1] for c in cis]
+    return agg

@@ -1,0 +1,276 @@
+"""Sweeps and the results store: cells, resume after SIGKILL, sanity checks, CLI errors."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from robustse.checks import run_checks
+from robustse.cli import cli, parse_attack, parse_epsilons
+from robustse.data import load_dataset
+from robustse.errors import AttackError, StoreError
+from robustse.store import Cell, ResultsStore
+from robustse.sweep import SweepModel, build_attacks, run_sweep
+
+from .test_cli import assert_user_error
+
+EPS = [0.0, 0.02, 0.1]
+
+
+@pytest.fixture(scope="module")
+def evalset(real_fmnist):
+    return load_dataset("fashion-mnist", split="test").subset(64, seed=3)
+
+
+def small_sweep(trained_small, evalset, out, **kw):
+    model, _, _, ckpt = trained_small
+    attacks = build_attacks([{"name": "fgsm"}, {"name": "pgd", "steps": 3}, {"name": "noise"}], norm="linf", seed=0)
+    return run_sweep(
+        [SweepModel("se", model, str(ckpt), {"arch": "se_small_cnn"})],
+        attacks,
+        EPS,
+        evalset,
+        out,
+        batch_size=32,
+        progress=False,
+        **kw,
+    )
+
+
+def test_sweep_cells_rows_checks_and_resume(tmp_path, trained_small, evalset):
+    res = small_sweep(trained_small, evalset, tmp_path)
+    assert res.computed_cells == 9 and len(res.cells) == 9
+    with sqlite3.connect(tmp_path / "results.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 9 * 64
+    lines = (tmp_path / "results.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 9 * 64 and lines[0].startswith("model,attack,attack_key,norm,eps,idx,label")
+    status = {c.name: c.status for c in res.checks}
+    for name in (
+        "eps0_equals_clean",
+        "perturbation_within_budget",
+        "no_nan_inf",
+        "eval_mode",
+        "outputs_are_logits",
+        "nonzero_input_gradients",
+        "noise_weaker_than_attack",
+    ):
+        assert status[name] == "pass", (name, res.checks)
+    assert set(status) >= {"accuracy_non_increasing", "pgd_stronger_than_fgsm", "near_chance_at_largest_eps"}
+    # eps = 0 reproduces clean accuracy exactly; the worst case is no better than any attack
+    cells = res.cells.assign(acc=res.cells.correct / res.cells.n)
+    assert cells[cells.eps == 0].acc.nunique() == 1
+    for eps in EPS:
+        worst = float(res.robust[res.robust.eps == eps].accuracy.iloc[0])
+        attacks_here = cells[(cells.eps == eps) & (cells.attack != "noise")]
+        assert worst <= attacks_here.acc.min() + 1e-12
+        row = res.robust[res.robust.eps == eps].iloc[0]
+        assert row.ci_low <= worst <= row.ci_high
+    again = small_sweep(trained_small, evalset, tmp_path)
+    assert again.computed_cells == 0 and len(again.cells) == 9
+    with sqlite3.connect(tmp_path / "results.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 9 * 64
+
+
+def test_accuracy_only_sweep_matches_definition(tmp_path, trained_small, evalset):
+    res = small_sweep(trained_small, evalset, tmp_path, accuracy_only=True)
+    ex = ResultsStore(tmp_path / "results.db").examples()
+    pgd = ex[ex.attack == "pgd"].pivot(index="idx", columns="eps", values="correct")
+    assert ((pgd[0.1] <= pgd[0.02]) & (pgd[0.02] <= pgd[0.0])).all()  # survivors only shrink
+    assert res.computed_cells == 9
+
+
+def test_probability_outputs_fail_the_logits_check(tmp_path, trained_small, evalset):
+    model, _, _, ckpt = trained_small
+    probs = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
+    res = run_sweep(
+        [SweepModel("p", probs, str(ckpt))],
+        build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+        [0.0, 0.05],
+        evalset,
+        tmp_path,
+        progress=False,
+    )
+    assert {c.name: c.status for c in res.checks}["outputs_are_logits"] == "fail"
+
+
+def test_budget_violation_is_caught(tmp_path):
+    with ResultsStore(tmp_path / "r.db") as store:
+        store.write_model(
+            "m",
+            checkpoint="m",
+            arch="x",
+            n=1,
+            clean_correct=1,
+            zero_grad_fraction=0.0,
+            probability_like=0,
+            train_mode_forwards=0,
+        )
+        for eps, linf in ((0.0, 0.0), (0.1, 0.2)):
+            store.write_cell(
+                Cell("m", "pgd", "k", "linf", eps, 1, 1, 0.1, max_linf=linf, max_l2=0.0, min_pixel=0.0, max_pixel=1.0),
+                [(0, 1, 1, 1, 1, 2.0, 2.0)],
+            )
+        status = {c.name: c.status for c in run_checks(store, num_classes=10)}
+    assert status["perturbation_within_budget"] == "fail"
+    assert status["near_chance_at_largest_eps"] == "warn"
+
+
+def test_corrupt_or_foreign_store_is_reported_not_overwritten(tmp_path):
+    bad = tmp_path / "results.db"
+    bad.write_bytes(b"this is not sqlite at all" * 100)
+    before = bad.read_bytes()
+    with pytest.raises(StoreError, match="corrupt or foreign results database"):
+        ResultsStore(bad)
+    assert bad.read_bytes() == before
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    with pytest.raises(StoreError, match="schema None"):
+        ResultsStore(other)
+
+
+def test_duplicate_cells_are_impossible(tmp_path):
+    with ResultsStore(tmp_path / "r.db") as store:
+        cell = Cell("m", "fgsm", "k", "linf", 0.1, 1, 0, 0.1)
+        store.write_cell(cell, [(0, 1, 1, 0, 0, 1.0, -1.0)])
+        with pytest.raises(sqlite3.IntegrityError):
+            store.write_cell(cell, [(0, 1, 1, 0, 0, 1.0, -1.0)])
+        assert len(store.examples()) == 1  # the failed transaction left nothing behind
+
+
+def test_killed_sweep_resumes_with_exact_cells(tmp_path, trained_small):
+    _, _, _, ckpt = trained_small
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "robustse.cli",
+        "--quiet",
+        "sweep",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--eval-subset",
+        "300",
+        "--batch-size",
+        "100",
+        "--eps",
+        "0,0.01,0.03",
+        "--attack",
+        "fgsm",
+        "--attack",
+        "pgd(steps=30)",
+        "--attack",
+        "pgd(steps=31)",
+        "--attack",
+        "noise",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = out / "results.db"
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    done = conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if done >= 3:  # the FGSM ladder is in; PGD is running
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    with sqlite3.connect(db) as conn:
+        cells_before = conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+        rows_before = conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+    assert 3 <= cells_before < 12 and rows_before == cells_before * 300  # whole cells only
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({12 - cells_before} new cells)" in rerun.stdout
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 12
+        assert conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 12 * 300
+        dup = conn.execute("SELECT COUNT(*) FROM (SELECT cell_id, idx FROM examples GROUP BY 1, 2 HAVING COUNT(*) > 1)")
+        assert dup.fetchone()[0] == 0
+
+
+def test_parse_attack_and_epsilons():
+    assert parse_attack("fgsm") == {"name": "fgsm"}
+    assert parse_attack("pgd(steps=20, restarts=2, random_start=true, norm=l2)") == {
+        "name": "pgd",
+        "steps": 20,
+        "restarts": 2,
+        "random_start": True,
+        "norm": "l2",
+    }
+    assert parse_attack("torchattacks:APGD(loss='ce')") == {"name": "torchattacks:APGD", "loss": "ce"}
+    assert parse_epsilons("0,0.01,0.03") == (0.0, 0.01, 0.03)
+    assert parse_epsilons("0:0.03:0.01") == (0.0, 0.01, 0.02, 0.03)
+    with pytest.raises(AttackError, match="not key=value"):
+        parse_attack("pgd(steps)")
+    with pytest.raises(AttackError, match="expected numbers"):
+        parse_epsilons("a,b")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--eps", "-0.1"], "sweep.epsilons: -0.1 < 0"),
+        (["--eps", "0,1.5"], "sweep.epsilons: 1.5 is outside [0, 1]"),
+        (["--attack", "pgd(steps=0)"], "steps must be an integer >= 1"),
+        (["--attack", "cw"], "unknown attack 'cw' (valid: fgsm, noise, pgd, or torchattacks:<Name>)"),
+        (["--attack", "pgd(norm=l3)"], "unknown norm 'l3' (valid: linf, l2)"),
+        (["--norm", "l3"], "'l3' is not one of 'linf', 'l2'"),
+        (["--attack", "torchattacks:Nope"], "unknown torchattacks attack 'Nope'"),
+    ],
+)
+def test_sweep_bad_input(tmp_path, trained_small, args, needle):
+    _, _, _, ckpt = trained_small
+    res = CliRunner().invoke(cli, ["sweep", str(ckpt), "--out", str(tmp_path / "o"), *args], catch_exceptions=False)
+    assert_user_error(res, needle)
+    assert not (tmp_path / "o" / "results.db").exists()
+
+
+def test_sweep_bad_spec_and_missing_checkpoint(tmp_path, trained_small):
+    spec = tmp_path / "s.toml"
+    spec.write_text("[sweep]\nepsilon = [0.1]\n")
+    res = CliRunner().invoke(cli, ["sweep", "--spec", str(spec)], catch_exceptions=False)
+    assert_user_error(res, "unknown key 'sweep.epsilon'", "epsilons")
+    res = CliRunner().invoke(cli, ["sweep", str(tmp_path / "none.safetensors")], catch_exceptions=False)
+    assert_user_error(res, "checkpoint not found")
+    res = CliRunner().invoke(cli, ["sweep"], catch_exceptions=False)
+    assert_user_error(res, "no models")
+
+
+def test_sweep_cli_summary_and_strict(tmp_path, trained_small):
+    _, _, _, ckpt = trained_small
+    args = [
+        "--quiet",
+        "sweep",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "o"),
+        "--eval-subset",
+        "32",
+        "--eps",
+        "0,0.05",
+        "--attack",
+        "fgsm",
+        "--attack",
+        "noise",
+        "--strict",
+    ]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "robust accuracy" in res.stdout and "PASS" in res.stdout and "eps0_equals_clean" in res.stdout
+    attacks = CliRunner().invoke(cli, ["attacks"])
+    assert attacks.exit_code == 0 and "restarts" in attacks.stdout and "torchattacks:<Name>" in attacks.stdout
