@@ -180,6 +180,8 @@ class Attack:
         *,
         epsilons: Sequence[float],
         accuracy_only: bool = False,
+        grad0: torch.Tensor | None = None,
+        stream: int = 0,
     ) -> AttackResult:
         """Attack ``x`` (floats in [0, 1], (B, C, H, W)) with labels ``y`` at every eps.
 
@@ -190,6 +192,8 @@ class Attack:
             epsilons: perturbation budgets in pixel units (norm of the attack).
             accuracy_only: attack at a larger eps only what survived the smaller ones; fills
                 ``result.correct``.
+            grad0: the input gradient at ``x`` from :meth:`clean_gradient`, to reuse across calls.
+            stream: mixed into the seed, so separate calls (batches, cells) draw independent starts.
 
         Returns:
             :class:`AttackResult`.
@@ -200,15 +204,27 @@ class Attack:
         eps = check_epsilons(epsilons, self.norm)
         if x.min() < 0 or x.max() > 1:
             raise AttackError(f"inputs must lie in [0, 1] (got [{float(x.min()):.3g}, {float(x.max()):.3g}])")
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + stream)
         with eval_mode(model):
             if accuracy_only:
-                return self._accuracy_only(model, x, y, eps, gen)
+                return self._accuracy_only(model, x, y, eps, gen, grad0)
             advs: list[torch.Tensor | None] = [x.clone() if e == 0 else None for e in eps]
             todo = [i for i, e in enumerate(eps) if e > 0]
-            for i, adv in zip(todo, self._ladder(model, x, y, [eps[i] for i in todo], gen), strict=True):
+            ladder = self._ladder(model, x, y, [eps[i] for i in todo], gen, grad0=grad0)
+            for i, adv in zip(todo, ladder, strict=True):
                 advs[i] = adv
             return AttackResult(eps, [a for a in advs if a is not None])
+
+    def clean_gradient(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The input gradient at ``x`` if this attack's first step uses it for every eps, else None.
+
+        Pass it back as ``grad0`` to reuse it across calls (a sweep's FGSM cells share one).
+        """
+        if not self._shares_first_gradient():
+            return None
+        with eval_mode(model):
+            grad, _ = _input_grad(model, x, y, x.shape[0])
+        return grad
 
     def _ladder(
         self,
@@ -252,14 +268,19 @@ class Attack:
         return False
 
     def _accuracy_only(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], gen: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: tuple[float, ...],
+        gen: torch.Generator,
+        grad0: torch.Tensor | None = None,
     ) -> AttackResult:
         order = sorted(range(len(eps)), key=lambda i: eps[i])
         advs: dict[int, torch.Tensor] = {}
         correct: dict[int, torch.Tensor] = {}
         current = x.clone()
-        grad0 = None
-        if self._shares_first_gradient():  # one gradient pass gives the clean predictions too
+        if grad0 is None and self._shares_first_gradient():  # one pass gives the clean predictions too
             grad0, logits = _input_grad(model, x, y, x.shape[0])
         else:
             with torch.no_grad():

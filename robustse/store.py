@@ -166,6 +166,14 @@ class ResultsStore:
             cell_id = cur.lastrowid
             self.conn.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?)", ((cell_id, *row) for row in rows))
 
+    def cell_rows(self, model: str, attack_key: str, eps: float) -> list[tuple[int, int, float]]:
+        """(correct, adv_pred, adv_margin) per example of a finished cell, in example order."""
+        return self.conn.execute(
+            "SELECT e.correct, e.adv_pred, e.adv_margin FROM examples e JOIN cells c ON c.id = e.cell_id"
+            " WHERE c.model = ? AND c.attack_key = ? AND c.eps = ? ORDER BY e.idx",
+            (model, attack_key, eps),
+        ).fetchall()
+
     def write_model(self, model: str, **fields: Any) -> None:
         cols = ["model", *fields]
         with self.conn:
@@ -173,6 +181,11 @@ class ResultsStore:
                 f"INSERT OR REPLACE INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 (model, *fields.values()),
             )
+
+    def update_model(self, model: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.conn:
+            self.conn.execute(f"UPDATE models SET {sets} WHERE model = ?", (*fields.values(), model))
 
     def write_checks(self, rows: Iterable[tuple[str, str, str, str]]) -> None:
         """Replace the sanity-check table with (model, name, status, detail) rows."""

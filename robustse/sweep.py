@@ -1,9 +1,10 @@
 """Sweeps: models × attacks × epsilons over one evaluation set, into a resumable results store.
 
-For every model the clean pass runs once and is reused by every cell. For every attack the whole
-epsilon ladder is computed batch by batch (one stacked call; FGSM's ladder costs one gradient),
-then each eps is committed as its own cell in one transaction. A rerun skips finished cells; a
-killed sweep loses only the ladder in flight.
+For every model the clean pass runs once and is reused by every cell. Cells run rung by rung (eps
+ascending) and each is committed with its per-example rows in one transaction; the clean-input
+gradient of attacks without a random start is cached per batch, so FGSM's whole ladder still costs
+one backward pass per batch. A rerun skips finished cells; a killed sweep loses at most the cell
+in flight.
 """
 
 from __future__ import annotations
@@ -139,12 +140,13 @@ def run_sweep(
             for sm in models
             for atk in attacks
         ]
-        total = sum(n_batches for *_, todo in plan if todo)
+        total = sum(n_batches * len(todo) for *_, todo in plan)
         bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if progress else True, dynamic_ncols=True)
         clean_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        counters: dict[str, list[int]] = {}
         for sm, atk, todo in plan:
             sm.model.to(device).eval()
-            train_forwards = [0]
+            train_forwards = counters.setdefault(sm.label, [0])
             hook = sm.model.register_forward_pre_hook(
                 lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(mod.training))
             )
@@ -166,10 +168,11 @@ def run_sweep(
                 if not todo:
                     continue
                 clean_pred, clean_margin = clean_cache[sm.label]
-                computed += _run_ladder(
+                computed += _run_cells(
                     store,
                     sm,
                     atk,
+                    eps,
                     todo,
                     x_all,
                     y_all,
@@ -179,8 +182,8 @@ def run_sweep(
                     accuracy_only,
                     device,
                     bar,
-                    train_forwards,
                 )
+                store.update_model(sm.label, train_mode_forwards=train_forwards[0])
                 if log:
                     log(f"{sm.label} × {atk.name}: {len(todo)} eps done")
             finally:
@@ -197,58 +200,81 @@ def run_sweep(
     return SweepResult(out_dir, cells, robust, checks, computed)
 
 
-def _run_ladder(
-    store, sm, atk, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, train_forwards
-) -> int:  # type: ignore[no-untyped-def]
+def _run_cells(store, sm, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar):  # type: ignore[no-untyped-def]
+    """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
+
+    The clean-input gradient of attacks without a random start is computed once per batch and
+    reused by every rung (FGSM's whole ladder costs one backward pass per batch). In accuracy-only
+    mode a rung attacks only the examples that survived the rung below it; the others keep their
+    earlier adversarial, which lies inside every larger ball.
+    """
     key = attack_key(atk.describe())
-    per_eps: dict[float, dict[str, Any]] = {
-        e: {"pred": [], "margin": [], "linf": 0.0, "l2": 0.0, "min": 1.0, "max": 0.0, "nonfinite": 0, "t": 0.0}
-        for e in todo
-    }
-    for i in range(0, len(y_all), bs):
-        xb, yb = to_float(x_all[i : i + bs].to(device)), y_all[i : i + bs].to(device)
+    n = len(y_all)
+    grads: dict[int, torch.Tensor | None] = {}
+    prev_correct, prev_pred, prev_margin = clean_pred == y_all, clean_pred.clone(), clean_margin.clone()
+    for rung, e in enumerate(eps):
+        if e not in todo:
+            if accuracy_only:  # a finished rung (resumed run): its survivors seed the next one
+                rows = store.cell_rows(sm.label, key, e)
+                prev_correct = torch.tensor([bool(r[0]) for r in rows])
+                prev_pred = torch.tensor([r[1] for r in rows])
+                prev_margin = torch.tensor([r[2] for r in rows], dtype=clean_margin.dtype)
+            continue
         t0 = time.perf_counter()
-        res = atk(sm.model, xb, yb, epsilons=todo, accuracy_only=accuracy_only)
-        dt = (time.perf_counter() - t0) / len(todo)
-        with torch.no_grad(), eval_mode(sm.model):
-            for e, adv in zip(todo, res.adversarials, strict=True):
-                t1 = time.perf_counter()
-                logits = sm.model(adv)
-                acc = per_eps[e]
+        pred, margin = prev_pred.clone(), prev_margin.clone()
+        stats = {"linf": 0.0, "l2": 0.0, "min": 1.0, "max": 0.0, "nonfinite": 0}
+        for b, i in enumerate(range(0, n, bs)):
+            xb, yb = to_float(x_all[i : i + bs].to(device)), y_all[i : i + bs].to(device)
+            if b not in grads:
+                grads[b] = atk.clean_gradient(sm.model, xb, yb)
+            rows = torch.arange(len(yb))
+            if accuracy_only:
+                rows = prev_correct[i : i + bs].nonzero().flatten()
+            if len(rows):
+                g = grads[b]
+                sub = rows.to(device)
+                res = atk(
+                    sm.model,
+                    xb[sub],
+                    yb[sub],
+                    epsilons=[e],
+                    accuracy_only=accuracy_only,
+                    grad0=None if g is None else g[sub],
+                    stream=b * 1009 + rung,
+                )
+                adv = res.adversarials[0]
+                with torch.no_grad(), eval_mode(sm.model):
+                    logits = sm.model(adv)
                 finite = torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)
-                acc["nonfinite"] += int((~finite).sum())
-                delta = (adv - xb).flatten(1)
-                acc["linf"] = max(acc["linf"], float(delta.abs().max()))
-                acc["l2"] = max(acc["l2"], float(delta.norm(dim=1).max()))
-                acc["min"], acc["max"] = min(acc["min"], float(adv.min())), max(acc["max"], float(adv.max()))
-                acc["pred"].append(logits.argmax(1).cpu())
-                acc["margin"].append(margins(logits, yb).cpu())
-                acc["t"] += dt + time.perf_counter() - t1
-        bar.update(1)
-    for e in todo:
-        acc = per_eps[e]
-        pred, margin = torch.cat(acc["pred"]), torch.cat(acc["margin"])
+                stats["nonfinite"] += int((~finite).sum())
+                delta = (adv - xb[sub]).flatten(1)
+                stats["linf"] = max(stats["linf"], float(delta.abs().max()))
+                stats["l2"] = max(stats["l2"], float(delta.norm(dim=1).max()))
+                stats["min"], stats["max"] = min(stats["min"], float(adv.min())), max(stats["max"], float(adv.max()))
+                pred[i + rows] = logits.argmax(1).cpu()
+                margin[i + rows] = margins(logits, yb[sub]).cpu()
+            bar.update(1)
         correct = pred == y_all
-        status, reason = ("done", None) if acc["nonfinite"] == 0 else ("failed", f"{acc['nonfinite']} non-finite rows")
+        ok = stats["nonfinite"] == 0
         cell = Cell(
             sm.label,
             atk.name,
             key,
             atk.norm,
             e,
-            len(y_all),
+            n,
             int(correct.sum()),
-            acc["t"],
-            status,
-            reason,
-            acc["linf"],
-            acc["l2"],
-            acc["min"],
-            acc["max"],
-            acc["nonfinite"],
+            time.perf_counter() - t0,
+            "done" if ok else "failed",
+            None if ok else f"{stats['nonfinite']} non-finite rows",
+            stats["linf"],
+            stats["l2"],
+            stats["min"],
+            stats["max"],
+            stats["nonfinite"],
         )
-        rows = zip(
-            range(len(y_all)),
+        rows_out = zip(
+            range(n),
             y_all.tolist(),
             clean_pred.tolist(),
             pred.tolist(),
@@ -257,7 +283,8 @@ def _run_ladder(
             torch.nan_to_num(margin).tolist(),
             strict=True,
         )
-        store.write_cell(cell, rows)
+        store.write_cell(cell, rows_out)
+        prev_correct, prev_pred, prev_margin = correct, pred, margin
     return len(todo)
 
 

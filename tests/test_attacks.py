@@ -40,11 +40,10 @@ def test_pgd_without_random_start_equals_torchattacks(trained_small, norm, ta, a
         assert accuracy(model, adv, y) == accuracy(model, ref, y)
 
 
-@pytest.mark.parametrize("name", [*list_attacks(), "torchattacks:PGD"])
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize(
+    ("name", "norm"), [(n, norm) for n in list_attacks() for norm in ("linf", "l2")] + [("torchattacks:PGD", "linf")]
+)
 def test_budget_box_and_eps_zero(trained_small, name, norm):
-    if name.startswith("torchattacks:") and norm == "l2":
-        pytest.skip("torchattacks:PGD is Linf")
     model, x, y, _ = trained_small
     eps = BUDGET[norm]
     res = create_attack(name, norm=norm)(model, x, y, epsilons=eps)

@@ -274,3 +274,43 @@ def test_sweep_cli_summary_and_strict(tmp_path, trained_small):
     assert "robust accuracy" in res.stdout and "PASS" in res.stdout and "eps0_equals_clean" in res.stdout
     attacks = CliRunner().invoke(cli, ["attacks"])
     assert attacks.exit_code == 0 and "restarts" in attacks.stdout and "torchattacks:<Name>" in attacks.stdout
+
+
+def test_fgsm_sweep_takes_one_gradient_per_batch(tmp_path, trained_small, evalset):
+    model, _, _, ckpt = trained_small
+    grads = []
+    handle = model.register_forward_pre_hook(
+        lambda m, inp: grads.append(torch.is_grad_enabled() and inp[0].requires_grad)
+    )
+    try:
+        res = run_sweep(
+            [SweepModel("m", model, str(ckpt))],
+            build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+            [0.0, 0.01, 0.02, 0.05, 0.1],
+            evalset,
+            tmp_path,
+            batch_size=32,
+            progress=False,
+        )
+    finally:
+        handle.remove()
+    assert res.computed_cells == 5
+    # 64 examples in 2 batches: one gradient pass each for the clean checks, one each for FGSM
+    assert sum(grads) == 2 + 2
+
+
+def test_accuracy_only_resume_equals_a_fresh_run(tmp_path, trained_small, evalset):
+    a, b = tmp_path / "a", tmp_path / "b"
+    model, _, _, ckpt = trained_small
+    sm = [SweepModel("m", model, str(ckpt))]
+
+    def sweep(out, eps):
+        attacks = build_attacks([{"name": "pgd", "steps": 4}], norm="linf", seed=1)
+        return run_sweep(sm, attacks, eps, evalset, out, batch_size=32, accuracy_only=True, progress=False)
+
+    sweep(a, [0.0, 0.02])
+    assert sweep(a, [0.0, 0.02, 0.1]).computed_cells == 1  # the 0.1 rung starts from the stored survivors
+    sweep(b, [0.0, 0.02, 0.1])
+    ex_a, ex_b = ResultsStore(a / "results.db").examples(), ResultsStore(b / "results.db").examples()
+    cols = ["eps", "idx", "correct", "adv_pred"]
+    assert ex_a[cols].reset_index(drop=True).equals(ex_b[cols].reset_index(drop=True))
