@@ -482,6 +482,13 @@ def _sweep_summary(result: Any) -> None:
 @click.option("--eval-subset", type=click.IntRange(min=1), default=None, help="Attack this many test images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--accuracy-only", is_flag=True, default=None, help="Larger eps attack only the survivors.")
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Classes of foreign ARCH=WEIGHTS models.",
+)
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
 @click.option("--strict", is_flag=True, help="Exit 1 if a sanity check fails.")
@@ -497,12 +504,16 @@ def sweep_cmd(
     eval_subset: int | None,
     batch_size: int | None,
     accuracy_only: bool | None,
+    num_classes: int,
     data_root: Path | None,
     out: Path,
     strict: bool,
     as_json: bool,
 ) -> None:
     """Attack CHECKPOINTS with every attack at every eps; resumable (rerun to continue).
+
+    A CHECKPOINT is a robustse .safetensors file, a glob of them, or ARCH=WEIGHTS for foreign
+    weights of a registry architecture (e.g. resnet20=weights.pth, loaded with weights_only).
 
     Records per example the label, clean and adversarial prediction, correctness and margins in
     OUT/results.db (SQLite) and OUT/results.csv, then runs the sanity checks.
@@ -537,7 +548,7 @@ def sweep_cmd(
     if not paths:
         raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
     device = obj.device
-    models = load_sweep_models(paths, device=device)
+    models = load_sweep_models(paths, device=device, num_classes=num_classes)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
     ds = sweep_dataset(models, cfg, data_root=data_root)
     out = prepare_out_dir(out)

@@ -182,15 +182,30 @@ def run_experiment(
     return result
 
 
-def load_sweep_models(paths: list[str], *, device: torch.device | str = "cpu") -> list[SweepModel]:
-    """Load checkpoints (paths or globs) as sweep models labelled by file stem.
+def load_sweep_models(
+    paths: list[str], *, device: torch.device | str = "cpu", num_classes: int = 10
+) -> list[SweepModel]:
+    """Load checkpoints as sweep models labelled by file stem.
+
+    Each entry is a robustse checkpoint path, a glob of them, or ``ARCH=WEIGHTS`` for foreign
+    weights of a registry architecture (``resnet20=weights.pth``, ``torchvision:resnet18=w.pth``),
+    loaded safely with ``num_classes`` classes.
 
     Raises:
-        SpecError: a glob that matches nothing, or two checkpoints with the same stem.
+        SpecError: a glob that matches nothing, or two checkpoints with the same label.
         CheckpointError: a missing, corrupt or unsafe checkpoint.
     """
+    models = []
     files: list[Path] = []
     for p in paths:
+        arch, eq, weights = p.rpartition("=")
+        if eq and arch:
+            model, meta = load_checkpoint(
+                weights, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device
+            )
+            stem = Path(weights).name.rsplit(".", 1)[0]
+            models.append(SweepModel(f"{arch.replace(':', '-')}@{stem}", model, weights, meta))
+            continue
         if any(c in p for c in "*?["):
             matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
             if not matched:
@@ -198,7 +213,6 @@ def load_sweep_models(paths: list[str], *, device: torch.device | str = "cpu") -
             files += matched
         else:
             files.append(Path(p))
-    models = []
     for f in files:
         model, meta = load_checkpoint(f, map_location=device)
         models.append(SweepModel(f.name.removesuffix(".safetensors"), model, str(f), meta))

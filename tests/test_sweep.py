@@ -314,3 +314,34 @@ def test_accuracy_only_resume_equals_a_fresh_run(tmp_path, trained_small, evalse
     ex_a, ex_b = ResultsStore(a / "results.db").examples(), ResultsStore(b / "results.db").examples()
     cols = ["eps", "idx", "correct", "adv_pred"]
     assert ex_a[cols].reset_index(drop=True).equals(ex_b[cols].reset_index(drop=True))
+
+
+def test_sweep_foreign_weights_of_a_registry_architecture(tmp_path, trained_small):
+    model, _, _, ckpt = trained_small
+    weights = tmp_path / "w.pth"
+    torch.save(model.state_dict(), weights)
+    args = [
+        "--quiet",
+        "sweep",
+        str(ckpt),
+        f"se_small_cnn={weights}",
+        "--out",
+        str(tmp_path / "o"),
+        "--eval-subset",
+        "32",
+        "--eps",
+        "0,0.03",
+        "--attack",
+        "fgsm",
+        "--json",
+    ]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    import json
+
+    robust = json.loads(res.stdout)["robust"]
+    by_model = {(r["model"], r["eps"]): r["accuracy"] for r in robust}
+    stem = ckpt.name.removesuffix(".safetensors")
+    assert {m for m, _ in by_model} == {stem, "se_small_cnn@w"}
+    for eps in (0.0, 0.03):  # the same weights give the same robust accuracy
+        assert by_model[(stem, eps)] == by_model[("se_small_cnn@w", eps)]
