@@ -119,6 +119,11 @@ def data_options(fn: Any) -> Any:
     )(fn)
 
 
+def num_classes_option(help: str) -> Any:
+    """--num-classes (default 10) with a command-specific help line."""
+    return click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help=help)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -164,13 +169,7 @@ def _looks_like_path(target: str) -> bool:
 
 @cli.command("inspect")
 @click.argument("target")
-@click.option(
-    "--num-classes",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="Classes, when TARGET is an architecture name.",
-)
+@num_classes_option("Classes, when TARGET is an architecture name.")
 @click.option("--in-channels", type=click.IntRange(min=1), default=None, help="Input channels (name only).")
 @click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -329,9 +328,7 @@ def _echo_accuracy(label: str, meta: dict[str, Any], *, extra: str = "") -> None
 @data_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
-@click.option(
-    "--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help="Classes of a foreign checkpoint."
-)
+@num_classes_option("Classes of a foreign checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 def eval_cmd(
@@ -482,13 +479,7 @@ def _sweep_summary(result: Any) -> None:
 @click.option("--eval-subset", type=click.IntRange(min=1), default=None, help="Attack this many test images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--accuracy-only", is_flag=True, default=None, help="Larger eps attack only the survivors.")
-@click.option(
-    "--num-classes",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="Classes of foreign ARCH=WEIGHTS models.",
-)
+@num_classes_option("Classes of foreign ARCH=WEIGHTS models.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
 @click.option("--strict", is_flag=True, help="Exit 1 if a sanity check fails.")
