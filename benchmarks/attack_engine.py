@@ -26,7 +26,7 @@ import torch
 import torchattacks
 
 import robustse as rs
-from robustse.attacks import create_attack, eval_mode
+from robustse.attacks import Evaluator, create_attack
 from robustse.config import TrainConfig
 from robustse.data import to_float
 from robustse.train import train_model
@@ -45,15 +45,16 @@ def correct(model: torch.nn.Module, adv: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def ours(task: str, model, x, y, bs: int) -> list[int]:
+    """As a sweep does it: predictions through the engine's channels_last evaluator."""
     counts = [0] * len(EPS)
+    ev = Evaluator(model)
     atk = create_attack("fgsm") if task == "fgsm-ladder" else create_attack("pgd", steps=10, random_start=False)
     for xb, yb in batches(x, y, bs):
         res = atk(model, xb, yb, epsilons=EPS, accuracy_only=task == "acc-only-ladder")
         if res.correct is not None:
             oks = [int(c.sum()) for c in res.correct]
         else:
-            with eval_mode(model):
-                oks = [correct(model, adv, yb) for adv in res.adversarials]
+            oks = [int((ev(adv).argmax(1) == yb).sum()) for adv in res.adversarials]
         counts = [c + o for c, o in zip(counts, oks, strict=True)]
     return counts
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import Attack, create_attack, eval_mode
+from .attacks import Attack, Evaluator, create_attack, eval_mode
 from .checks import Check, run_checks
 from .data import Dataset, to_float
 from .errors import SpecError
@@ -72,16 +72,19 @@ def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int) -> l
     return attacks
 
 
-def _clean_pass(sm: SweepModel, x: torch.Tensor, y: torch.Tensor, bs: int, device: torch.device):
-    """Clean predictions and margins, the zero-gradient fraction and a probabilities test."""
+def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device: torch.device):
+    """Clean predictions and margins, the zero-gradient fraction and a probabilities test.
+
+    Predictions come from the same evaluator as the adversarial ones, so eps = 0 matches exactly.
+    """
     preds, margs, zero_grads, prob_like = [], [], 0, True
     for i in range(0, len(x), bs):
         xb, yb = to_float(x[i : i + bs].to(device)), y[i : i + bs].to(device)
         xb.requires_grad_(True)
-        logits = sm.model(xb)
-        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"), xb)
+        loss = torch.nn.functional.cross_entropy(sm.model(xb), yb, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xb)
         zero_grads += int((grad.flatten(1).abs().amax(1) == 0).sum())
-        logits = logits.detach()
+        logits = ev(xb.detach())
         rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
         prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
         preds.append(logits.argmax(1).cpu())
@@ -144,6 +147,7 @@ def run_sweep(
         bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if progress else True, dynamic_ncols=True)
         clean_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         counters: dict[str, list[int]] = {}
+        evaluators: dict[str, Evaluator] = {}
         for sm, atk, todo in plan:
             sm.model.to(device).eval()
             train_forwards = counters.setdefault(sm.label, [0])
@@ -152,8 +156,11 @@ def run_sweep(
             )
             try:
                 if sm.label not in clean_cache:
+                    evaluators[sm.label] = Evaluator(sm.model)
                     with eval_mode(sm.model):
-                        preds, margs, zero_frac, prob_like = _clean_pass(sm, x_all, y_all, batch_size, device)
+                        preds, margs, zero_frac, prob_like = _clean_pass(
+                            sm, evaluators[sm.label], x_all, y_all, batch_size, device
+                        )
                     clean_cache[sm.label] = (preds, margs)
                     store.write_model(
                         sm.label,
@@ -171,6 +178,7 @@ def run_sweep(
                 computed += _run_cells(
                     store,
                     sm,
+                    evaluators[sm.label],
                     atk,
                     eps,
                     todo,
@@ -200,7 +208,7 @@ def run_sweep(
     return SweepResult(out_dir, cells, robust, checks, computed)
 
 
-def _run_cells(store, sm, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar):  # type: ignore[no-untyped-def]
+def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar):  # type: ignore[no-untyped-def]
     """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
 
     The clean-input gradient of attacks without a random start is computed once per batch and
@@ -243,8 +251,7 @@ def _run_cells(store, sm, atk, eps, todo, x_all, y_all, clean_pred, clean_margin
                     stream=b * 1009 + rung,
                 )
                 adv = res.adversarials[0]
-                with torch.no_grad(), eval_mode(sm.model):
-                    logits = sm.model(adv)
+                logits = ev(adv)
                 finite = torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)
                 stats["nonfinite"] += int((~finite).sum())
                 delta = (adv - xb[sub]).flatten(1)

@@ -176,3 +176,23 @@ def test_inputs_outside_unit_range(trained_small):
     model, x, y, _ = trained_small
     with pytest.raises(AttackError, match=r"inputs must lie in \[0, 1\]"):
         create_attack("fgsm")(model, x[:2] * 255, y[:2], epsilons=[0.1])
+
+
+def test_evaluator_matches_the_model_and_drops_hooks(trained_small):
+    from robustse.attacks import Evaluator
+
+    model, x, y, _ = trained_small
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        ev = Evaluator(model)
+        logits = ev(x)
+        assert calls == []  # the copy does not fire the user's hooks
+        with torch.no_grad():
+            ref = model.eval()(x)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits.argmax(1), ref.argmax(1))
+    assert all(p.requires_grad for p in model.parameters())  # the user's model is untouched
