@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset, list_datasets, load_dataset
 from .errors import RobustseError
 from .models import create_model, list_models
+from .pipeline import run_experiment
 from .probes import find_gates
 
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_dataset",
+    "run_experiment",
     "save_checkpoint",
 ]

@@ -110,6 +110,14 @@ def check_epsilons(epsilons: Sequence[float], norm: str) -> tuple[float, ...]:
     return eps
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
 # --------------------------------------------------------------------------- norms
 
 
@@ -142,10 +150,11 @@ class _Linf:
 
 
 class _L2:
-    """L2 ball: start at a random direction and radius, normalized-gradient step, radial projection."""
+    """L2 ball: random direction and radius start, normalized-gradient step, radial projection."""
 
     @staticmethod
     def random_start(x: torch.Tensor, eps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # Radius uniform in [0, eps] along a random direction (as torchattacks; not uniform in volume).
         d = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
         r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=gen, device=gen.device).to(x.device)
         return (x + d / (_flat_norm(d) + DIV_EPS) * r * eps).clamp(0, 1)
@@ -190,6 +199,8 @@ class Attack:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise AttackError(f"unknown norm {self.norm!r} (valid: {', '.join(NORMS)})")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**31:
+            raise AttackError(f"seed must be an integer in [0, 2^31) (got {self.seed!r})")
 
     def describe(self) -> dict[str, Any]:
         """Name and options, for stores and reports."""
@@ -366,14 +377,16 @@ class PGD(Attack):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.name = "pgd"
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not _is_int(self.steps) or self.steps < 1:
             raise AttackError(f"steps must be an integer >= 1 (got {self.steps!r})")
-        if not isinstance(self.restarts, int) or self.restarts < 1:
+        if not _is_int(self.restarts) or self.restarts < 1:
             raise AttackError(f"restarts must be an integer >= 1 (got {self.restarts!r})")
+        if not isinstance(self.random_start, bool):
+            raise AttackError(f"random_start must be true or false (got {self.random_start!r})")
         for key in ("rel_stepsize", "abs_stepsize"):
             value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise AttackError(f"{key} must be > 0 (got {value})")
+            if value is not None and (not _is_real(value) or not value > 0):
+                raise AttackError(f"{key} must be a number > 0 (got {value!r})")
         if self.restarts > 1 and not self.random_start:
             raise AttackError("restarts > 1 need random_start = true (otherwise every restart is the same)")
         if self.rel_stepsize is None:
@@ -517,6 +530,10 @@ class TorchattacksAttack(Attack):
                 "eps comes from the ladder)"
             )
         self._cls = cls
+        try:  # constructor-level type errors surface now, as one line, not mid-sweep
+            cls(nn.Linear(1, 1), eps=0.1, **self.options)
+        except (TypeError, ValueError) as exc:
+            raise AttackError(f"torchattacks:{self.attack}: bad option value ({exc})") from None
 
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, "norm": self.norm, "seed": self.seed, **self.options}
@@ -526,8 +543,10 @@ class TorchattacksAttack(Attack):
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(self.seed)
             for e in eps:
-                atk = self._cls(model, eps=e, **self.options)
-                out.append(atk(x, y).detach())
+                try:
+                    out.append(self._cls(model, eps=e, **self.options)(x, y).detach())
+                except (TypeError, ValueError) as exc:  # option values torchattacks checks only when run
+                    raise AttackError(f"torchattacks:{self.attack}: bad option value ({exc})") from None
         return out
 
 
@@ -585,8 +604,11 @@ def create_attack(name: str, **kwargs: Any) -> Attack:
         >>> atk = create_attack("pgd", norm="linf", steps=10)
     """
     if name.startswith("torchattacks:"):
+        attack = name.split(":", 1)[1]
         common = {k: kwargs.pop(k) for k in ("norm", "seed") if k in kwargs}
-        return TorchattacksAttack(attack=name.split(":", 1)[1], options=kwargs, **common)
+        # torchattacks names its L2 attacks *L2 (PGDL2, FGSM has no L2 twin): the budget's norm
+        common.setdefault("norm", "l2" if attack.upper().endswith("L2") else "linf")
+        return TorchattacksAttack(attack=attack, options=kwargs, **common)
     info = attack_info(name)
     valid = info.options()
     unknown = sorted(set(kwargs) - set(valid))

@@ -154,7 +154,9 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: checkpoint is for {meta.get('arch')!r}, not {arch!r}")
         if weight_hash(state) != meta.get("weight_hash"):
             raise CheckpointError(f"{path}: weights do not match their recorded hash (file corrupted or edited)")
-        arch, kwargs = str(meta["arch"]), dict(meta.get("arch_kwargs", {}))
+        if not isinstance(meta.get("arch"), str) or not isinstance(meta.get("arch_kwargs", {}), dict):
+            raise CheckpointError(f"{path}: checkpoint metadata lacks a valid 'arch' / 'arch_kwargs'")
+        arch, kwargs = meta["arch"], dict(meta.get("arch_kwargs", {}))
     else:
         if arch is None:
             raise CheckpointError(f"{path}: foreign checkpoint without robustse metadata: pass --arch NAME")
@@ -162,7 +164,7 @@ def load_checkpoint(
         meta = {"arch": arch, "arch_kwargs": kwargs, "foreign": True}
     try:
         model = create_model(arch, **kwargs)
-    except ModelError as exc:
+    except (ModelError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the model: {exc}") from None
     state = _fit_keys(model, state)
     _check_fits(path, arch, model, state, partial_ok=bool(meta.get("foreign")))

@@ -353,6 +353,8 @@ def eval_cmd(
     model, meta = load_checkpoint(checkpoint, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device)
     name = dataset or meta.get("dataset") or "fashion-mnist"
     ds = load_dataset(name, split="test", root=data_root, download=download).subset(eval_subset, seed=SUBSET_SEED)
+    if len(ds) == 0:
+        raise DataError(f"{name}: the test split is empty")
     expected = meta.get("arch_kwargs", {}).get("in_channels")
     if expected is not None and ds.in_channels != expected:
         raise DataError(f"{name} images have {ds.in_channels} channel(s) but the model takes {expected}")

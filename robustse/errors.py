@@ -49,5 +49,5 @@ class AttackError(UserError):
     """An attack, norm or attack option is unknown or out of range."""
 
 
-class StoreError(RobustseError):
-    """The results store is unreadable, corrupt or belongs to another run."""
+class StoreError(UserError):
+    """The results store is unreadable, corrupt or belongs to another run (exit code 2)."""

@@ -199,7 +199,7 @@ def load_sweep_models(
     files: list[Path] = []
     for p in paths:
         arch, eq, weights = p.rpartition("=")
-        if eq and arch:
+        if eq and arch and not Path(p).exists():
             model, meta = load_checkpoint(
                 weights, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device
             )
@@ -207,7 +207,10 @@ def load_sweep_models(
             models.append(SweepModel(f"{arch.replace(':', '-')}@{stem}", model, weights, meta))
             continue
         if any(c in p for c in "*?["):
-            matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
+            try:
+                matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
+            except ValueError as exc:
+                raise SpecError(f"bad checkpoint pattern {p!r} ({exc})") from None
             if not matched:
                 raise SpecError(f"no checkpoint matches {p!r}")
             files += matched
@@ -234,7 +237,7 @@ def sweep_dataset(
     names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
     if len(names) != 1:
         raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
-    name = names.pop()
+    name = str(names.pop())
     ds = load_dataset(name, split="test", root=data_root, download=download).subset(cfg.eval_subset, seed=SUBSET_SEED)
     for m in models:
         expected = m.meta.get("arch_kwargs", {}).get("in_channels")

@@ -19,7 +19,7 @@ from typing import Any
 from ._types import PathLike
 from .errors import StoreError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS examples (
 );
 CREATE TABLE IF NOT EXISTS models (
     model TEXT PRIMARY KEY,
+    weight_hash TEXT NOT NULL DEFAULT '',
     checkpoint TEXT NOT NULL,
     arch TEXT,
     n INTEGER NOT NULL,
@@ -181,6 +182,42 @@ class ResultsStore:
                 f"INSERT OR REPLACE INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 (model, *fields.values()),
             )
+
+    def check_identity(self, key: str, value: str, what: str) -> None:
+        """Record ``value`` under ``key`` on first use; later runs must match it.
+
+        Raises:
+            StoreError: the store was written for another ``what`` (never silently mixed).
+        """
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            with self.conn:
+                self.conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+        elif row[0] != value:
+            raise StoreError(f"{self.path} holds results for a different {what}; use another --out or move it away")
+
+    def model_hash(self, model: str) -> str | None:
+        row = self.conn.execute("SELECT weight_hash FROM models WHERE model = ?", (model,)).fetchone()
+        return row[0] if row else None
+
+    def delete_cells(self, model: str, *, attack_key: str | None = None, eps: float | None = None) -> int:
+        """Delete a model's cells (optionally one attack / one eps) with their rows; returns how many."""
+        where = "model = ?"
+        args: list[Any] = [model]
+        if attack_key is not None:
+            where += " AND attack_key = ?"
+            args.append(attack_key)
+        if eps is not None:
+            where += " AND eps = ?"
+            args.append(eps)
+        with self.conn:
+            ids = [r[0] for r in self.conn.execute(f"SELECT id FROM cells WHERE {where}", args)]
+            self.conn.executemany("DELETE FROM examples WHERE cell_id = ?", [(i,) for i in ids])
+            self.conn.executemany("DELETE FROM cells WHERE id = ?", [(i,) for i in ids])
+        return len(ids)
+
+    def failed_cells(self) -> list[tuple[str, str, float]]:
+        return self.conn.execute("SELECT model, attack_key, eps FROM cells WHERE status != 'done'").fetchall()
 
     def update_model(self, model: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)

@@ -20,9 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .attacks import Attack, Evaluator, create_attack, eval_mode
+from .checkpoint import weight_hash
 from .checks import Check, run_checks
 from .data import Dataset, to_float
-from .errors import SpecError
+from .errors import DataError, SpecError
 from .stats import wilson_interval
 from .store import Cell, ResultsStore, attack_key
 
@@ -48,6 +49,16 @@ class SweepResult:
     computed_cells: int = 0
 
 
+def evalset_fingerprint(ds: Dataset) -> str:
+    """SHA-256 of an evaluation set's name, split, images and labels."""
+    import hashlib
+
+    h = hashlib.sha256(f"{ds.name}|{ds.split}|{tuple(ds.x.shape)}|".encode())
+    h.update(ds.x.contiguous().numpy().tobytes())
+    h.update(ds.y.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """f_y − max_{j≠y} f_j per example (> 0: correct with that margin)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -63,7 +74,8 @@ def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int) -> l
         name = spec.pop("name", None)
         if not isinstance(name, str):
             raise SpecError(f"every attack needs a name (got {spec!r})")
-        spec.setdefault("norm", norm)
+        if not name.startswith("torchattacks:"):  # torchattacks attacks carry their own norm
+            spec.setdefault("norm", norm)
         spec.setdefault("seed", seed)
         attacks.append(create_attack(name, **spec))
     keys = [attack_key(a.describe()) for a in attacks]
@@ -131,10 +143,24 @@ def run_sweep(
     if len(set(labels)) != len(labels):
         raise SpecError(f"model labels must be distinct (got {labels})")
     eps = sorted({float(e) for e in epsilons})
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.name}: the evaluation set is empty")
     out_dir.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(out_dir / "results.db")
     computed = 0
     try:
+        # The same store must mean the same evaluation set and mode: never mix results.
+        store.check_identity("evalset", evalset_fingerprint(dataset), "evaluation set (dataset or --eval-subset)")
+        store.check_identity("accuracy_only", str(bool(accuracy_only)), "mode (--accuracy-only)")
+        hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
+        for sm in models:
+            old = store.model_hash(sm.label)
+            if old is not None and old != hashes[sm.label]:  # retrained under the same name
+                dropped = store.delete_cells(sm.label)
+                if log:
+                    log(f"{sm.label}: weights changed since the stored results; recomputing {dropped} cell(s)")
+        for model_label, key, e in store.failed_cells():  # failed cells are retried
+            store.delete_cells(model_label, attack_key=key, eps=e)
         x_all, y_all = dataset.x, dataset.y
         n = len(y_all)
         n_batches = (n + batch_size - 1) // batch_size
@@ -152,7 +178,7 @@ def run_sweep(
             sm.model.to(device).eval()
             train_forwards = counters.setdefault(sm.label, [0])
             hook = sm.model.register_forward_pre_hook(
-                lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(mod.training))
+                lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(any(m.training for m in mod.modules())))
             )
             try:
                 if sm.label not in clean_cache:
@@ -164,6 +190,7 @@ def run_sweep(
                     clean_cache[sm.label] = (preds, margs)
                     store.write_model(
                         sm.label,
+                        weight_hash=hashes[sm.label],
                         checkpoint=sm.checkpoint,
                         arch=sm.meta.get("arch"),
                         n=n,
@@ -198,11 +225,13 @@ def run_sweep(
                 hook.remove()
         bar.close()
         num_classes = len(dataset.classes)
-        checks = run_checks(store, num_classes=num_classes)
+        keys = [attack_key(a.describe()) for a in attacks]
+        checks = run_checks(store, num_classes=num_classes, models=labels, attack_keys=keys)
         store.write_checks((c.model, c.name, c.status, c.detail) for c in checks)
         store.export_csv(out_dir / "results.csv")
         cells = store.cells()
-        robust = worst_case_accuracy(store)
+        cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
+        robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps)
     finally:
         store.close()
     return SweepResult(out_dir, cells, robust, checks, computed)
@@ -295,15 +324,22 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
     return len(todo)
 
 
-def worst_case_accuracy(store: ResultsStore):  # type: ignore[no-untyped-def]
+def worst_case_accuracy(store: ResultsStore, *, models=None, attack_keys=None, epsilons=None):  # type: ignore[no-untyped-def]
     """Robust accuracy per model and eps: an example counts as robust only if no attack fooled it.
 
-    The random-noise control is not an attack and is left out of the worst case.
+    The random-noise control is not an attack and is left out of the worst case. ``models``,
+    ``attack_keys`` and ``epsilons`` restrict it to one sweep's cells (a store may hold more).
     """
     import pandas as pd
 
     ex = store.examples()
     ex = ex[ex.attack != "noise"]
+    if models is not None:
+        ex = ex[ex.model.isin(list(models))]
+    if attack_keys is not None:
+        ex = ex[ex.attack_key.isin(list(attack_keys))]
+    if epsilons is not None:
+        ex = ex[ex.eps.isin(list(epsilons))]
     if ex.empty:
         return pd.DataFrame(columns=["model", "norm", "eps", "n", "correct", "accuracy", "ci_low", "ci_high"])
     per = ex.groupby(["model", "norm", "eps", "idx"]).correct.min().reset_index()

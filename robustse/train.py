@@ -228,6 +228,7 @@ def train_model(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc. draw globally: same on resume
         perm = torch.randperm(len(train_set), generator=gen).to(device)
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0

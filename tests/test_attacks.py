@@ -156,7 +156,7 @@ def test_registry_options_listed():
         ("pgd", {}, [], "no epsilons"),
         ("pgd", {"steps": 0}, [0.1], r"steps must be an integer >= 1 \(got 0\)"),
         ("pgd", {"restarts": 2, "random_start": False}, [0.1], "restarts > 1 need random_start"),
-        ("pgd", {"rel_stepsize": 0}, [0.1], "rel_stepsize must be > 0"),
+        ("pgd", {"rel_stepsize": 0}, [0.1], "rel_stepsize must be a number > 0"),
         ("pgd", {"norm": "l1"}, [0.1], r"unknown norm 'l1' \(valid: linf, l2\)"),
         ("pgd", {"step": 3}, [0.1], r"pgd: unknown option 'step' \(valid: .*steps"),
         ("fgsm", {"steps": 3}, [0.1], r"fgsm: unknown option 'steps'"),

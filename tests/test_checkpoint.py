@@ -123,3 +123,18 @@ def test_read_metadata_of_foreign_file_is_empty(tmp_path):
     path = tmp_path / "w.pt"
     torch.save({"a": torch.zeros(1)}, path)
     assert read_metadata(path) == {}
+
+
+def test_metadata_without_arch_is_a_checkpoint_error(tmp_path, model):
+    import json
+
+    from safetensors.torch import save_file
+
+    from robustse.checkpoint import FORMAT, weight_hash
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "odd.safetensors"
+    meta = {"format": FORMAT, "weight_hash": weight_hash(state), "arch_kwargs": []}
+    save_file(state, str(path), metadata={"robustse": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="lacks a valid 'arch'"):
+        rs.load_checkpoint(path)

@@ -345,3 +345,88 @@ def test_sweep_foreign_weights_of_a_registry_architecture(tmp_path, trained_smal
     assert {m for m, _ in by_model} == {stem, "se_small_cnn@w"}
     for eps in (0.0, 0.03):  # the same weights give the same robust accuracy
         assert by_model[(stem, eps)] == by_model[("se_small_cnn@w", eps)]
+
+
+def test_store_refuses_another_evaluation_set(tmp_path, trained_small, evalset):
+    small_sweep(trained_small, evalset, tmp_path)
+    other = load_dataset("fashion-mnist", split="test").subset(40, seed=3)
+    with pytest.raises(StoreError, match="different evaluation set"):
+        small_sweep(trained_small, other, tmp_path)
+    with pytest.raises(StoreError, match=r"different mode \(--accuracy-only\)"):
+        small_sweep(trained_small, evalset, tmp_path, accuracy_only=True)
+    assert len(ResultsStore(tmp_path / "results.db").cells()) == 9  # nothing lost
+
+
+def test_changed_weights_recompute_their_cells(tmp_path, trained_small, evalset):
+    import copy
+
+    model, _, _, ckpt = trained_small
+    attacks = build_attacks([{"name": "fgsm"}], norm="linf", seed=0)
+    first = run_sweep([SweepModel("m", model, str(ckpt))], attacks, [0.0, 0.05], evalset, tmp_path, progress=False)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.head.bias.add_(0.5)
+    lines = []
+    again = run_sweep(
+        [SweepModel("m", changed, str(ckpt))], attacks, [0.0, 0.05], evalset, tmp_path, progress=False, log=lines.append
+    )
+    assert first.computed_cells == again.computed_cells == 2
+    assert any("weights changed" in m for m in lines)
+    assert len(ResultsStore(tmp_path / "results.db").cells()) == 2
+
+
+def test_sweep_reports_only_its_own_attacks(tmp_path, trained_small, evalset):
+    small_sweep(trained_small, evalset, tmp_path)  # fgsm, pgd, noise
+    model, _, _, ckpt = trained_small
+    res = run_sweep(
+        [SweepModel("se", model, str(ckpt))],
+        build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+        EPS,
+        evalset,
+        tmp_path,
+        batch_size=32,
+        progress=False,
+    )
+    assert res.computed_cells == 0 and set(res.cells.attack) == {"fgsm"}
+    fgsm = res.cells.set_index("eps").correct / 64
+    for eps in EPS:  # the worst case is FGSM's own accuracy, not the stored PGD's
+        assert float(res.robust[res.robust.eps == eps].accuracy.iloc[0]) == pytest.approx(float(fgsm[eps]))
+
+
+def test_torchattacks_l2_attack_keeps_its_norm():
+    atk = build_attacks([{"name": "torchattacks:PGDL2", "steps": 2}], norm="linf", seed=0)[0]
+    assert atk.norm == "l2"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("pgd(seed=abc)", "seed must be an integer"),
+        ("noise(seed=1.5)", "seed must be an integer"),
+        ("pgd(random_start='no')", "random_start must be true or false"),
+        ("pgd(steps=true)", "steps must be an integer"),
+        ("pgd(abs_stepsize=true)", "abs_stepsize must be a number"),
+        ("torchattacks:PGD(steps='x')", "bad option value"),
+    ],
+)
+def test_bad_attack_option_values(tmp_path, trained_small, text, needle):
+    _, _, _, ckpt = trained_small
+    res = CliRunner().invoke(
+        cli, ["sweep", str(ckpt), "--out", str(tmp_path / "o"), "--attack", text], catch_exceptions=False
+    )
+    assert_user_error(res, needle)
+
+
+def test_bad_glob_and_no_eps_zero(tmp_path, trained_small, evalset):
+    res = CliRunner().invoke(cli, ["sweep", str(tmp_path / "**x" / "*.safetensors")], catch_exceptions=False)
+    assert_user_error(res, "bad checkpoint pattern")
+    model, _, _, ckpt = trained_small
+    out = run_sweep(
+        [SweepModel("m", model, str(ckpt))],
+        build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+        [0.05],
+        evalset,
+        tmp_path,
+        progress=False,
+    )
+    assert {c.name: c.status for c in out.checks}["eps0_equals_clean"] == "warn"
