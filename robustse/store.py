@@ -113,11 +113,19 @@ class ResultsStore:
                 if not ok or ok[0] != "ok":
                     raise sqlite3.DatabaseError(f"integrity check: {ok[0] if ok else 'no answer'}")
                 version = self._meta_version()
+                if version is not None and version != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path} was written by another robustse version (store schema {version}, this one "
+                        f"reads {SCHEMA_VERSION}); use another --out or move it away"
+                    )
                 if version != SCHEMA_VERSION:
                     raise sqlite3.DatabaseError(f"not a robustse results store (schema {version!r})")
             with self.conn:
                 self.conn.executescript(SCHEMA)
                 self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        except StoreError:
+            self.conn.close()
+            raise
         except sqlite3.DatabaseError as exc:
             if hasattr(self, "conn"):
                 self.conn.close()
