@@ -19,14 +19,16 @@ from .data import Dataset, list_datasets, load_dataset
 from .errors import RobustseError
 from .models import create_model, list_models
 from .pipeline import run_experiment
-from .probes import find_gates
+from .probes import capture, find_blocks, find_gates
 
 __all__ = [
     "Dataset",
     "RobustseError",
     "__version__",
+    "capture",
     "create_attack",
     "create_model",
+    "find_blocks",
     "find_gates",
     "list_attacks",
     "list_datasets",

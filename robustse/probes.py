@@ -1,4 +1,4 @@
-"""Probes on channel gates: discovery of the excitation gates inside a model.
+"""Probes on channel gates and blocks: discovery, and capture of excitations during forward passes.
 
 A *gate* is the module whose output is the excitation vector ``s`` of an SE-style block:
 ``<block>.se.gate`` in robustse's own :class:`~robustse.models.SEBlock`, and
@@ -8,6 +8,10 @@ MobileNetV3). A model with no gates is a valid plain model.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
 from .models.layers import SEBlock
@@ -45,3 +49,87 @@ def find_gates(model: nn.Module) -> dict[str, nn.Module]:
             attr, gate = found
             gates[f"{name}.{attr}" if name else attr] = gate
     return gates
+
+
+# --------------------------------------------------------------------------- blocks and capture
+
+# Residual/stage blocks of common torchvision families, for models without robustse's Block marker.
+_EXTERNAL_BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "ResBottleneckBlock")
+
+
+def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The blocks whose outputs h_l form the depth profile, in forward order.
+
+    robustse models mark them with :class:`~robustse.models.Block` (VGG stages, residual blocks,
+    output taken after the residual add); other models fall back to torchvision's residual block
+    classes. Plain and SE twins have the same blocks.
+    """
+    from .models.layers import Block
+
+    blocks: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, Block)}
+    if not blocks:
+        blocks = {n: m for n, m in model.named_modules() if n and type(m).__name__ in _EXTERNAL_BLOCKS}
+    return blocks
+
+
+class Recorder:
+    """What one :func:`capture` saw in the latest forward pass (tensors detached).
+
+    Attributes:
+        gates: ``{gate name: s}``, the excitation vectors, (B, C).
+        gate_inputs: ``{gate name: u}``, the SE block's input, (B, C, H, W).
+        gate_outputs: ``{gate name: y}``, the SE block's output s ⊙ u, (B, C, H, W).
+        blocks: ``{block name: h}``, each block's output, for plain and SE models alike.
+    """
+
+    def __init__(self) -> None:
+        self.gates: dict[str, torch.Tensor] = {}
+        self.gate_inputs: dict[str, torch.Tensor] = {}
+        self.gate_outputs: dict[str, torch.Tensor] = {}
+        self.blocks: dict[str, torch.Tensor] = {}
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, *, detach: bool = True) -> Iterator[Recorder]:
+    """Record gates, SE inputs/outputs and block outputs of every forward pass inside the block.
+
+    Hooks are removed on exit, also when the body raises. A later forward pass overwrites what an
+    earlier one recorded.
+
+    Example:
+        >>> with capture(model) as rec:  # doctest: +SKIP
+        ...     model(x)
+        >>> rec.gates["blocks.0.se.gate"].shape  # doctest: +SKIP
+        torch.Size([8, 16])
+    """
+    rec = Recorder()
+    keep = (lambda t: t.detach()) if detach else (lambda t: t)
+    handles = []
+    try:
+        for gate_name, gate in find_gates(model).items():
+            se = model.get_submodule(gate_name.rsplit(".", 1)[0]) if "." in gate_name else model
+
+            def on_gate(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
+                rec.gates[name] = keep(out).flatten(1)  # (B, C, 1, 1) in torchvision → (B, C)
+
+            def on_se_in(m, inp, name=gate_name):  # type: ignore[no-untyped-def]
+                rec.gate_inputs[name] = keep(inp[0])
+
+            def on_se_out(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
+                rec.gate_outputs[name] = keep(out)
+
+            handles += [
+                gate.register_forward_hook(on_gate),
+                se.register_forward_pre_hook(on_se_in),
+                se.register_forward_hook(on_se_out),
+            ]
+        for block_name, block in find_blocks(model).items():
+
+            def on_block(m, inp, out, name=block_name):  # type: ignore[no-untyped-def]
+                rec.blocks[name] = keep(out)
+
+            handles.append(block.register_forward_hook(on_block))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()

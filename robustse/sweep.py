@@ -24,6 +24,7 @@ from .checkpoint import weight_hash
 from .checks import Check, run_checks
 from .data import Dataset, to_float
 from .errors import DataError, SpecError
+from .metrics import margin
 from .stats import wilson_interval
 from .store import Cell, ResultsStore, attack_key
 
@@ -57,13 +58,6 @@ def evalset_fingerprint(ds: Dataset) -> str:
     h.update(ds.x.contiguous().numpy().tobytes())
     h.update(ds.y.contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """f_y − max_{j≠y} f_j per example (> 0: correct with that margin)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
-    return true - other
 
 
 def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int) -> list[Attack]:
@@ -100,7 +94,7 @@ def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor,
         rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
         prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
         preds.append(logits.argmax(1).cpu())
-        margs.append(margins(logits, yb).cpu())
+        margs.append(margin(logits, yb).cpu())
     return torch.cat(preds), torch.cat(margs), zero_grads / len(x), prob_like
 
 
@@ -258,7 +252,7 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
                 prev_margin = torch.tensor([r[2] for r in rows], dtype=clean_margin.dtype)
             continue
         t0 = time.perf_counter()
-        pred, margin = prev_pred.clone(), prev_margin.clone()
+        pred, adv_margin = prev_pred.clone(), prev_margin.clone()
         stats = {"linf": 0.0, "l2": 0.0, "min": 1.0, "max": 0.0, "nonfinite": 0}
         for b, i in enumerate(range(0, n, bs)):
             xb, yb = to_float(x_all[i : i + bs].to(device)), y_all[i : i + bs].to(device)
@@ -288,7 +282,7 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
                 stats["l2"] = max(stats["l2"], float(delta.norm(dim=1).max()))
                 stats["min"], stats["max"] = min(stats["min"], float(adv.min())), max(stats["max"], float(adv.max()))
                 pred[i + rows] = logits.argmax(1).cpu()
-                margin[i + rows] = margins(logits, yb[sub]).cpu()
+                adv_margin[i + rows] = margin(logits, yb[sub]).cpu()
             bar.update(1)
         correct = pred == y_all
         ok = stats["nonfinite"] == 0
@@ -316,11 +310,11 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
             pred.tolist(),
             correct.int().tolist(),
             torch.nan_to_num(clean_margin).tolist(),
-            torch.nan_to_num(margin).tolist(),
+            torch.nan_to_num(adv_margin).tolist(),
             strict=True,
         )
         store.write_cell(cell, rows_out)
-        prev_correct, prev_pred, prev_margin = correct, pred, margin
+        prev_correct, prev_pred, prev_margin = correct, pred, adv_margin
     return len(todo)
 
 

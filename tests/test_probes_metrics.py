@@ -1,0 +1,108 @@
+"""Gate capture and the DESIGN §6 measurements on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import robustse as rs
+from robustse import metrics as M
+from robustse.models import SEBlock
+from robustse.probes import capture, find_blocks
+
+
+def test_capture_se_resnet20_gates_inputs_outputs_blocks():
+    torch.manual_seed(0)
+    model = rs.create_model("se_resnet20").eval()
+    x = torch.rand(3, 1, 28, 28)
+    with capture(model) as rec:
+        model(x)
+    assert len(rec.gates) == 9 and len(rec.blocks) == 9
+    for name, s in rec.gates.items():
+        se = model.get_submodule(name.rsplit(".", 1)[0])
+        assert isinstance(se, SEBlock) and s.shape == (3, se.channels)
+        u, y = rec.gate_inputs[name], rec.gate_outputs[name]
+        torch.testing.assert_close(y, u * s[:, :, None, None])  # y = s ⊙ u
+        z = u.mean(dim=(2, 3))
+        torch.testing.assert_close(s, torch.sigmoid(se.fc2(torch.relu(se.fc1(z)))))
+    assert rec.blocks["blocks.8"].shape == (3, 64, 7, 7)
+
+
+def test_plain_model_has_no_gates_but_a_full_profile():
+    model = rs.create_model("resnet20").eval()
+    with capture(model) as rec:
+        model(torch.rand(2, 1, 28, 28))
+    assert rec.gates == {} and list(rec.blocks) == list(find_blocks(rs.create_model("se_resnet20")))
+    assert len(rec.blocks) == 9
+
+
+def test_hooks_are_removed_even_after_an_exception():
+    model = rs.create_model("se_small_cnn").eval()
+    with pytest.raises(RuntimeError, match="boom"), capture(model) as rec:
+        model(torch.rand(1, 1, 28, 28))
+        raise RuntimeError("boom")
+    assert rec.gates
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_torchvision_gates_are_vectors():
+    from torchvision.ops import SqueezeExcitation
+
+    model = rs.create_model("torchvision:mobilenet_v3_small", num_classes=10, in_channels=1).eval()
+    with capture(model) as rec:
+        model(torch.rand(2, 1, 32, 32))
+    assert len(rec.gates) == sum(isinstance(m, SqueezeExcitation) for m in model.modules())
+    assert all(s.dim() == 2 and s.shape[0] == 2 for s in rec.gates.values())
+    assert rec.blocks  # InvertedResidual blocks
+
+
+def test_output_metrics_by_hand():
+    f = torch.tensor([[3.0, 4.0, 0.0]])
+    fp = torch.tensor([[0.0, 0.0, 0.0]])
+    delta = torch.tensor([[[[0.5, 0.5], [0.5, 0.5]]]])  # ‖δ‖ = 1
+    assert M.logit_sensitivity(f, fp, delta).item() == pytest.approx(5.0)
+    assert M.logit_change(f, fp).item() == pytest.approx(1.0)
+    p = torch.softmax(f, 1)[0]
+    expected_kl = float((p * (p.log() - math.log(1 / 3))).sum())
+    assert M.kl(f, fp).item() == pytest.approx(expected_kl, rel=1e-5)
+    assert M.flip(f, fp).item() is True  # argmax 1 → argmax 0 (ties resolve to the first)
+    assert M.margin(f, torch.tensor([1])).item() == pytest.approx(1.0)
+    assert M.margin(f, torch.tensor([2])).item() == pytest.approx(-4.0)
+
+
+def test_everything_is_zero_without_a_perturbation():
+    f, x = torch.randn(4, 10), torch.rand(4, 1, 5, 5)
+    s, u = torch.rand(4, 6), torch.rand(4, 6, 3, 3)
+    assert (M.logit_sensitivity(f, f, x - x) == 0).all() and (M.logit_change(f, f) == 0).all()
+    assert torch.allclose(M.kl(f, f), torch.zeros(4), atol=1e-6) and not M.flip(f, f).any()
+    assert (M.gate_drift(s, s) == 0).all()
+    assert torch.allclose(M.gate_cosine_distance(s, s), torch.zeros(4), atol=1e-6)
+    assert (M.relative_change(u, u) == 0).all()
+    assert M.damping(u, u, u, u).isnan().all() and M.amplification(u, u, x, x).isnan().all()
+
+
+def test_gate_drift_and_cosine_by_hand():
+    s = torch.tensor([[1.0, 0.0]])
+    sp = torch.tensor([[0.0, 1.0]])
+    assert M.gate_drift(s, sp).item() == pytest.approx(math.sqrt(2))
+    assert M.gate_cosine_distance(s, sp).item() == pytest.approx(1.0)
+    assert M.gate_cosine_distance(s, 2 * s).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_damping_is_exactly_one_for_a_constant_gate():
+    u = torch.rand(3, 4, 5, 5)
+    up = u + 0.1 * torch.randn_like(u)
+    gate = 0.37  # the same s for clean and perturbed input, every channel
+    d = M.damping(u, up, gate * u, gate * up)
+    torch.testing.assert_close(d, torch.ones(3))
+    # a gate that closes on the perturbed input damps: output moves less than input
+    closing = M.damping(u, up, u, 0.5 * up)
+    assert (closing != 1).all()
+
+
+def test_amplification_by_hand():
+    x, xp = torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2) * 1.1  # input moves 10%
+    h, hp = torch.ones(1, 3), torch.ones(1, 3) * 1.3  # block output moves 30%
+    assert M.amplification(h, hp, x, xp).item() == pytest.approx(3.0)
