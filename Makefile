@@ -41,6 +41,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/attack_engine.py
+	$(BIN)/python benchmarks/capture_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
