@@ -133,3 +133,50 @@ def capture(model: nn.Module, *, detach: bool = True) -> Iterator[Recorder]:
     finally:
         for h in handles:
             h.remove()
+
+
+# --------------------------------------------------------------------------- gate interventions
+
+
+@contextlib.contextmanager
+def fixed_gates(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, each listed gate outputs the given excitation instead of its own.
+
+    Args:
+        model: the model.
+        values: ``{gate name: s}`` with s of shape (B, C) (one per example) or (C,) (the same for
+            every example, e.g. a training-set mean).
+
+    Raises:
+        KeyError: a name that is not a gate of ``model`` (names are those of :func:`find_gates`).
+    """
+    gates = find_gates(model)
+    unknown = sorted(set(values) - set(gates))
+    if unknown:
+        raise KeyError(f"not a gate of this model: {unknown[0]!r}")
+    handles = []
+
+    def override(m, inp, out, value):  # type: ignore[no-untyped-def]
+        v = value if value.dim() > 1 else value.unsqueeze(0).expand(out.shape[0], -1)
+        return v.reshape(out.shape).to(dtype=out.dtype, device=out.device)
+
+    try:
+        for name, value in values.items():
+            handles.append(gates[name].register_forward_hook(lambda m, i, o, v=value: override(m, i, o, v)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def clean_gates_logits(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """The ``clean_gates`` intervention: logits of ``x_adv`` with every gate forced to s(x).
+
+    The perturbation still flows through every layer, but the gates cannot adapt to it, which
+    isolates what the *adaptive* gating contributes (DESIGN §6).
+    """
+    with capture(model) as rec:
+        model(x)
+    with fixed_gates(model, rec.gates):
+        return model(x_adv)

@@ -106,3 +106,33 @@ def test_amplification_by_hand():
     x, xp = torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2) * 1.1  # input moves 10%
     h, hp = torch.ones(1, 3), torch.ones(1, 3) * 1.3  # block output moves 30%
     assert M.amplification(h, hp, x, xp).item() == pytest.approx(3.0)
+
+
+def test_clean_gates_on_an_unperturbed_input_changes_nothing():
+    from robustse.probes import clean_gates_logits
+
+    torch.manual_seed(0)
+    model = rs.create_model("se_resnet20").eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(clean_gates_logits(model, x, x), ref, rtol=0, atol=0)
+    x_adv = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    with torch.no_grad():
+        adaptive = model(x_adv)
+    assert not torch.allclose(clean_gates_logits(model, x, x_adv), adaptive)  # the gates did adapt
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_fixed_gates_with_ones_pass_u_through():
+    from robustse.probes import fixed_gates
+
+    model = rs.create_model("se_small_cnn").eval()
+    names = list(rs.find_gates(model))
+    ones = {n: torch.ones(model.get_submodule(n.rsplit(".", 1)[0]).channels) for n in names}
+    with torch.no_grad(), fixed_gates(model, ones), capture(model) as rec:
+        model(torch.rand(2, 1, 28, 28))
+    for n in names:
+        torch.testing.assert_close(rec.gate_outputs[n], rec.gate_inputs[n])  # y = 1 ⊙ u
+    with pytest.raises(KeyError, match="not a gate"), fixed_gates(model, {"head": torch.ones(3)}):
+        pass
