@@ -572,6 +572,86 @@ def sweep_cmd(
         sys.exit(1)
 
 
+@cli.command("drift")
+@click.argument("checkpoint")
+@click.option(
+    "--attack",
+    "attack_text",
+    default="pgd",
+    show_default=True,
+    help="Attack: NAME or NAME(key=value,...), as for sweep.",
+)
+@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True)
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--eval-subset", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a figure (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def drift_cmd(
+    obj: Ctx,
+    checkpoint: str,
+    attack_text: str,
+    eps: float,
+    norm: str,
+    eval_subset: int,
+    data_root: Path | None,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """Per-gate excitation drift, SE input/output drift and damping of CHECKPOINT at one eps,
+    adversarial vs the random-noise control; block amplification for every model."""
+    from .config import SweepConfig
+    from .data import to_float
+    from .drift import measure_drift, plot_drift
+    from .errors import AttackError
+    from .pipeline import load_sweep_models, sweep_dataset
+    from .sweep import build_attacks
+
+    if norm == "linf" and eps > 1:
+        raise AttackError(f"Linf eps {eps} > 1 is larger than the whole pixel range [0, 1]")
+    device = obj.device
+    (sm,) = load_sweep_models([checkpoint], device=device)
+    ds = sweep_dataset([sm], SweepConfig(eval_subset=eval_subset), data_root=data_root)
+    (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=obj.seed)
+    x, y = to_float(ds.x).to(device), ds.y.to(device)
+    rows = measure_drift(sm.model, x, y, attack=attack, eps=eps)
+    if plot is not None:
+        try:
+            plot_drift(rows, str(plot))
+        except OSError as exc:
+            raise SpecError(f"cannot write {plot} ({exc.strerror or exc})") from None
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    gates = [r for r in rows if r["kind"] == "gate"]
+    head = {r["perturbation"]: r for r in rows}
+    for label, r in head.items():
+        click.echo(
+            f"{label:<8} eps={eps:g}: logit sensitivity {r['logit_sensitivity']:.3f}, flip rate {r['flip_rate']:.3f}"
+        )
+    if gates:
+        click.echo(
+            f"{'gate':<26} {'pert.':<7} {'gate drift':>10} {'cosine':>8} {'in drift':>9} {'out drift':>9} "
+            f"{'damping':>8}"
+        )
+        for r in gates:
+            click.echo(
+                f"{r['site']:<26} {r['perturbation']:<7} {r['gate_drift']:>10.4f} {r['gate_cosine']:>8.5f} "
+                f"{r['input_drift']:>9.4f} {r['output_drift']:>9.4f} {r['damping']:>8.4f}"
+            )
+    else:
+        click.echo("no SE gates (a plain model): amplification only")
+    click.echo(f"{'block':<26} " + " ".join(f"{lab:>10}" for lab in head) + "   (amplification)")
+    for site in dict.fromkeys(r["site"] for r in rows if r["kind"] == "block"):
+        vals = [
+            next(r["amplification"] for r in rows if r["site"] == site and r["perturbation"] == lab) for lab in head
+        ]
+        click.echo(f"{site:<26} " + " ".join(f"{v:>10.3f}" for v in vals))
+    if plot is not None:
+        click.echo(f"figure: {plot}")
+
+
 @cli.command("experiment")
 @click.option(
     "--spec",

@@ -136,3 +136,35 @@ def test_fixed_gates_with_ones_pass_u_through():
         torch.testing.assert_close(rec.gate_outputs[n], rec.gate_inputs[n])  # y = 1 ⊙ u
     with pytest.raises(KeyError, match="not a gate"), fixed_gates(model, {"head": torch.ones(3)}):
         pass
+
+
+def test_drift_command_se_and_plain(tmp_path, trained_small):
+    import json
+
+    from click.testing import CliRunner
+
+    from robustse.cli import cli
+
+    _, _, _, ckpt = trained_small
+    png = tmp_path / "d.png"
+    res = CliRunner().invoke(
+        cli,
+        ["--quiet", "drift", str(ckpt), "--eps", "0.03", "--eval-subset", "64", "--plot", str(png), "--json"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    gates = [r for r in rows if r["kind"] == "gate"]
+    assert {r["perturbation"] for r in gates} == {"pgd", "noise"} and len(gates) == 2 * 2
+    for r in gates:
+        assert r["gate_drift"] > 0 and r["input_drift"] > 0 and r["damping"] > 0
+        assert r["damping"] == pytest.approx(r["output_drift"] / r["input_drift"], rel=0.5)
+    pgd = {r["site"]: r for r in rows if r["perturbation"] == "pgd"}
+    assert pgd["blocks.0"]["logit_sensitivity"] > 0
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    plain = tmp_path / "plain.safetensors"
+    rs.save_checkpoint(rs.create_model("small_cnn"), plain, meta={"dataset": "fashion-mnist"})
+    text = CliRunner().invoke(cli, ["--quiet", "drift", str(plain), "--eval-subset", "16"], catch_exceptions=False)
+    assert text.exit_code == 0 and "no SE gates (a plain model)" in text.stdout and "blocks.1" in text.stdout
+    bad = CliRunner().invoke(cli, ["drift", str(ckpt), "--eps", "2"], catch_exceptions=False)
+    assert bad.exit_code == 2 and "Linf eps 2.0 > 1" in bad.stderr
