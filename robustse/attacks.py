@@ -204,7 +204,7 @@ class Attack:
 
     def describe(self) -> dict[str, Any]:
         """Name and options, for stores and reports."""
-        opts = {k: v for k, v in vars(self).items() if k not in ("name", "max_batch")}
+        opts = {k: v for k, v in vars(self).items() if k not in ("name", "max_batch") and not k.startswith("_")}
         return {"attack": self.name, **opts}
 
     def __call__(
@@ -412,14 +412,14 @@ class PGD(Attack):
                 first = 0
             else:
                 if grad0 is None:
-                    grad0, _ = _input_grad(model, x, y, b)
+                    grad0, _ = self._grad(model, x, y, b)
                 adv = ops.project(x, ops.step(x, grad0, alpha), eps)
                 first = 1
             if early_stop:
                 adv = self._iterate_until_fooled(model, x, y, eps, alpha, adv, first, b)
             else:
                 for _step in range(first, self.steps):
-                    grad, _ = _input_grad(model, adv, y, b)
+                    grad, _ = self._grad(model, adv, y, b)
                     adv = ops.project(x, ops.step(adv, grad, alpha), eps)
             if self.restarts == 1:
                 return adv
@@ -433,6 +433,12 @@ class PGD(Attack):
                 best = torch.where(better.view(-1, 1, 1, 1), adv, best)
                 best_score = torch.maximum(score, best_score)
         return best
+
+    def _grad(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient the attack ascends, and the logits (PGD: the cross-entropy's)."""
+        return _input_grad(model, x, y, batch)
 
     def _iterate_until_fooled(self, model, x, y, eps, alpha, adv, first, b):  # type: ignore[no-untyped-def]
         """The PGD iterations, dropping each row from the batch once an iterate fools the model.
@@ -486,6 +492,51 @@ class FGSM(PGD):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.name = "fgsm"
+
+
+@dataclass
+class GateAttack(PGD):
+    """PGD that maximizes the excitation drift instead of the loss: how far can δ move the gates?
+
+    Ascends the total gate drift Σ_gates ‖s(x+δ) − s(x)‖₂ / ‖s(x)‖₂ (per example) inside the
+    eps-ball, from a random start (at δ = 0 the drift has no gradient). Labels are not used. It
+    needs a model with gates; a sweep skips it for plain models, and it never counts toward robust
+    accuracy. Options as :class:`PGD` (one run: restarts would need a drift score).
+    """
+
+    random_start: bool = field(default=True, init=False)
+    restarts: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.name = "gate"
+        self._clean: dict[str, torch.Tensor] = {}
+
+    def _perturb(self, model, x, y, eps, gen, *, batch, grad0=None, early_stop=False):  # type: ignore[no-untyped-def]
+        from .probes import capture, find_gates
+
+        if not find_gates(model):
+            raise AttackError("the gate attack needs a model with SE gates (this one has none)")
+        with torch.no_grad(), capture(model) as rec:
+            model(x)
+        self._clean = dict(rec.gates)
+        try:  # every row runs every step: misclassification is not this attack's goal
+            return super()._perturb(model, x, y, eps, gen, batch=batch)
+        finally:
+            self._clean = {}
+
+    def _grad(self, model, x, y, batch):  # type: ignore[no-untyped-def]
+        from .probes import capture
+
+        x = x.detach().requires_grad_(True)
+        with capture(model, detach=False) as rec:
+            logits = model(x)
+        drift = sum(
+            ((s - self._clean[n]).pow(2).sum(1) + 1e-12).sqrt() / self._clean[n].norm(dim=1).clamp_min(1e-12)
+            for n, s in rec.gates.items()
+        )
+        (grad,) = torch.autograd.grad(drift.sum() / batch, x)  # type: ignore[union-attr]
+        return grad, logits.detach()
 
 
 @dataclass
@@ -575,6 +626,7 @@ for _info in (
     AttackInfo("fgsm", FGSM, "FGSM (Linf) / FGM (L2): one gradient, reused for every eps"),
     AttackInfo("pgd", PGD, "PGD (Linf, L2): random start, steps, restarts keep the worst case"),
     AttackInfo("noise", Noise, "random-noise control: same norm and eps, no gradient"),
+    AttackInfo("gate", GateAttack, "PGD maximizing total gate drift instead of the loss (SE models only)"),
 ):
     _REGISTRY.add(_info.name, _info)
 

@@ -613,7 +613,7 @@ def drift_cmd(
     device = obj.device
     (sm,) = load_sweep_models([checkpoint], device=device)
     ds = sweep_dataset([sm], SweepConfig(eval_subset=eval_subset), data_root=data_root)
-    (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=obj.seed)
+    (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=obj.seed, noise=False)
     x, y = to_float(ds.x).to(device), ds.y.to(device)
     rows = measure_drift(sm.model, x, y, attack=attack, eps=eps)
     if plot is not None:

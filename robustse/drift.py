@@ -1,12 +1,16 @@
-"""Gate drift of one perturbation, against the random-noise control at the same eps.
+"""Drift of a perturbation through the network: per example, per gate and per block.
 
-For a batch x and its perturbation x' (an attack's, and the noise control's), every gate gets
-the DESIGN §6 measurements averaged over examples: gate drift (relative L2 and cosine distance),
-input and output drift of its SE block, and damping; every block gets its amplification.
+For a batch x and its perturbation x' every gate gets the DESIGN §6 measurements (gate drift as
+relative L2 and cosine distance, input and output drift of its SE block, damping), every block its
+amplification, and the output its sensitivity. :class:`CellProbe` collects them over the batches
+of a sweep cell (aggregates per site, per-example values on a fixed subsample, per-class mean
+excitations, the gate interventions); :func:`measure_drift` summarizes one batch for the CLI.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,20 +18,174 @@ from torch import nn
 
 from . import metrics as M
 from .attacks import Attack, create_attack
-from .probes import capture
+from .probes import capture, fixed_gates
+
+GATE_METRICS = ("gate_drift", "gate_cosine", "input_drift", "output_drift", "damping")
+BLOCK_METRICS = ("amplification",)
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class Snapshot:
+    """Logits and everything :func:`~robustse.probes.capture` saw in one forward pass."""
+
+    logits: torch.Tensor
+    gates: dict[str, torch.Tensor]
+    gate_inputs: dict[str, torch.Tensor]
+    gate_outputs: dict[str, torch.Tensor]
+    blocks: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def snapshot(model: nn.Module, x: torch.Tensor) -> Snapshot:
+    """One recorded forward pass of ``x``."""
+    with capture(model) as rec:
+        logits = model(x)
+    return Snapshot(logits, rec.gates, rec.gate_inputs, rec.gate_outputs, rec.blocks)
+
+
+def site_metrics(
+    clean: Snapshot, pert: Snapshot, x: torch.Tensor, x_p: torch.Tensor
+) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Per-example values ``{(kind, site, metric): (B,)}`` for every gate and block."""
+    out: dict[tuple[str, str, str], torch.Tensor] = {}
+    for name, s in clean.gates.items():
+        u, y = clean.gate_inputs[name], clean.gate_outputs[name]
+        u_p, y_p, s_p = pert.gate_inputs[name], pert.gate_outputs[name], pert.gates[name]
+        out["gate", name, "gate_drift"] = M.gate_drift(s, s_p)
+        out["gate", name, "gate_cosine"] = M.gate_cosine_distance(s, s_p)
+        out["gate", name, "input_drift"] = M.relative_change(u, u_p)
+        out["gate", name, "output_drift"] = M.relative_change(y, y_p)
+        out["gate", name, "damping"] = M.damping(u, u_p, y, y_p)
+    for name, h in clean.blocks.items():
+        out["block", name, "amplification"] = M.amplification(h, pert.blocks[name], x, x_p)
+    return out
+
+
+@dataclass
+class CellProbe:
+    """Collects one sweep cell's measurements batch by batch.
+
+    Args:
+        n: examples in the evaluation set (example ``idx`` is the row).
+        subsample: how many leading example indices keep their per-site values (the evaluation set
+            is itself a seeded random subset, so the leading rows are a fixed random sample).
+        gallery: how many leading examples keep their adversarial image.
+        gate_means: training-set mean excitations for ``frozen_mean`` (None: not evaluated).
+    """
+
+    n: int
+    subsample: int = 256
+    gallery: int = 8
+    gate_means: dict[str, torch.Tensor] | None = None
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+    class_sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    class_counts: dict[int, int] = field(default_factory=dict)
+    images: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def _column(self, table: dict, key: Any) -> torch.Tensor:  # type: ignore[type-arg]
+        if key not in table:
+            table[key] = torch.full((self.n,), float("nan"), dtype=torch.float64)
+        return table[key]
+
+    @torch.no_grad()
+    def add(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        x_p: torch.Tensor,
+        y: torch.Tensor,
+        start: int,
+        *,
+        frozen_clean: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Measure the batch ``x`` → ``x_p`` of examples ``start ... start + B - 1``.
+
+        Returns:
+            The frozen_mean logits of the clean batch (pass them back as ``frozen_clean`` for the
+            same batch at the next eps to save a forward pass), or None.
+        """
+        rows = slice(start, start + len(x))
+        clean, pert = snapshot(model, x), snapshot(model, x_p)
+        f, f_p, delta = clean.logits, pert.logits, x_p - x
+        cols = {
+            "logit_sensitivity": M.logit_sensitivity(f, f_p, delta),
+            "logit_change": M.logit_change(f, f_p),
+            "kl": M.kl(f, f_p),
+        }
+        if clean.gates:
+            # clean_gates: x' flows through, every gate keeps s(x) (DESIGN §6)
+            with fixed_gates(model, clean.gates):
+                f_cg = model(x_p)
+            cols["cg_correct"] = (f_cg.argmax(1) == y).double()
+            cols["cg_sensitivity"] = M.logit_sensitivity(f, f_cg, delta)
+            if self.gate_means is not None:
+                with fixed_gates(model, self.gate_means):
+                    if frozen_clean is None:
+                        frozen_clean = model(x)
+                    f_fm = model(x_p)
+                cols["fm_correct"] = (f_fm.argmax(1) == y).double()
+                cols["fm_sensitivity"] = M.logit_sensitivity(frozen_clean, f_fm, delta)
+        for key, v in cols.items():
+            self._column(self.outputs, key)[rows] = v.double().cpu()
+        for key, v in site_metrics(clean, pert, x, x_p).items():
+            self._column(self.values, key)[rows] = v.double().cpu()
+        labels = y.cpu()
+        for c in labels.unique().tolist():
+            mask = labels == c
+            self.class_counts[c] = self.class_counts.get(c, 0) + int(mask.sum())
+            for name, s in pert.gates.items():
+                key2 = (name, c)
+                self.class_sums[key2] = self.class_sums.get(key2, 0) + s.cpu()[mask].double().sum(0)
+        for j in range(max(0, min(self.gallery - start, len(x)))):
+            self.images[start + j] = x_p[j].float().cpu()
+        return frozen_clean
+
+    # ------------------------------------------------------------------ rows for the store
+
+    def example_columns(self) -> dict[str, list[float | None]]:
+        """Per-example output measurements (None where not measured)."""
+        return {k: [None if v != v else float(v) for v in t.tolist()] for k, t in self.outputs.items()}
+
+    def site_rows(self) -> list[tuple[Any, ...]]:
+        """(kind, site, metric, n, mean, sd, q05, q25, q50, q75, q95) per site and metric (NaN ignored)."""
+        rows = []
+        q = torch.tensor(QUANTILES, dtype=torch.float64)
+        for (kind, site, metric), t in self.values.items():
+            v = t[~t.isnan()]
+            if v.numel() == 0:
+                rows.append((kind, site, metric, 0, *([None] * (2 + len(QUANTILES)))))
+                continue
+            sd = float(v.std()) if v.numel() > 1 else 0.0
+            rows.append((kind, site, metric, int(v.numel()), float(v.mean()), sd, *torch.quantile(v, q).tolist()))
+        return rows
+
+    def subsample_rows(self) -> list[tuple[Any, ...]]:
+        """(idx, site, metric, value) for the leading ``subsample`` examples."""
+        k = min(self.subsample, self.n)
+        return [
+            (i, site, metric, None if v != v else v)
+            for (_kind, site, metric), t in self.values.items()
+            for i, v in enumerate(t[:k].tolist())
+        ]
+
+    def excitation_rows(self) -> list[tuple[Any, ...]]:
+        """(site, label, n, JSON mean excitation vector) of the perturbed pass, per gate and class."""
+        return [
+            (site, c, self.class_counts[c], json.dumps([round(v, 6) for v in (s / self.class_counts[c]).tolist()]))
+            for (site, c), s in self.class_sums.items()
+        ]
+
+    def gallery_rows(self) -> list[tuple[Any, ...]]:
+        """(idx, shape JSON, float32 bytes) of the kept adversarial images."""
+        return [(i, json.dumps(list(img.shape)), img.numpy().tobytes()) for i, img in sorted(self.images.items())]
 
 
 def _mean(t: torch.Tensor) -> float:
     """Mean over examples, ignoring NaN (undefined ratios)."""
     t = t[~t.isnan()]
     return float(t.mean()) if t.numel() else float("nan")
-
-
-@torch.no_grad()
-def _record(model: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-def]
-    with capture(model) as rec:
-        logits = model(x)
-    return logits, rec
 
 
 def measure_drift(
@@ -46,41 +204,21 @@ def measure_drift(
         (``gate`` or ``block``), ``site``, and the means of the measurements over the batch.
     """
     noise = noise or create_attack("noise", norm=attack.norm, seed=attack.seed)
-    f, clean = _record(model, x)
+    clean = snapshot(model, x)
     rows: list[dict[str, Any]] = []
     for label, atk in ((attack.name, attack), ("noise", noise)):
         x_p = atk(model, x, y, epsilons=[eps]).adversarials[0]
-        f_p, pert = _record(model, x_p)
+        pert = snapshot(model, x_p)
         base = {
             "perturbation": label,
             "eps": eps,
-            "logit_sensitivity": _mean(M.logit_sensitivity(f, f_p, x_p - x)),
-            "flip_rate": float(M.flip(f, f_p).float().mean()),
+            "logit_sensitivity": _mean(M.logit_sensitivity(clean.logits, pert.logits, x_p - x)),
+            "flip_rate": float(M.flip(clean.logits, pert.logits).float().mean()),
         }
-        for name, s in clean.gates.items():
-            u, y_out = clean.gate_inputs[name], clean.gate_outputs[name]
-            u_p, y_p = pert.gate_inputs[name], pert.gate_outputs[name]
-            rows.append(
-                {
-                    **base,
-                    "kind": "gate",
-                    "site": name,
-                    "gate_drift": _mean(M.gate_drift(s, pert.gates[name])),
-                    "gate_cosine": _mean(M.gate_cosine_distance(s, pert.gates[name])),
-                    "input_drift": _mean(M.relative_change(u, u_p)),
-                    "output_drift": _mean(M.relative_change(y_out, y_p)),
-                    "damping": _mean(M.damping(u, u_p, y_out, y_p)),
-                }
-            )
-        for name, h in clean.blocks.items():
-            rows.append(
-                {
-                    **base,
-                    "kind": "block",
-                    "site": name,
-                    "amplification": _mean(M.amplification(h, pert.blocks[name], x, x_p)),
-                }
-            )
+        by_site: dict[tuple[str, str], dict[str, Any]] = {}
+        for (kind, site, metric), v in site_metrics(clean, pert, x, x_p).items():
+            by_site.setdefault((kind, site), {**base, "kind": kind, "site": site})[metric] = _mean(v)
+        rows += list(by_site.values())
     return rows
 
 

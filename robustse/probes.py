@@ -3,7 +3,8 @@
 A *gate* is the module whose output is the excitation vector ``s`` of an SE-style block:
 ``<block>.se.gate`` in robustse's own :class:`~robustse.models.SEBlock`, and
 ``scale_activation`` in ``torchvision.ops.SqueezeExcitation`` (RegNetY, EfficientNet,
-MobileNetV3). A model with no gates is a valid plain model.
+MobileNetV3), and ``gate`` in timm's SE modules (``SEModule``, ``EffectiveSEModule``,
+``SqueezeExcite``) when timm is installed. A model with no gates is a valid plain model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ def _gate_of(module: nn.Module) -> tuple[str, nn.Module] | None:
         return None
     if isinstance(module, SqueezeExcitation):
         return "scale_activation", module.scale_activation
+    cls = type(module)
+    # timm's SE modules, matched by class so timm stays an optional import; all apply `gate`
+    # (a module) to the squeezed input and scale the input by its output.
+    if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_SE:
+        gate = getattr(module, "gate", None)
+        if isinstance(gate, nn.Module):
+            return "gate", gate
     return None
+
+
+_TIMM_SE = ("SEModule", "EffectiveSEModule", "SqueezeExcite")
 
 
 def find_gates(model: nn.Module) -> dict[str, nn.Module]:
@@ -89,12 +100,32 @@ class Recorder:
         self.blocks: dict[str, torch.Tensor] = {}
 
 
+def _own_modules_only(model: nn.Module) -> bool:
+    """Whether every gate and block is robustse's own (whose outputs no later op changes in place)."""
+    from .models.layers import Block
+
+    sites = [model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model for n in find_gates(model)]
+    return all(isinstance(m, SEBlock) for m in sites) and all(isinstance(m, Block) for m in find_blocks(model).values())
+
+
 @contextlib.contextmanager
-def capture(model: nn.Module, *, detach: bool = True) -> Iterator[Recorder]:
+def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None) -> Iterator[Recorder]:
     """Record gates, SE inputs/outputs and block outputs of every forward pass inside the block.
 
     Hooks are removed on exit, also when the body raises. A later forward pass overwrites what an
     earlier one recorded.
+
+    Args:
+        model: any model (plain models record blocks only).
+        detach: record detached tensors (False keeps the graph, e.g. to differentiate gate drift).
+        clone: copy what is recorded. Needed where a later operation changes a recorded tensor in
+            place (timm's SE-ResNets add the shortcut into the SE output with ``+=``). Default:
+            no copies for robustse's own models, whose recorded tensors are never changed in
+            place, copies for everything else. Uncopied tensors are checked at the end of the
+            forward pass: a tensor changed in place raises instead of being silently wrong.
+
+    Raises:
+        RuntimeError: an uncopied recorded tensor was changed in place during the forward pass.
 
     Example:
         >>> with capture(model) as rec:  # doctest: +SKIP
@@ -103,32 +134,51 @@ def capture(model: nn.Module, *, detach: bool = True) -> Iterator[Recorder]:
         torch.Size([8, 16])
     """
     rec = Recorder()
-    keep = (lambda t: t.detach()) if detach else (lambda t: t)
+    if clone is None:
+        clone = not _own_modules_only(model)
+    versions: list[tuple[str, torch.Tensor, int]] = []
+
+    def keep(t: torch.Tensor, where: str) -> torch.Tensor:
+        t = t.detach() if detach else t
+        if clone:
+            return t.clone()
+        versions.append((where, t, t._version))
+        return t
+
+    def on_start(m, inp):  # type: ignore[no-untyped-def]
+        versions.clear()
+
+    def on_end(m, inp, out):  # type: ignore[no-untyped-def]
+        for where, t, v in versions:
+            if t._version != v:
+                raise RuntimeError(
+                    f"capture: the tensor recorded at {where} was changed in place later in the forward pass; "
+                    "use capture(model, clone=True)"
+                )
+        versions.clear()
+
     handles = []
     try:
         for gate_name, gate in find_gates(model).items():
             se = model.get_submodule(gate_name.rsplit(".", 1)[0]) if "." in gate_name else model
 
             def on_gate(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
-                rec.gates[name] = keep(out).flatten(1)  # (B, C, 1, 1) in torchvision → (B, C)
+                rec.gates[name] = keep(out, name).flatten(1)  # (B, C, 1, 1) in torchvision → (B, C)
 
-            def on_se_in(m, inp, name=gate_name):  # type: ignore[no-untyped-def]
-                rec.gate_inputs[name] = keep(inp[0])
+            def on_se(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
+                # one hook sees both u (the input) and y (the output): fewer hooks, less overhead
+                rec.gate_inputs[name] = keep(inp[0], name)
+                rec.gate_outputs[name] = keep(out, name)
 
-            def on_se_out(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
-                rec.gate_outputs[name] = keep(out)
-
-            handles += [
-                gate.register_forward_hook(on_gate),
-                se.register_forward_pre_hook(on_se_in),
-                se.register_forward_hook(on_se_out),
-            ]
+            handles += [gate.register_forward_hook(on_gate), se.register_forward_hook(on_se)]
         for block_name, block in find_blocks(model).items():
 
             def on_block(m, inp, out, name=block_name):  # type: ignore[no-untyped-def]
-                rec.blocks[name] = keep(out)
+                rec.blocks[name] = keep(out, name)
 
             handles.append(block.register_forward_hook(on_block))
+        if not clone and handles:
+            handles += [model.register_forward_pre_hook(on_start), model.register_forward_hook(on_end)]
         yield rec
     finally:
         for h in handles:
@@ -136,6 +186,35 @@ def capture(model: nn.Module, *, detach: bool = True) -> Iterator[Recorder]:
 
 
 # --------------------------------------------------------------------------- gate interventions
+
+
+@torch.no_grad()
+def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Mean excitation of every gate over the images ``x``: what ``frozen_mean`` fixes the gates to.
+
+    Args:
+        model: the model (evaluated in eval mode, restored afterwards).
+        x: images, uint8 (N, C, H, W) as datasets hold them, or floats in [0, 1]; pass the
+            training set (or a seeded subset of it).
+        batch_size: images per forward pass.
+
+    Returns:
+        ``{gate name: s̄}`` with s̄ of shape (C,); empty for a plain model.
+    """
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sums: dict[str, torch.Tensor] = {}
+    try:
+        with capture(model) as rec:
+            for i in range(0, len(x), batch_size):
+                xb = x[i : i + batch_size].to(device)
+                model(xb.float().div(255) if xb.dtype == torch.uint8 else xb)
+                for name, s in rec.gates.items():
+                    sums[name] = sums.get(name, 0) + s.double().sum(0)
+    finally:
+        model.train(was_training)
+    return {name: (v / len(x)).float() for name, v in sums.items()}
 
 
 @contextlib.contextmanager

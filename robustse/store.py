@@ -19,7 +19,7 @@ from typing import Any
 from ._types import PathLike
 from .errors import StoreError
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,6 +48,30 @@ CREATE TABLE IF NOT EXISTS examples (
     correct INTEGER NOT NULL,
     clean_margin REAL NOT NULL,
     adv_margin REAL NOT NULL,
+    logit_sensitivity REAL, logit_change REAL, kl REAL,
+    cg_correct INTEGER, cg_sensitivity REAL,
+    fm_correct INTEGER, fm_sensitivity REAL,
+    PRIMARY KEY (cell_id, idx)
+);
+CREATE TABLE IF NOT EXISTS sites (
+    cell_id INTEGER NOT NULL REFERENCES cells(id),
+    kind TEXT NOT NULL, site TEXT NOT NULL, metric TEXT NOT NULL, n INTEGER NOT NULL,
+    mean REAL, sd REAL, q05 REAL, q25 REAL, q50 REAL, q75 REAL, q95 REAL,
+    PRIMARY KEY (cell_id, site, metric)
+);
+CREATE TABLE IF NOT EXISTS site_examples (
+    cell_id INTEGER NOT NULL REFERENCES cells(id),
+    idx INTEGER NOT NULL, site TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
+    PRIMARY KEY (cell_id, site, metric, idx)
+);
+CREATE TABLE IF NOT EXISTS excitations (
+    cell_id INTEGER NOT NULL REFERENCES cells(id),
+    site TEXT NOT NULL, label INTEGER NOT NULL, n INTEGER NOT NULL, mean TEXT NOT NULL,
+    PRIMARY KEY (cell_id, site, label)
+);
+CREATE TABLE IF NOT EXISTS gallery (
+    cell_id INTEGER NOT NULL REFERENCES cells(id),
+    idx INTEGER NOT NULL, shape TEXT NOT NULL, image BLOB NOT NULL,
     PRIMARY KEY (cell_id, idx)
 );
 CREATE TABLE IF NOT EXISTS models (
@@ -93,6 +117,10 @@ class Cell:
 
 
 EXAMPLE_COLUMNS = ("idx", "label", "clean_pred", "adv_pred", "correct", "clean_margin", "adv_margin")
+PROBE_COLUMNS = (
+    "logit_sensitivity", "logit_change", "kl", "cg_correct", "cg_sensitivity", "fm_correct", "fm_sensitivity"
+)  # fmt: skip
+PROBE_TABLES = {"sites": 12, "site_examples": 5, "excitations": 5, "gallery": 4}  # table: columns with cell_id
 
 
 class ResultsStore:
@@ -162,8 +190,17 @@ class ResultsStore:
         ).fetchone()
         return row is not None
 
-    def write_cell(self, cell: Cell, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Commit a cell and its per-example rows (``EXAMPLE_COLUMNS`` order) in one transaction."""
+    def write_cell(
+        self, cell: Cell, rows: Iterable[tuple[Any, ...]], probes: dict[str, Iterable[tuple[Any, ...]]] | None = None
+    ) -> None:
+        """Commit a cell, its per-example rows and its probe rows in one transaction.
+
+        Args:
+            cell: the summary.
+            rows: per-example tuples in ``EXAMPLE_COLUMNS`` order, optionally followed by the
+                ``PROBE_COLUMNS`` values.
+            probes: ``{table: rows without cell_id}`` for the tables in ``PROBE_TABLES``.
+        """
         with self.conn:
             cur = self.conn.execute(
                 "INSERT INTO cells (model, attack, attack_key, norm, eps, n, correct, status, reason, seconds,"
@@ -173,7 +210,17 @@ class ResultsStore:
                  cell.nonfinite),
             )  # fmt: skip
             cell_id = cur.lastrowid
-            self.conn.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?)", ((cell_id, *row) for row in rows))
+            it = iter(rows)
+            first = next(it, None)
+            if first is not None:  # as many probe columns as the rows carry
+                cols = ("cell_id", *EXAMPLE_COLUMNS, *PROBE_COLUMNS)[: len(first) + 1]
+                sql = f"INSERT INTO examples ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                self.conn.executemany(sql, ((cell_id, *r) for r in _chain_first(first, it)))
+            for table, trows in (probes or {}).items():
+                if table not in PROBE_TABLES:
+                    raise ValueError(f"unknown probe table {table!r}")
+                marks = ", ".join("?" * PROBE_TABLES[table])
+                self.conn.executemany(f"INSERT INTO {table} VALUES ({marks})", ((cell_id, *r) for r in trows))
 
     def cell_rows(self, model: str, attack_key: str, eps: float) -> list[tuple[int, int, float]]:
         """(correct, adv_pred, adv_margin) per example of a finished cell, in example order."""
@@ -220,7 +267,8 @@ class ResultsStore:
             args.append(eps)
         with self.conn:
             ids = [r[0] for r in self.conn.execute(f"SELECT id FROM cells WHERE {where}", args)]
-            self.conn.executemany("DELETE FROM examples WHERE cell_id = ?", [(i,) for i in ids])
+            for table in ("examples", *PROBE_TABLES):
+                self.conn.executemany(f"DELETE FROM {table} WHERE cell_id = ?", [(i,) for i in ids])
             self.conn.executemany("DELETE FROM cells WHERE id = ?", [(i,) for i in ids])
         return len(ids)
 
@@ -256,6 +304,19 @@ class ResultsStore:
             self.conn,
         )
 
+    def probe_table(self, table: str):  # type: ignore[no-untyped-def]
+        """A probe table (``sites``, ``site_examples``, ``excitations``, ``gallery``) joined with its
+        cell's model, attack, attack_key, norm and eps, as a DataFrame."""
+        import pandas as pd
+
+        if table not in PROBE_TABLES:
+            raise ValueError(f"unknown probe table {table!r}")
+        return pd.read_sql_query(
+            f"SELECT c.model, c.attack, c.attack_key, c.norm, c.eps, t.* FROM {table} t"
+            " JOIN cells c ON c.id = t.cell_id ORDER BY c.model, c.attack_key, c.eps",
+            self.conn,
+        )
+
     def models(self):  # type: ignore[no-untyped-def]
         import pandas as pd
 
@@ -271,6 +332,11 @@ class ResultsStore:
         path = Path(path)
         self.examples().drop(columns=["cell_id"]).to_csv(path, index=False)
         return path
+
+
+def _chain_first(first: tuple[Any, ...], rest: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    yield first
+    yield from rest
 
 
 def attack_key(description: dict[str, Any]) -> str:

@@ -23,10 +23,16 @@ from .attacks import Attack, Evaluator, create_attack, eval_mode
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
 from .data import Dataset, to_float
+from .drift import CellProbe
 from .errors import DataError, SpecError
 from .metrics import margin
+from .probes import find_gates
 from .stats import wilson_interval
-from .store import Cell, ResultsStore, attack_key
+from .store import PROBE_COLUMNS, Cell, ResultsStore, attack_key
+
+# Perturbations that are measured but are not attacks on the label: they never count toward
+# robust accuracy (the noise control; the gate attack, which only SE models can run).
+CONTROL_ATTACKS = ("noise", "gate")
 
 
 @dataclass
@@ -37,6 +43,11 @@ class SweepModel:
     model: nn.Module
     checkpoint: str
     meta: dict[str, Any] = field(default_factory=dict)
+    gate_means: dict[str, torch.Tensor] | None = None  # frozen_mean values; default: meta["gate_means"]
+
+    def __post_init__(self) -> None:
+        if self.gate_means is None and isinstance(self.meta.get("gate_means"), dict):
+            self.gate_means = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.meta["gate_means"].items()}
 
 
 @dataclass
@@ -60,8 +71,12 @@ def evalset_fingerprint(ds: Dataset) -> str:
     return h.hexdigest()
 
 
-def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int) -> list[Attack]:
-    """Attacks from spec tables ``{name = "pgd", steps = 10, ...}``; norm and seed default from the sweep."""
+def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int, noise: bool = True) -> list[Attack]:
+    """Attacks from spec tables ``{name = "pgd", steps = 10, ...}``; norm and seed default from the sweep.
+
+    With ``noise`` every norm among the attacks gets its random-noise control (same eps ladder)
+    unless the spec lists one.
+    """
     attacks = []
     for spec in specs:
         spec = dict(spec)
@@ -72,6 +87,11 @@ def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int) -> l
             spec.setdefault("norm", norm)
         spec.setdefault("seed", seed)
         attacks.append(create_attack(name, **spec))
+    if noise:
+        have = {a.norm for a in attacks if a.name == "noise"}
+        for n in dict.fromkeys(a.norm for a in attacks if a.name != "noise"):
+            if n not in have:
+                attacks.append(create_attack("noise", norm=n, seed=seed))
     keys = [attack_key(a.describe()) for a in attacks]
     if len(set(keys)) != len(keys):
         raise SpecError("the same attack with the same options is listed twice")
@@ -107,6 +127,8 @@ def run_sweep(
     *,
     batch_size: int = 256,
     accuracy_only: bool = False,
+    probes: bool = True,
+    probe_subsample: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -120,7 +142,10 @@ def run_sweep(
         dataset: the evaluation set (uint8 images); example ``idx`` is the row in it.
         out_dir: run directory (``results.db``, ``results.csv``).
         batch_size: examples per attack call.
-        accuracy_only: larger eps attack only the examples that survived smaller ones.
+        accuracy_only: larger eps attack only the examples that survived smaller ones (no probes).
+        probes: record output sensitivity, gate and block drift, the gate interventions (SE
+            models), per-class excitations and a few adversarial images for every cell.
+        probe_subsample: leading examples whose per-gate/block values are kept (for bootstrap).
         device: where to run.
         progress: progress bar with ETA over batches of all cells.
         log: receives one line per finished ladder.
@@ -158,10 +183,12 @@ def run_sweep(
         x_all, y_all = dataset.x, dataset.y
         n = len(y_all)
         n_batches = (n + batch_size - 1) // batch_size
+        probes = probes and not accuracy_only
         plan = [
             (sm, atk, [e for e in eps if not store.has_cell(sm.label, attack_key(atk.describe()), e)])
             for sm in models
             for atk in attacks
+            if atk.name != "gate" or find_gates(sm.model)  # plain models have no gates to attack
         ]
         total = sum(n_batches * len(todo) for *_, todo in plan)
         bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if progress else True, dynamic_ncols=True)
@@ -211,6 +238,7 @@ def run_sweep(
                     accuracy_only,
                     device,
                     bar,
+                    (probe_subsample if probes else None),
                 )
                 store.update_model(sm.label, train_mode_forwards=train_forwards[0])
                 if log:
@@ -231,17 +259,21 @@ def run_sweep(
     return SweepResult(out_dir, cells, robust, checks, computed)
 
 
-def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar):  # type: ignore[no-untyped-def]
+def _run_cells(
+    store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, subsample
+):  # type: ignore[no-untyped-def]
     """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
 
     The clean-input gradient of attacks without a random start is computed once per batch and
     reused by every rung (FGSM's whole ladder costs one backward pass per batch). In accuracy-only
     mode a rung attacks only the examples that survived the rung below it; the others keep their
-    earlier adversarial, which lies inside every larger ball.
+    earlier adversarial, which lies inside every larger ball. With ``subsample`` (not None) every
+    batch is also probed (:class:`~robustse.drift.CellProbe`).
     """
     key = attack_key(atk.describe())
     n = len(y_all)
     grads: dict[int, torch.Tensor | None] = {}
+    frozen_clean: dict[int, torch.Tensor | None] = {}
     prev_correct, prev_pred, prev_margin = clean_pred == y_all, clean_pred.clone(), clean_margin.clone()
     for rung, e in enumerate(eps):
         if e not in todo:
@@ -254,6 +286,7 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
         t0 = time.perf_counter()
         pred, adv_margin = prev_pred.clone(), prev_margin.clone()
         stats = {"linf": 0.0, "l2": 0.0, "min": 1.0, "max": 0.0, "nonfinite": 0}
+        probe = None if subsample is None else CellProbe(n, subsample=subsample, gate_means=sm.gate_means)
         for b, i in enumerate(range(0, n, bs)):
             xb, yb = to_float(x_all[i : i + bs].to(device)), y_all[i : i + bs].to(device)
             if b not in grads:
@@ -283,6 +316,8 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
                 stats["min"], stats["max"] = min(stats["min"], float(adv.min())), max(stats["max"], float(adv.max()))
                 pred[i + rows] = logits.argmax(1).cpu()
                 adv_margin[i + rows] = margin(logits, yb[sub]).cpu()
+                if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
+                    frozen_clean[b] = probe.add(sm.model, xb, adv, yb, i, frozen_clean=frozen_clean.get(b))
             bar.update(1)
         correct = pred == y_all
         ok = stats["nonfinite"] == 0
@@ -303,7 +338,7 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
             stats["max"],
             stats["nonfinite"],
         )
-        rows_out = zip(
+        columns = [
             range(n),
             y_all.tolist(),
             clean_pred.tolist(),
@@ -311,9 +346,18 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
             correct.int().tolist(),
             torch.nan_to_num(clean_margin).tolist(),
             torch.nan_to_num(adv_margin).tolist(),
-            strict=True,
-        )
-        store.write_cell(cell, rows_out)
+        ]
+        tables = None
+        if probe is not None:
+            measured = probe.example_columns()
+            columns += [measured.get(c, [None] * n) for c in PROBE_COLUMNS]
+            tables = {
+                "sites": probe.site_rows(),
+                "site_examples": probe.subsample_rows(),
+                "excitations": probe.excitation_rows(),
+                "gallery": probe.gallery_rows(),
+            }
+        store.write_cell(cell, zip(*columns, strict=True), tables)
         prev_correct, prev_pred, prev_margin = correct, pred, adv_margin
     return len(todo)
 
@@ -321,13 +365,13 @@ def _run_cells(store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_ma
 def worst_case_accuracy(store: ResultsStore, *, models=None, attack_keys=None, epsilons=None):  # type: ignore[no-untyped-def]
     """Robust accuracy per model and eps: an example counts as robust only if no attack fooled it.
 
-    The random-noise control is not an attack and is left out of the worst case. ``models``,
+    The random-noise control and the gate attack (``CONTROL_ATTACKS``) are left out of the worst case. ``models``,
     ``attack_keys`` and ``epsilons`` restrict it to one sweep's cells (a store may hold more).
     """
     import pandas as pd
 
     ex = store.examples()
-    ex = ex[ex.attack != "noise"]
+    ex = ex[~ex.attack.isin(CONTROL_ATTACKS)]
     if models is not None:
         ex = ex[ex.model.isin(list(models))]
     if attack_keys is not None:

@@ -304,9 +304,24 @@ def train_model(
         "device": str(device),
         "fingerprint": fingerprint,
     }
+    means = training_gate_means(model, train_set)
+    if means:  # stored with the model for the frozen_mean intervention (DESIGN §6)
+        meta["gate_means"] = {k: v.tolist() for k, v in means.items()}
     save_checkpoint(model, out, meta=meta)
     resume_path.unlink(missing_ok=True)
     return TrainResult(model, out, read_metadata(out), history, start_epoch)
+
+
+GATE_MEAN_EXAMPLES = 10_000
+
+
+def training_gate_means(model: nn.Module, train_set: Dataset) -> dict[str, torch.Tensor]:
+    """Training-set mean excitation per gate (over a seeded subset of at most 10,000 images)."""
+    from .probes import find_gates, gate_means
+
+    if not find_gates(model):
+        return {}
+    return gate_means(model, train_set.subset(GATE_MEAN_EXAMPLES, seed=SUBSET_SEED).x)
 
 
 def _check_input_fits(model: nn.Module, ds: Dataset, device: torch.device) -> None:

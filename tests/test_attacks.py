@@ -143,7 +143,7 @@ def test_noise_has_the_exact_budget():
 
 
 def test_registry_options_listed():
-    assert set(list_attacks()) == {"fgsm", "pgd", "noise"}
+    assert set(list_attacks()) == {"fgsm", "pgd", "noise", "gate"}
     assert {"steps", "rel_stepsize", "random_start", "restarts", "norm", "seed"} <= set(attack_info("pgd").options())
     assert "steps" not in attack_info("fgsm").options()
 
@@ -160,7 +160,7 @@ def test_registry_options_listed():
         ("pgd", {"norm": "l1"}, [0.1], r"unknown norm 'l1' \(valid: linf, l2\)"),
         ("pgd", {"step": 3}, [0.1], r"pgd: unknown option 'step' \(valid: .*steps"),
         ("fgsm", {"steps": 3}, [0.1], r"fgsm: unknown option 'steps'"),
-        ("cw", {}, [0.1], r"unknown attack 'cw' \(valid: fgsm, noise, pgd, or torchattacks:<Name>\)"),
+        ("cw", {}, [0.1], r"unknown attack 'cw' \(valid: fgsm, gate, noise, pgd, or torchattacks:<Name>\)"),
         ("torchattacks:Nope", {}, [0.1], r"unknown torchattacks attack 'Nope' \(valid: .*PGD"),
         ("torchattacks:CW", {}, [0.1], "has no eps budget"),
         ("torchattacks:PGD", {"stepz": 1}, [0.1], r"option 'stepz' not allowed \(valid: alpha, steps"),

@@ -91,7 +91,7 @@ def test_probability_outputs_fail_the_logits_check(tmp_path, trained_small, eval
     probs = torch.nn.Sequential(model, torch.nn.Softmax(dim=1))
     res = run_sweep(
         [SweepModel("p", probs, str(ckpt))],
-        build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+        build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False),
         [0.0, 0.05],
         evalset,
         tmp_path,
@@ -227,7 +227,7 @@ def test_parse_attack_and_epsilons():
         (["--eps", "-0.1"], "sweep.epsilons: -0.1 < 0"),
         (["--eps", "0,1.5"], "sweep.epsilons: 1.5 is outside [0, 1]"),
         (["--attack", "pgd(steps=0)"], "steps must be an integer >= 1"),
-        (["--attack", "cw"], "unknown attack 'cw' (valid: fgsm, noise, pgd, or torchattacks:<Name>)"),
+        (["--attack", "cw"], "unknown attack 'cw' (valid: fgsm, gate, noise, pgd, or torchattacks:<Name>)"),
         (["--attack", "pgd(norm=l3)"], "unknown norm 'l3' (valid: linf, l2)"),
         (["--norm", "l3"], "'l3' is not one of 'linf', 'l2'"),
         (["--attack", "torchattacks:Nope"], "unknown torchattacks attack 'Nope'"),
@@ -285,7 +285,7 @@ def test_fgsm_sweep_takes_one_gradient_per_batch(tmp_path, trained_small, evalse
     try:
         res = run_sweep(
             [SweepModel("m", model, str(ckpt))],
-            build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+            build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False),
             [0.0, 0.01, 0.02, 0.05, 0.1],
             evalset,
             tmp_path,
@@ -305,7 +305,7 @@ def test_accuracy_only_resume_equals_a_fresh_run(tmp_path, trained_small, evalse
     sm = [SweepModel("m", model, str(ckpt))]
 
     def sweep(out, eps):
-        attacks = build_attacks([{"name": "pgd", "steps": 4}], norm="linf", seed=1)
+        attacks = build_attacks([{"name": "pgd", "steps": 4}], norm="linf", seed=1, noise=False)
         return run_sweep(sm, attacks, eps, evalset, out, batch_size=32, accuracy_only=True, progress=False)
 
     sweep(a, [0.0, 0.02])
@@ -361,7 +361,7 @@ def test_changed_weights_recompute_their_cells(tmp_path, trained_small, evalset)
     import copy
 
     model, _, _, ckpt = trained_small
-    attacks = build_attacks([{"name": "fgsm"}], norm="linf", seed=0)
+    attacks = build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False)
     first = run_sweep([SweepModel("m", model, str(ckpt))], attacks, [0.0, 0.05], evalset, tmp_path, progress=False)
     changed = copy.deepcopy(model)
     with torch.no_grad():
@@ -380,7 +380,7 @@ def test_sweep_reports_only_its_own_attacks(tmp_path, trained_small, evalset):
     model, _, _, ckpt = trained_small
     res = run_sweep(
         [SweepModel("se", model, str(ckpt))],
-        build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+        build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False),
         EPS,
         evalset,
         tmp_path,
@@ -423,7 +423,7 @@ def test_bad_glob_and_no_eps_zero(tmp_path, trained_small, evalset):
     model, _, _, ckpt = trained_small
     out = run_sweep(
         [SweepModel("m", model, str(ckpt))],
-        build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
+        build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False),
         [0.05],
         evalset,
         tmp_path,
