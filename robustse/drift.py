@@ -129,8 +129,8 @@ class CellProbe:
                 cols["fm_sensitivity"] = M.logit_sensitivity(frozen_clean, f_fm, delta)
         for key, v in cols.items():
             self._column(self.outputs, key)[rows] = v.double().cpu()
-        for key, v in site_metrics(clean, pert, x, x_p).items():
-            self._column(self.values, key)[rows] = v.double().cpu()
+        for site_key, v in site_metrics(clean, pert, x, x_p).items():
+            self._column(self.values, site_key)[rows] = v.double().cpu()
         labels = y.cpu()
         for c in labels.unique().tolist():
             mask = labels == c
@@ -150,7 +150,7 @@ class CellProbe:
 
     def site_rows(self) -> list[tuple[Any, ...]]:
         """(kind, site, metric, n, mean, sd, q05, q25, q50, q75, q95) per site and metric (NaN ignored)."""
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         q = torch.tensor(QUANTILES, dtype=torch.float64)
         for (kind, site, metric), t in self.values.items():
             v = t[~t.isnan()]
