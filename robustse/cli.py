@@ -481,6 +481,11 @@ def _sweep_summary(result: Any) -> None:
 @click.option("--eval-subset", type=click.IntRange(min=1), default=None, help="Attack this many test images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--accuracy-only", is_flag=True, default=None, help="Larger eps attack only the survivors.")
+@click.option(
+    "--probes/--no-probes",
+    default=None,
+    help="Record sensitivity, gate/block drift and gate interventions per cell [default: on].",
+)
 @num_classes_option("Classes of foreign ARCH=WEIGHTS models.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
@@ -497,6 +502,7 @@ def sweep_cmd(
     eval_subset: int | None,
     batch_size: int | None,
     accuracy_only: bool | None,
+    probes: bool | None,
     num_classes: int,
     data_root: Path | None,
     out: Path,
@@ -514,7 +520,7 @@ def sweep_cmd(
     import dataclasses
 
     from .config import SweepConfig, load_spec
-    from .pipeline import load_sweep_models, prepare_out_dir, sweep_dataset
+    from .pipeline import fill_gate_means, load_sweep_models, prepare_out_dir, sweep_dataset
     from .sweep import build_attacks, run_sweep
 
     cfg = SweepConfig()
@@ -533,6 +539,7 @@ def sweep_cmd(
         ("eval_subset", eval_subset),
         ("batch_size", batch_size),
         ("accuracy_only", accuracy_only),
+        ("probes", probes),
     ):
         if value is not None:
             changes[key] = value
@@ -544,6 +551,8 @@ def sweep_cmd(
     models = load_sweep_models(paths, device=device, num_classes=num_classes)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
     ds = sweep_dataset(models, cfg, data_root=data_root)
+    if cfg.probes and not cfg.accuracy_only:
+        fill_gate_means(models, data_root=data_root, log=obj.log)
     out = prepare_out_dir(out)
     result = run_sweep(
         models,
@@ -553,6 +562,8 @@ def sweep_cmd(
         out,
         batch_size=cfg.batch_size,
         accuracy_only=cfg.accuracy_only,
+        probes=cfg.probes,
+        probe_subsample=cfg.probe_subsample,
         device=device,
         progress=not obj.quiet,
         log=obj.log,

@@ -119,6 +119,8 @@ class SweepConfig:
         batch_size: examples per attack call.
         accuracy_only: larger eps attack only the examples that survived smaller ones.
         seed: default seed of the attacks' random starts.
+        probes: record sensitivity, gate/block drift and the interventions (off with accuracy_only).
+        probe_subsample: leading examples whose per-gate/block values are kept for the bootstrap.
         models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
     """
 
@@ -129,9 +131,13 @@ class SweepConfig:
     batch_size: int = 256
     accuracy_only: bool = False
     seed: int = 0
+    probes: bool = True
+    probe_subsample: int = 256
     models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.probe_subsample < 1:
+            raise SpecError(f"sweep.probe_subsample must be >= 1 (got {self.probe_subsample})")
         if not self.epsilons:
             raise SpecError("sweep.epsilons must list at least one eps")
         for e in self.epsilons:

@@ -165,6 +165,7 @@ def run_experiment(
         attacks = build_attacks(spec.sweep.attacks, norm=spec.sweep.norm, seed=spec.sweep.seed)
         models = load_sweep_models([r.checkpoint for r in result.rows], device=device)
         evalset = splits[1].subset(spec.sweep.eval_subset, seed=SUBSET_SEED)
+        fill_gate_means(models, train_split=splits[0])
         result.sweep = run_sweep(
             models,
             attacks,
@@ -173,6 +174,8 @@ def run_experiment(
             out,
             batch_size=spec.sweep.batch_size,
             accuracy_only=spec.sweep.accuracy_only,
+            probes=spec.sweep.probes,
+            probe_subsample=spec.sweep.probe_subsample,
             device=device,
             progress=progress,
             log=log,
@@ -224,6 +227,36 @@ def load_sweep_models(
     if dupes:
         raise SpecError(f"two checkpoints are both named {dupes[0]!r}: rename one")
     return models
+
+
+def fill_gate_means(
+    models: list[SweepModel],
+    *,
+    train_split: Dataset | None = None,
+    data_root: PathLike | None = None,
+    download: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Give every SE model without stored training-set mean excitations (older or foreign
+    checkpoints) the means over its training split, for the ``frozen_mean`` intervention.
+
+    A model whose training data cannot be loaded keeps none, and ``frozen_mean`` is skipped for it.
+    """
+    from .probes import find_gates
+    from .train import training_gate_means
+
+    for m in models:
+        if m.gate_means is not None or not find_gates(m.model):
+            continue
+        try:
+            train = train_split or load_dataset(
+                m.meta.get("dataset") or "fashion-mnist", split="train", root=data_root, download=download
+            )
+        except DataError as exc:
+            if log:
+                log(f"{m.label}: no training data for frozen_mean ({exc}); that intervention is skipped")
+            continue
+        m.gate_means = training_gate_means(m.model, train.subset(m.meta.get("train_examples"), seed=SUBSET_SEED))
 
 
 def sweep_dataset(
