@@ -30,11 +30,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--models", nargs="*", default=["se_small_cnn", "se_cnn", "se_resnet20", "resnet20"])
+    p.add_argument("--default-malloc", action="store_true", help="Skip the allocator tuning the CLI applies.")
     args = p.parse_args()
+    tuned = False if args.default_malloc else rs.tune_allocator()
     x = torch.rand(args.batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     print(
         f"batch {args.batch_size}, {args.passes} passes x {args.repeats} interleaved repeats, "
-        f"{torch.get_num_threads()} threads, CPU"
+        f"{torch.get_num_threads()} threads, CPU, allocator {'tuned as the CLI' if tuned else 'default'}"
     )
     print(f"{'model':<14} {'plain ms':>9} {'captured ms':>12} {'overhead':>9}")
     for name in args.models:

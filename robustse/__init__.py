@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from .attacks import create_attack, list_attacks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset, list_datasets, load_dataset
+from .device import tune_allocator
 from .errors import RobustseError
 from .models import create_model, list_models
 from .pipeline import run_experiment
@@ -37,4 +38,5 @@ __all__ = [
     "load_dataset",
     "run_experiment",
     "save_checkpoint",
+    "tune_allocator",
 ]

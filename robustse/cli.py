@@ -695,6 +695,9 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from .device import tune_allocator
+
+    tune_allocator()
     cli(prog_name="robustse")
 
 

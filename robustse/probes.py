@@ -17,16 +17,17 @@ from torch import nn
 
 from .models.layers import SEBlock
 
+try:
+    from torchvision.ops import SqueezeExcitation
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    SqueezeExcitation = None
+
 
 def _gate_of(module: nn.Module) -> tuple[str, nn.Module] | None:
     """(attribute name, gate module) if ``module`` is a known SE-style block, else None."""
     if isinstance(module, SEBlock):
         return "gate", module.gate
-    try:
-        from torchvision.ops import SqueezeExcitation
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return None
-    if isinstance(module, SqueezeExcitation):
+    if SqueezeExcitation is not None and isinstance(module, SqueezeExcitation):
         return "scale_activation", module.scale_activation
     cls = type(module)
     # timm's SE modules, matched by class so timm stays an optional import; all apply `gate`
@@ -41,6 +42,17 @@ def _gate_of(module: nn.Module) -> tuple[str, nn.Module] | None:
 _TIMM_SE = ("SEModule", "EffectiveSEModule", "SqueezeExcite")
 
 
+def _se_modules(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """``{gate name: (SE module, gate module)}`` in forward order (one walk over the model)."""
+    found: dict[str, tuple[nn.Module, nn.Module]] = {}
+    for name, module in model.named_modules():
+        hit = _gate_of(module)
+        if hit is not None:
+            attr, gate = hit
+            found[f"{name}.{attr}" if name else attr] = (module, gate)
+    return found
+
+
 def find_gates(model: nn.Module) -> dict[str, nn.Module]:
     """All channel gates of ``model``, in forward order.
 
@@ -53,13 +65,7 @@ def find_gates(model: nn.Module) -> dict[str, nn.Module]:
         >>> len(find_gates(create_model("se_resnet20"))), len(find_gates(create_model("resnet20")))
         (9, 0)
     """
-    gates: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        found = _gate_of(module)
-        if found is not None:
-            attr, gate = found
-            gates[f"{name}.{attr}" if name else attr] = gate
-    return gates
+    return {name: gate for name, (_se, gate) in _se_modules(model).items()}
 
 
 # --------------------------------------------------------------------------- blocks and capture
@@ -100,14 +106,6 @@ class Recorder:
         self.blocks: dict[str, torch.Tensor] = {}
 
 
-def _own_modules_only(model: nn.Module) -> bool:
-    """Whether every gate and block is robustse's own (whose outputs no later op changes in place)."""
-    from .models.layers import Block
-
-    sites = [model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model for n in find_gates(model)]
-    return all(isinstance(m, SEBlock) for m in sites) and all(isinstance(m, Block) for m in find_blocks(model).values())
-
-
 @contextlib.contextmanager
 def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None) -> Iterator[Recorder]:
     """Record gates, SE inputs/outputs and block outputs of every forward pass inside the block.
@@ -133,9 +131,13 @@ def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None)
         >>> rec.gates["blocks.0.se.gate"].shape  # doctest: +SKIP
         torch.Size([8, 16])
     """
+    from .models.layers import Block
+
     rec = Recorder()
-    if clone is None:
-        clone = not _own_modules_only(model)
+    ses, blocks = _se_modules(model), find_blocks(model)
+    if clone is None:  # robustse's own modules never change a recorded tensor in place
+        own_se = all(isinstance(se, SEBlock) for se, _ in ses.values())
+        clone = not (own_se and all(isinstance(b, Block) for b in blocks.values()))
     versions: list[tuple[str, torch.Tensor, int]] = []
 
     def keep(t: torch.Tensor, where: str) -> torch.Tensor:
@@ -159,8 +161,7 @@ def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None)
 
     handles = []
     try:
-        for gate_name, gate in find_gates(model).items():
-            se = model.get_submodule(gate_name.rsplit(".", 1)[0]) if "." in gate_name else model
+        for gate_name, (se, gate) in ses.items():
 
             def on_gate(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
                 rec.gates[name] = keep(out, name).flatten(1)  # (B, C, 1, 1) in torchvision → (B, C)
@@ -171,7 +172,7 @@ def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None)
                 rec.gate_outputs[name] = keep(out, name)
 
             handles += [gate.register_forward_hook(on_gate), se.register_forward_hook(on_se)]
-        for block_name, block in find_blocks(model).items():
+        for block_name, block in blocks.items():
 
             def on_block(m, inp, out, name=block_name):  # type: ignore[no-untyped-def]
                 rec.blocks[name] = keep(out, name)
