@@ -172,3 +172,24 @@ def test_timm_se_modules_are_found():
     name = next(iter(gates))
     assert rec.gates[name].shape == (2, rec.gate_inputs[name].shape[1])
     assert torch.allclose(rec.gate_outputs[name], rec.gate_inputs[name] * rec.gates[name][:, :, None, None])
+
+
+def test_capture_refuses_tensors_changed_in_place_and_clone_fixes_it():
+    from robustse.models import SEBlock
+
+    class InPlaceAfterSE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.se = SEBlock(8, reduction=2)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            y = self.se(x)
+            y += 1.0  # like timm's residual add into the SE output
+            return y
+
+    model, x = InPlaceAfterSE().eval(), torch.rand(2, 8, 4, 4)
+    with pytest.raises(RuntimeError, match="changed in place"), capture(model):
+        model(x)
+    with torch.no_grad(), capture(model, clone=True) as rec:
+        out = model(x)
+    assert torch.allclose(rec.gate_outputs["se.gate"] + 1.0, out)
