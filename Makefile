@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # machines they install from local disk); override TORCH= to use another build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data browser demo test lint bench clean
 
 $(BIN)/robustse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,20 @@ data:
 		     "ROBUSTSE_DATA to a folder holding the four IDX .gz files" >&2; exit 1; \
 	fi
 
+# Headless Chromium renders the HTML report in the test suite (Debian package chromium).
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+		echo "chromium: found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is missing: run 'sudo apt-get install chromium' (the report test renders in it)" >&2; exit 1; \
+	fi
+
 demo: setup
 	$(BIN)/robustse experiment --spec attacks/quick.toml
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -194,17 +194,25 @@ class Attack:
     # Rows per stacked chunk (E·B). Measured on a 2-core CPU, per-image cost rises past ~500 rows
     # (caches), so stacking only pays for small batches there; a GPU wants far more.
     max_batch: int = 256
+    # In a sweep, run this attack only at these eps of the ladder (and 0), e.g. an expensive
+    # AutoAttack cell at one eps. Not part of the attack's identity in the results store.
+    only_eps: tuple[float, ...] | None = None
     name: str = field(default="attack", init=False)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise AttackError(f"unknown norm {self.norm!r} (valid: {', '.join(NORMS)})")
+        if self.only_eps is not None:
+            if not isinstance(self.only_eps, (list, tuple)) or not all(_is_real(e) for e in self.only_eps):
+                raise AttackError(f"only_eps must be a list of numbers (got {self.only_eps!r})")
+            self.only_eps = tuple(float(e) for e in self.only_eps)
         if not _is_int(self.seed) or not 0 <= self.seed < 2**31:
             raise AttackError(f"seed must be an integer in [0, 2^31) (got {self.seed!r})")
 
     def describe(self) -> dict[str, Any]:
         """Name and options, for stores and reports."""
-        opts = {k: v for k, v in vars(self).items() if k not in ("name", "max_batch") and not k.startswith("_")}
+        skip = ("name", "max_batch", "only_eps")
+        opts = {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
         return {"attack": self.name, **opts}
 
     def __call__(
@@ -617,7 +625,7 @@ class AttackInfo:
         return {
             f.name: f.default
             for f in self.cls.__dataclass_fields__.values()  # type: ignore[attr-defined]
-            if f.init and f.name != "max_batch"
+            if f.init and f.name not in ("max_batch", "options")
         }
 
 
@@ -657,7 +665,7 @@ def create_attack(name: str, **kwargs: Any) -> Attack:
     """
     if name.startswith("torchattacks:"):
         attack = name.split(":", 1)[1]
-        common = {k: kwargs.pop(k) for k in ("norm", "seed") if k in kwargs}
+        common = {k: kwargs.pop(k) for k in ("norm", "seed", "only_eps") if k in kwargs}
         # torchattacks names its L2 attacks *L2 (PGDL2, FGSM has no L2 twin): the budget's norm
         common.setdefault("norm", "l2" if attack.upper().endswith("L2") else "linf")
         return TorchattacksAttack(attack=attack, options=kwargs, **common)

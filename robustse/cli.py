@@ -681,16 +681,59 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
     from .pipeline import run_experiment
 
     result = run_experiment(spec_path, out, device=obj.device, progress=not obj.quiet, log=obj.log)
-    click.echo(f"{'model':<14} {'seed':>4} {'clean acc':>9}  {'95% CI':<15} {'train s':>8}")
+    click.echo(f"{'model':<22} {'seed':>4} {'clean acc':>9}  {'95% CI':<15} {'train s':>8}")
     for r in result.rows:
         click.echo(
-            f"{r.model:<14} {r.seed:>4} {r.clean_accuracy:>9.4f}  {r.ci_low:.4f}-{r.ci_high:.4f} "
+            f"{r.label:<22} {r.seed:>4} {r.clean_accuracy:>9.4f}  {r.ci_low:.4f}-{r.ci_high:.4f} "
             f"{r.train_seconds:>8.1f}"
         )
     if result.sweep is not None:
         _sweep_summary(result.sweep)
+    if result.report is not None:
+        _verdict_summary(result.report)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     click.echo(f"run directory: {result.out_dir} ({timings})")
+
+
+def _verdict_summary(rep: Any) -> None:
+    """The verdict table of a report, one line per measurement and eps."""
+    from .report import headline
+
+    c = headline(rep.comparison, rep.main_attack)
+    if c.empty:
+        click.echo("verdict: no SE/plain twin pair to compare")
+    else:
+        click.echo("verdict (SE − plain, 95% CI, Holm-corrected p; every measurement in the report):")
+        for _, r in c.iterrows():
+            click.echo(
+                f"  {r.arm:<8} {r.family:<12} {r.measurement:<25} {r.attack:<10} eps={r.eps:<6g} "
+                f"{r['diff']:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] p={r.p_holm:.3g}  {r.verdict}"
+            )
+    click.echo(f"report: {rep.html} and {rep.markdown.name}")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--bootstrap", type=click.IntRange(min=100), default=None, help="Bootstrap replicates [default: spec's, 2000]."
+)
+@click.option("--alpha", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=None)
+@click.option("--gallery-eps", type=float, default=None, help="Eps of the gallery and heatmaps [default: middle].")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics table as JSON.")
+@pass_ctx
+def report_cmd(
+    obj: Ctx, run_dir: Path, bootstrap: int | None, alpha: float | None, gallery_eps: float | None, as_json: bool
+) -> None:
+    """Compute the statistics and write RUN_DIR/report.html, report.md, figures/ and the CSVs from the
+    results store (no attack or training is rerun)."""
+    from .report import build_report
+
+    rep = build_report(run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, log=obj.log)
+    if as_json:
+        payload = {"report": str(rep.html), "comparisons": rep.comparison.to_dict(orient="records")}
+        click.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        _verdict_summary(rep)
 
 
 def main() -> None:

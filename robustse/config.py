@@ -20,6 +20,14 @@ from .errors import SpecError
 T = TypeVar("T")
 
 
+def check_run_name(name: str) -> str:
+    """Refuse run names that are empty or would escape the output root."""
+    bad = not name or name in {".", ".."} or any(c in name for c in "/\\\0") or name.startswith(".")
+    if bad:
+        raise SpecError(f"invalid run name {name!r}: use letters, digits, '-', '_' (no path separators)")
+    return name
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data to use and how much of it.
@@ -89,19 +97,51 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    """Which twin pairs an experiment trains.
+    """Which twin pairs an experiment trains (or loads).
 
     Args:
         twins: plain architecture names; each is trained together with its ``se_`` twin.
         se_options: SE keyword options for the SE twin (``reduction``, ``squeeze``, ``gate``).
+        checkpoints: robustse checkpoints (paths or globs) to evaluate instead of training; twins
+            and seeds are read from their metadata.
     """
 
     twins: tuple[str, ...] = ("small_cnn",)
     se_options: dict[str, Any] = field(default_factory=dict)
+    checkpoints: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.twins:
             raise SpecError("models.twins must name at least one architecture")
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm of a study: a training regime or SE variant in which SE is compared with plain.
+
+    Args:
+        name: arm name (letters, digits, ``-``, ``_``); part of the model labels when a spec has
+            several arms.
+        train: overrides of ``[train]`` for this arm (e.g. ``{adv_eps = 0.1}`` for adversarial
+            training).
+        se_options: overrides of ``models.se_options`` for this arm's SE twin (e.g.
+            ``{reduction = 2}``).
+        plain: train this arm's own plain twin. ``false`` (an SE-only arm such as an r-ablation)
+            compares its SE models with the plain twins of the first arm, which needs the same
+            training (no ``train`` overrides).
+    """
+
+    name: str = "main"
+    train: dict[str, Any] = field(default_factory=dict)
+    se_options: dict[str, Any] = field(default_factory=dict)
+    plain: bool = True
+
+    def __post_init__(self) -> None:
+        check_run_name(self.name)
+        if not self.plain and self.train:
+            raise SpecError(
+                f"arms.{self.name}: an arm without its own plain twin (plain = false) cannot change training"
+            )
 
 
 DEFAULT_ATTACKS: tuple[dict[str, Any], ...] = ({"name": "fgsm"}, {"name": "pgd", "steps": 10}, {"name": "noise"})
@@ -154,6 +194,30 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """What the report shows and how its statistics are computed.
+
+    Args:
+        bootstrap: bootstrap replicates of every confidence interval.
+        alpha: significance level of the Holm-corrected paired tests (and 1 − CI level).
+        gallery_eps: eps of the adversarial-example gallery and the excitation heatmaps
+            (default: the middle of the ladder).
+        seed: seed of the bootstrap and permutation draws.
+    """
+
+    bootstrap: int = 2000
+    alpha: float = 0.05
+    gallery_eps: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 100:
+            raise SpecError(f"report.bootstrap must be >= 100 (got {self.bootstrap})")
+        if not 0 < self.alpha < 0.5:
+            raise SpecError(f"report.alpha must be in (0, 0.5) (got {self.alpha})")
+
+
+@dataclass(frozen=True)
 class ExperimentSpec:
     """A whole experiment: data, models, seeds, training and (optionally) an attack sweep."""
 
@@ -163,6 +227,8 @@ class ExperimentSpec:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig | None = None
+    arms: tuple[ArmConfig, ...] = field(default_factory=lambda: (ArmConfig(),))
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -170,14 +236,24 @@ class ExperimentSpec:
         if len(set(self.seeds)) != len(self.seeds):
             raise SpecError(f"seeds must be distinct (got {list(self.seeds)})")
         check_run_name(self.name)
+        if not self.arms:
+            raise SpecError("arms must list at least one arm")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise SpecError(f"arm names must be distinct (got {names})")
+        if not self.arms[0].plain:
+            raise SpecError(f"arms.{names[0]}: the first arm must train its plain twin (plain = true)")
+        for i, arm in enumerate(self.arms):  # overrides must make a valid training configuration
+            merged = {**dataclasses.asdict(self.train), **arm.train}
+            from_mapping(TrainConfig, merged, where=f"arms[{i}].train")
 
+    def arm_train(self, arm: ArmConfig) -> TrainConfig:
+        """The training configuration of ``arm`` (``[train]`` with the arm's overrides)."""
+        return dataclasses.replace(self.train, **arm.train)
 
-def check_run_name(name: str) -> str:
-    """Refuse run names that are empty or would escape the output root."""
-    bad = not name or name in {".", ".."} or any(c in name for c in "/\\\0") or name.startswith(".")
-    if bad:
-        raise SpecError(f"invalid run name {name!r}: use letters, digits, '-', '_' (no path separators)")
-    return name
+    def arm_se_options(self, arm: ArmConfig) -> dict[str, Any]:
+        """SE options of ``arm``'s SE twin."""
+        return {**self.models.se_options, **arm.se_options}
 
 
 # --------------------------------------------------------------------------- strict loading

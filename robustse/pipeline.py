@@ -1,8 +1,10 @@
-"""``experiment``: spec → trained twins over seeds → clean accuracy with CIs → run directory.
+"""``experiment``: spec → trained (or loaded) twins over seeds and arms → sweep with probes →
+statistics and the verdict → report, in one run directory.
 
-This is the first stage of the full pipeline (attack sweeps, probes, statistics and the report
-are added on top of it). Every stage is resumable: trained checkpoints are reused when their
-configuration matches, and an interrupted training run resumes from its last epoch.
+Every stage is resumable: trained checkpoints are reused when their configuration matches, an
+interrupted training run resumes from its last epoch, finished sweep cells are skipped, and the
+report is regenerated from the store. ``manifest.json`` records versions, seeds, the git commit,
+the device and the time of every phase.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from ._types import PathLike
 from .checkpoint import library_versions, load_checkpoint
-from .config import ExperimentSpec, SweepConfig, load_spec
+from .config import ArmConfig, ExperimentSpec, SweepConfig, load_spec
 from .data import Dataset, load_dataset
 from .errors import DataError, SpecError
 from .models import model_info
@@ -31,11 +33,13 @@ from .train import SUBSET_SEED, load_splits, train_model
 
 @dataclass
 class ModelRow:
-    """One trained model of an experiment."""
+    """One model of an experiment (its sweep label is ``label``)."""
 
+    label: str
     model: str
     family: str
     se: bool
+    arm: str
     seed: int
     clean_accuracy: float
     ci_low: float
@@ -54,6 +58,7 @@ class ExperimentResult:
     rows: list[ModelRow] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     sweep: SweepResult | None = None
+    report: Any = None  # robustse.report.ReportResult once the report is written
 
 
 def twin_names(spec: ExperimentSpec) -> list[str]:
@@ -68,6 +73,32 @@ def twin_names(spec: ExperimentSpec) -> list[str]:
         model_info(info.twin)  # the SE twin must exist
         names += [plain, info.twin]
     return names
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """A model the experiment trains: architecture, arm, seed and its checkpoint's label."""
+
+    label: str
+    arch: str
+    arm: ArmConfig
+    seed: int
+
+
+def plan_models(spec: ExperimentSpec) -> list[PlannedModel]:
+    """Every model the spec trains, seeds outermost; labels ``<arch>_s<seed>`` (one arm) or
+    ``<arch>_<arm>_s<seed>``. SE-only arms (``plain = false``) train no plain twin."""
+    names = twin_names(spec)
+    many = len(spec.arms) > 1
+    plan = []
+    for seed in spec.seeds:
+        for arm in spec.arms:
+            for name in names:
+                if not arm.plain and not model_info(name).has_se:
+                    continue
+                label = f"{name}_{arm.name}_s{seed}" if many else f"{name}_s{seed}"
+                plan.append(PlannedModel(label, name, arm, seed))
+    return plan
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -113,7 +144,7 @@ def run_experiment(
         spec = load_spec(spec)
     out = prepare_out_dir(Path(out_dir) if out_dir is not None else Path("reports") / spec.name)
     (out / "spec.toml").write_text(spec_text if spec_text is not None else dump_toml(asdict(spec)), encoding="utf-8")
-    names = twin_names(spec)
+    twin_names(spec)  # unknown or SE names fail before anything runs
     result = ExperimentResult(spec, out)
 
     t0 = time.perf_counter()
@@ -121,42 +152,27 @@ def run_experiment(
     result.timings["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    for seed in spec.seeds:
-        for name in names:
-            info = model_info(name)
-            kwargs = dict(spec.models.se_options) if info.has_se else {}
+    if spec.models.checkpoints:
+        result.rows = _given_models(spec.models.checkpoints)
+    else:
+        for pm in plan_models(spec):
+            info = model_info(pm.arch)
             trained = train_model(
-                name,
-                out=out / "models" / f"{name}_s{seed}.safetensors",
+                pm.arch,
+                out=out / "models" / f"{pm.label}.safetensors",
                 data=spec.data,
-                train=spec.train,
-                seed=seed,
-                model_kwargs=kwargs,
+                train=spec.arm_train(pm.arm),
+                seed=pm.seed,
+                model_kwargs=spec.arm_se_options(pm.arm) if info.has_se else {},
                 device=device,
                 progress=progress,
                 log=log,
                 splits=splits,
             )
-            meta = trained.meta
-            n = int(meta["eval_examples"])
-            acc = float(meta["clean_accuracy"])
-            lo, hi = wilson_interval(round(acc * n), n)
-            result.rows.append(
-                ModelRow(
-                    name,
-                    info.family,
-                    info.has_se,
-                    seed,
-                    acc,
-                    lo,
-                    hi,
-                    n,
-                    float(meta["train_seconds"]),
-                    str(trained.checkpoint),
-                )
-            )
+            result.rows.append(_model_row(pm.label, pm.arch, pm.arm.name, pm.seed, trained.meta, trained.checkpoint))
             if log:
-                log(f"{name} seed {seed}: clean accuracy {acc:.4f} [{lo:.4f}, {hi:.4f}]")
+                r = result.rows[-1]
+                log(f"{pm.label}: clean accuracy {r.clean_accuracy:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]")
     result.timings["train"] = time.perf_counter() - t0
 
     _write_rows(out / "models.csv", result.rows)
@@ -181,8 +197,68 @@ def run_experiment(
             log=log,
         )
         result.timings["sweep"] = time.perf_counter() - t0
+        _write_manifest(out / "manifest.json", result, device)  # the report shows these timings
+        from .report import build_report
+
+        t0 = time.perf_counter()
+        result.report = build_report(
+            out,
+            n_boot=spec.report.bootstrap,
+            alpha=spec.report.alpha,
+            gallery_eps=spec.report.gallery_eps,
+            seed=spec.report.seed,
+            log=log,
+        )
+        result.timings["report"] = time.perf_counter() - t0
     _write_manifest(out / "manifest.json", result, device)
     return result
+
+
+def _model_row(label: str, arch: str, arm: str, seed: int, meta: dict[str, Any], checkpoint: PathLike) -> ModelRow:
+    info = model_info(arch)
+    n = int(meta.get("eval_examples") or 0)
+    acc = float(meta.get("clean_accuracy") or float("nan"))
+    lo, hi = wilson_interval(round(acc * n), n) if n else (float("nan"), float("nan"))
+    return ModelRow(
+        label, arch, info.family, info.has_se, arm, seed, acc, lo, hi, n,
+        float(meta.get("train_seconds") or 0.0), str(checkpoint),
+    )  # fmt: skip
+
+
+def _given_models(patterns: tuple[str, ...]) -> list[ModelRow]:
+    """Rows for checkpoints named in ``models.checkpoints`` (twins and seeds from their metadata)."""
+    from .checkpoint import read_metadata
+
+    rows: list[ModelRow] = []
+    for sm in _expand(list(patterns)):
+        meta = read_metadata(sm)
+        arch = meta.get("arch")
+        if not isinstance(arch, str):
+            raise SpecError(f"models.checkpoints: {sm} has no robustse metadata (architecture unknown)")
+        seed = int(meta.get("seed", len(rows)))
+        rows.append(_model_row(sm.name.removesuffix(".safetensors"), arch, "main", seed, meta, sm))
+    return rows
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    """Paths with globs expanded (sorted).
+
+    Raises:
+        SpecError: a glob that matches nothing or is malformed.
+    """
+    files: list[Path] = []
+    for p in paths:
+        if any(c in p for c in "*?["):
+            try:
+                matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
+            except ValueError as exc:
+                raise SpecError(f"bad checkpoint pattern {p!r} ({exc})") from None
+            if not matched:
+                raise SpecError(f"no checkpoint matches {p!r}")
+            files += matched
+        else:
+            files.append(Path(p))
+    return files
 
 
 def load_sweep_models(
@@ -209,16 +285,7 @@ def load_sweep_models(
             stem = Path(weights).name.rsplit(".", 1)[0]
             models.append(SweepModel(f"{arch.replace(':', '-')}@{stem}", model, weights, meta))
             continue
-        if any(c in p for c in "*?["):
-            try:
-                matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
-            except ValueError as exc:
-                raise SpecError(f"bad checkpoint pattern {p!r} ({exc})") from None
-            if not matched:
-                raise SpecError(f"no checkpoint matches {p!r}")
-            files += matched
-        else:
-            files.append(Path(p))
+        files += _expand([p])
     for f in files:
         model, meta = load_checkpoint(f, map_location=device)
         models.append(SweepModel(f.name.removesuffix(".safetensors"), model, str(f), meta))

@@ -251,6 +251,15 @@ class ResultsStore:
         elif row[0] != value:
             raise StoreError(f"{self.path} holds results for a different {what}; use another --out or move it away")
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a free-form value (e.g. the class names) in the ``meta`` table."""
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
     def model_hash(self, model: str) -> str | None:
         row = self.conn.execute("SELECT weight_hash FROM models WHERE model = ?", (model,)).fetchone()
         return row[0] if row else None
@@ -313,7 +322,7 @@ class ResultsStore:
             raise ValueError(f"unknown probe table {table!r}")
         return pd.read_sql_query(
             f"SELECT c.model, c.attack, c.attack_key, c.norm, c.eps, t.* FROM {table} t"
-            " JOIN cells c ON c.id = t.cell_id ORDER BY c.model, c.attack_key, c.eps",
+            " JOIN cells c ON c.id = t.cell_id ORDER BY c.model, c.attack_key, c.eps, t.rowid",
             self.conn,
         )
 

@@ -9,6 +9,7 @@ in flight.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,8 @@ def run_sweep(
         # The same store must mean the same evaluation set and mode: never mix results.
         store.check_identity("evalset", evalset_fingerprint(dataset), "evaluation set (dataset or --eval-subset)")
         store.check_identity("accuracy_only", str(bool(accuracy_only)), "mode (--accuracy-only)")
+        store.set_meta("classes", json.dumps(list(dataset.classes)))
+        store.set_meta("dataset", dataset.name)
         hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
         for sm in models:
             old = store.model_hash(sm.label)
@@ -184,8 +187,9 @@ def run_sweep(
         n = len(y_all)
         n_batches = (n + batch_size - 1) // batch_size
         probes = probes and not accuracy_only
+        ladders = {id(a): _ladder_of(a, eps) for a in attacks}
         plan = [
-            (sm, atk, [e for e in eps if not store.has_cell(sm.label, attack_key(atk.describe()), e)])
+            (sm, atk, [e for e in ladders[id(atk)] if not store.has_cell(sm.label, attack_key(atk.describe()), e)])
             for sm in models
             for atk in attacks
             if atk.name != "gate" or find_gates(sm.model)  # plain models have no gates to attack
@@ -228,7 +232,7 @@ def run_sweep(
                     sm,
                     evaluators[sm.label],
                     atk,
-                    eps,
+                    ladders[id(atk)],
                     todo,
                     x_all,
                     y_all,
@@ -257,6 +261,20 @@ def run_sweep(
     finally:
         store.close()
     return SweepResult(out_dir, cells, robust, checks, computed)
+
+
+def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
+    """The rungs ``atk`` runs: the sweep's ladder, or its ``only_eps`` (with 0) where set.
+
+    Raises:
+        SpecError: an ``only_eps`` value that is not on the sweep's ladder.
+    """
+    if atk.only_eps is None:
+        return eps
+    missing = sorted(set(atk.only_eps) - set(eps))
+    if missing:
+        raise SpecError(f"{atk.name}: only_eps {missing[0]} is not on the sweep's eps ladder")
+    return [e for e in eps if e == 0 or e in atk.only_eps]
 
 
 def _run_cells(

@@ -68,3 +68,27 @@ def trained_small(real_fmnist, tmp_path_factory):
     )
     test = load_dataset("fashion-mnist", split="test").subset(128, seed=1)
     return res.model, to_float(test.x), test.y, out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(real_fmnist, tmp_path_factory):
+    """A finished tiny experiment (2 seeds x small twins, FGSM + noise sweep, report) and its result."""
+    from robustse.config import DataConfig, ExperimentSpec, ModelsConfig, ReportConfig, SweepConfig, TrainConfig
+    from robustse.pipeline import run_experiment
+
+    spec = ExperimentSpec(
+        name="tiny",
+        seeds=(0, 1),
+        data=DataConfig(train_subset=3000, eval_subset=1000),
+        models=ModelsConfig(twins=("small_cnn",), se_options={"reduction": 2}),
+        train=TrainConfig(epochs=2, augment=False),
+        sweep=SweepConfig(
+            epsilons=(0.0, 0.05, 0.1),
+            attacks=({"name": "fgsm"}, {"name": "noise"}),
+            eval_subset=100,
+            probe_subsample=50,
+        ),
+        report=ReportConfig(bootstrap=300),
+    )
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    return spec, out, run_experiment(spec, out, progress=False)

@@ -28,7 +28,7 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("seed = [0]", r"s.toml: unknown key 'seed' \(valid: data, models, name, seeds, sweep, train\)"),
+        ("seed = [0]", r"s.toml: unknown key 'seed' \(valid: arms, data, models, name, report, seeds, sweep, train\)"),
         ("[train]\nepoch = 3", r"unknown key 'train.epoch' \(valid: .*epochs"),
         ("[train]\nepochs = 'three'", r"train.epochs: expected int, got str 'three'"),
         ("[train]\nepochs = 2.5", r"train.epochs: expected int"),

@@ -8,34 +8,24 @@ import json
 from click.testing import CliRunner
 
 from robustse.cli import cli
-from robustse.config import DataConfig, ExperimentSpec, ModelsConfig, SweepConfig, TrainConfig
 from robustse.pipeline import run_experiment
 
 
-def test_experiment_end_to_end_and_resume(tmp_path, real_fmnist):
-    spec = ExperimentSpec(
-        name="tiny",
-        seeds=(0, 1),
-        data=DataConfig(train_subset=3000, eval_subset=1000),
-        models=ModelsConfig(twins=("small_cnn",), se_options={"reduction": 2}),
-        train=TrainConfig(epochs=2, augment=False),
-        sweep=SweepConfig(epsilons=(0.0, 0.05), attacks=({"name": "fgsm"}, {"name": "noise"}), eval_subset=100),
-    )
-    out = tmp_path / "run"
-    res = run_experiment(spec, out, progress=False)
-    assert [(r.model, r.seed) for r in res.rows] == [
-        ("small_cnn", 0),
-        ("se_small_cnn", 0),
-        ("small_cnn", 1),
-        ("se_small_cnn", 1),
+def test_experiment_end_to_end_and_resume(tiny_run):
+    spec, out, res = tiny_run
+    assert [(r.label, r.model, r.seed, r.arm) for r in res.rows] == [
+        ("small_cnn_s0", "small_cnn", 0, "main"),
+        ("se_small_cnn_s0", "se_small_cnn", 0, "main"),
+        ("small_cnn_s1", "small_cnn", 1, "main"),
+        ("se_small_cnn_s1", "se_small_cnn", 1, "main"),
     ]
     for r in res.rows:
         assert r.clean_accuracy > 0.7, r  # real data, 3,000 training images: well above chance (0.1)
         assert r.ci_low < r.clean_accuracy < r.ci_high and r.eval_examples == 1000
     assert res.rows[0].checkpoint != res.rows[2].checkpoint
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["seeds"] == [0, 1] and set(manifest["timings_seconds"]) == {"data", "train", "sweep"}
-    assert res.sweep is not None and res.sweep.computed_cells == 4 * 2 * 2  # models x attacks x eps
+    assert manifest["seeds"] == [0, 1] and set(manifest["timings_seconds"]) == {"data", "train", "sweep", "report"}
+    assert res.sweep is not None and res.sweep.computed_cells == 4 * 2 * 3  # models x attacks x eps
     assert {c.status for c in res.sweep.checks} <= {"pass", "warn"}
     robust = res.sweep.robust
     assert set(robust.model) == {"small_cnn_s0", "se_small_cnn_s0", "small_cnn_s1", "se_small_cnn_s1"}
@@ -45,11 +35,25 @@ def test_experiment_end_to_end_and_resume(tmp_path, real_fmnist):
     with (out / "models.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 4
     assert "reduction = 2" in (out / "spec.toml").read_text()
+    # the report: verdicts for every measurement at eps > 0, computed (not constant) numbers
+    rep = res.report
+    assert rep is not None and rep.html.exists() and rep.markdown.exists()
+    c = rep.comparison
+    assert set(c.eps) == {0.05, 0.1} and set(c.measurement) >= {"robust_accuracy", "logit_sensitivity", "kl"}
+    assert set(c.verdict) <= {"SE damps", "no evidence", "SE amplifies"}
+    assert ((c.ci_low <= c["diff"]) & (c["diff"] <= c.ci_high)).all()
+    for name in ("stats.csv", "damping.csv", "interventions.csv", "blocks.csv", "results.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list((out / "figures").glob("*.png"))) == 8
 
     again = run_experiment(spec, out, progress=False)  # everything is reused, nothing retrained
     assert [r.clean_accuracy for r in again.rows] == [r.clean_accuracy for r in res.rows]
     assert again.timings["train"] < res.timings["train"] / 2
     assert again.sweep is not None and again.sweep.computed_cells == 0
+    # the same store gives the same statistics (seeded resampling)
+    assert again.report.comparison[["diff", "ci_low", "ci_high", "p_holm"]].equals(
+        c[["diff", "ci_low", "ci_high", "p_holm"]]
+    )
 
 
 def test_experiment_command(tmp_path, real_fmnist):

@@ -193,3 +193,29 @@ def test_capture_refuses_tensors_changed_in_place_and_clone_fixes_it():
     with torch.no_grad(), capture(model, clone=True) as rec:
         out = model(x)
     assert torch.allclose(rec.gate_outputs["se.gate"] + 1.0, out)
+
+
+def test_only_eps_restricts_an_attack_to_some_rungs(trained_small, tmp_path):
+    from robustse.errors import SpecError
+
+    model, _, _, ckpt = trained_small
+    evalset = load_dataset("fashion-mnist", split="test").subset(32, seed=4)
+    attacks = build_attacks(
+        [{"name": "fgsm"}, {"name": "pgd", "steps": 2, "only_eps": [0.05]}], norm="linf", seed=0, noise=False
+    )
+    assert attacks[1].describe() == build_attacks([{"name": "pgd", "steps": 2}], norm="linf", seed=0)[0].describe()
+    res = run_sweep([SweepModel("m", model, str(ckpt))], attacks, [0.0, 0.02, 0.05], evalset, tmp_path, progress=False)
+    cells = res.cells
+    assert sorted(cells[cells.attack == "pgd"].eps) == [0.0, 0.05]
+    assert sorted(cells[cells.attack == "fgsm"].eps) == [0.0, 0.02, 0.05]
+    with pytest.raises(SpecError, match="only_eps 0.03 is not on the sweep's eps ladder"):
+        run_sweep(
+            [SweepModel("m", model, str(ckpt))],
+            build_attacks([{"name": "pgd", "only_eps": [0.03]}], norm="linf", seed=0),
+            [0.0, 0.05],
+            evalset,
+            tmp_path / "b",
+            progress=False,
+        )
+    aa = rs.create_attack("torchattacks:AutoAttack", n_classes=10, only_eps=[0.1])
+    assert aa.only_eps == (0.1,) and "only_eps" not in aa.describe()
