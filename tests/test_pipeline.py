@@ -8,6 +8,7 @@ import json
 from click.testing import CliRunner
 
 from robustse.cli import cli
+from robustse.config import DataConfig, ExperimentSpec, ModelsConfig, SweepConfig, TrainConfig
 from robustse.pipeline import run_experiment
 
 
@@ -65,3 +66,51 @@ def test_experiment_command(tmp_path, real_fmnist):
     assert res.exit_code == 0, res.output
     assert "se_small_cnn" in res.stdout and "run directory" in res.stdout
     assert (tmp_path / "r" / "models" / "se_small_cnn_s3.safetensors").exists()
+
+
+def test_experiment_on_given_checkpoints_trains_nothing(tiny_run, tmp_path):
+    from robustse.config import ReportConfig
+
+    spec, out, res = tiny_run
+    given = ExperimentSpec(
+        name="given",
+        seeds=(0,),
+        data=spec.data,
+        models=ModelsConfig(checkpoints=(str(out / "models" / "*_s1.safetensors"),)),
+        sweep=SweepConfig(epsilons=(0.0, 0.05), attacks=({"name": "fgsm"},), eval_subset=60, probe_subsample=20),
+        report=ReportConfig(bootstrap=200),
+    )
+    run = run_experiment(given, tmp_path / "given", progress=False)
+    assert sorted((r.label, r.seed, r.se) for r in run.rows) == [
+        ("se_small_cnn_s1", 1, True),
+        ("small_cnn_s1", 1, False),
+    ]
+    assert run.timings["train"] < 1.0 and not (tmp_path / "given" / "models" / "small_cnn_s1.safetensors").exists()
+    assert run.report is not None and set(run.report.comparison.measurement) >= {"robust_accuracy"}
+    # noise was added as the control of the fgsm attack
+    assert set(run.sweep.cells.attack) == {"fgsm", "noise"}
+
+
+def test_two_arm_experiment_compares_the_se_only_arm_with_the_first_plain(real_fmnist, tmp_path):
+    from robustse.config import ArmConfig, ReportConfig
+
+    spec = ExperimentSpec(
+        name="arms",
+        seeds=(0,),
+        data=DataConfig(train_subset=600, eval_subset=200),
+        models=ModelsConfig(twins=("small_cnn",)),
+        train=TrainConfig(epochs=1, augment=False),
+        arms=(ArmConfig(name="base"), ArmConfig(name="r2", se_options={"reduction": 2}, plain=False)),
+        sweep=SweepConfig(epsilons=(0.0, 0.05), attacks=({"name": "fgsm"},), eval_subset=40, probe_subsample=10),
+        report=ReportConfig(bootstrap=200),
+    )
+    run = run_experiment(spec, tmp_path / "arms", progress=False)
+    assert [r.label for r in run.rows] == ["small_cnn_base_s0", "se_small_cnn_base_s0", "se_small_cnn_r2_s0"]
+    from robustse.checkpoint import read_metadata
+
+    assert read_metadata(run.rows[2].checkpoint)["arch_kwargs"]["reduction"] == 2
+    c = run.report.comparison
+    assert set(c.arm) == {"base", "r2"}
+    base = c[(c.arm == "base") & (c.measurement == "robust_accuracy")].plain_mean.tolist()
+    r2 = c[(c.arm == "r2") & (c.measurement == "robust_accuracy")].plain_mean.tolist()
+    assert base == r2  # the same plain twin on both sides
