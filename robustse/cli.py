@@ -66,6 +66,17 @@ class Ctx:
 
         return resolve_device(self.device_name)
 
+    def distributed(self):  # type: ignore[no-untyped-def]
+        """(layout, device) of this process: joins the process group when launched by torchrun."""
+        from .distributed import init_from_env, shutdown
+
+        layout, device = init_from_env(self.device)
+        if layout.active:
+            click.get_current_context().call_on_close(shutdown)
+            if not layout.is_main:
+                self.quiet = True  # one voice: rank 0 prints progress and results
+        return layout, device
+
     def log(self, message: str) -> None:
         if not self.quiet:
             click.echo(message, err=True)
@@ -243,6 +254,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
 @click.option("--reduction", type=click.IntRange(min=1), default=None, help="SE reduction ratio r (SE models).")
 @click.option("--squeeze", type=click.Choice(["avg", "max"]), default=None, help="SE squeeze (SE models).")
 @click.option("--gate", type=click.Choice(["sigmoid", "hardsigmoid"]), default=None, help="SE gate (SE models).")
+@click.option("--amp", is_flag=True, help="Mixed precision for training (bf16 on CPU, fp16 on CUDA).")
 @data_options
 @click.option("--train-subset", type=click.IntRange(min=1), default=None, help="Train on this many images (seeded).")
 @click.option(
@@ -264,6 +276,7 @@ def train_cmd(
     reduction: int | None,
     squeeze: str | None,
     gate: str | None,
+    amp: bool,
     dataset: str | None,
     data_root: Path | None,
     download: bool,
@@ -271,7 +284,7 @@ def train_cmd(
     train_subset: int | None,
     out: Path | None,
 ) -> None:
-    """Train architecture ARCH and save a checkpoint (resumes if interrupted)."""
+    """Train architecture ARCH and save a checkpoint (resumes if interrupted; DDP under torchrun)."""
     from .config import DataConfig, TrainConfig
     from .errors import ModelError
     from .models import model_info
@@ -296,7 +309,9 @@ def train_cmd(
         schedule=schedule,  # type: ignore[arg-type]
         augment=not no_augment,
         adv_eps=adv_eps,
+        amp=amp,
     )
+    layout, device = obj.distributed()
     if out is None:
         out = Path("reports") / "models" / f"{arch.replace(':', '-')}_s{obj.seed}.safetensors"
     result = train_model(
@@ -306,10 +321,13 @@ def train_cmd(
         train=cfg,
         seed=obj.seed,
         model_kwargs=se_kwargs,
-        device=obj.device,
+        device=device,
         progress=not obj.quiet,
         log=obj.log,
+        layout=layout,
     )
+    if not layout.is_main:
+        return
     _echo_accuracy(arch, result.meta, extra=f"{epochs} epochs, {result.meta['train_seconds']:.1f}s train")
     click.echo(f"checkpoint: {result.checkpoint}")
 
@@ -547,13 +565,15 @@ def sweep_cmd(
     paths = list(checkpoints) or list(cfg.models)
     if not paths:
         raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
-    device = obj.device
+    layout, device = obj.distributed()
     models = load_sweep_models(paths, device=device, num_classes=num_classes)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
     ds = sweep_dataset(models, cfg, data_root=data_root)
     if cfg.probes and not cfg.accuracy_only:
         fill_gate_means(models, data_root=data_root, log=obj.log)
-    out = prepare_out_dir(out)
+    if layout.is_main:
+        out = prepare_out_dir(out)
+    layout.barrier()
     result = run_sweep(
         models,
         attacks,
@@ -567,7 +587,10 @@ def sweep_cmd(
         device=device,
         progress=not obj.quiet,
         log=obj.log,
+        layout=layout,
     )
+    if not layout.is_main:
+        return
     if as_json:
         payload = {
             "robust": result.robust.to_dict(orient="records"),
@@ -680,7 +703,10 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
     """Train the spec's twin pairs over its seeds, then run its [sweep] (resumable)."""
     from .pipeline import run_experiment
 
-    result = run_experiment(spec_path, out, device=obj.device, progress=not obj.quiet, log=obj.log)
+    layout, device = obj.distributed()
+    result = run_experiment(spec_path, out, device=device, progress=not obj.quiet, log=obj.log, layout=layout)
+    if not layout.is_main:
+        return
     click.echo(f"{'model':<22} {'seed':>4} {'clean acc':>9}  {'95% CI':<15} {'train s':>8}")
     for r in result.rows:
         click.echo(

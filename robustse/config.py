@@ -68,6 +68,8 @@ class TrainConfig:
         adv_eps: if > 0, fast adversarial training (FGSM with random start, Wong et al. 2020)
             at this Linf epsilon in pixel units.
         eval_batch_size: batch size of the per-epoch evaluation.
+        amp: mixed precision for training only (bfloat16 autocast on CPU, float16 with loss
+            scaling on CUDA); attacks and evaluation stay float32.
     """
 
     epochs: int = 5
@@ -79,6 +81,7 @@ class TrainConfig:
     augment: bool = True
     adv_eps: float = 0.0
     eval_batch_size: int = 512
+    amp: bool = False
 
     def __post_init__(self) -> None:
         checks = [

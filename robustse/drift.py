@@ -83,6 +83,26 @@ class CellProbe:
     class_sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     class_counts: dict[int, int] = field(default_factory=dict)
     images: dict[int, torch.Tensor] = field(default_factory=dict)
+    seen: torch.Tensor | None = None  # (n,) bool: the examples measured here
+
+    @classmethod
+    def merge(cls, parts: list[CellProbe | None]) -> CellProbe:
+        """One probe from those of several ranks, each of which measured some of the examples."""
+        real = [p for p in parts if p is not None]
+        out = cls(real[0].n, subsample=real[0].subsample, gallery=real[0].gallery, gate_means=real[0].gate_means)
+        for part in real:
+            if part.seen is None:
+                continue
+            for table, mine in ((part.outputs, out.outputs), (part.values, out.values)):
+                for key, t in table.items():
+                    out._column(mine, key)[part.seen] = t[part.seen]
+            for key2, v in part.class_sums.items():
+                out.class_sums[key2] = out.class_sums.get(key2, 0) + v
+            for c, k in part.class_counts.items():
+                out.class_counts[c] = out.class_counts.get(c, 0) + k
+            out.images.update(part.images)
+            out.seen = part.seen.clone() if out.seen is None else out.seen | part.seen
+        return out
 
     def _column(self, table: dict, key: Any) -> torch.Tensor:  # type: ignore[type-arg]
         if key not in table:
@@ -107,6 +127,9 @@ class CellProbe:
             same batch at the next eps to save a forward pass), or None.
         """
         rows = slice(start, start + len(x))
+        if self.seen is None:
+            self.seen = torch.zeros(self.n, dtype=torch.bool)
+        self.seen[rows] = True
         clean, pert = snapshot(model, x), snapshot(model, x_p)
         f, f_p, delta = clean.logits, pert.logits, x_p - x
         cols = {

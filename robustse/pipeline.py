@@ -24,6 +24,7 @@ from ._types import PathLike
 from .checkpoint import library_versions, load_checkpoint
 from .config import ArmConfig, ExperimentSpec, SweepConfig, load_spec
 from .data import Dataset, load_dataset
+from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
 from .models import model_info
 from .stats import wilson_interval
@@ -122,6 +123,7 @@ def run_experiment(
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    layout: Dist = SINGLE,
 ) -> ExperimentResult:
     """Run an experiment spec end to end into ``out_dir`` (default ``reports/<spec name>``).
 
@@ -131,9 +133,11 @@ def run_experiment(
         device: where to train and evaluate.
         progress: show progress bars.
         log: receives progress lines.
+        layout: under torchrun, training uses DDP and the sweep is sharded; rank 0 writes the
+            files (the run directory must be shared by all ranks).
 
     Returns:
-        :class:`ExperimentResult` with one row per trained model.
+        :class:`ExperimentResult` with one row per trained model (ranks other than 0: no report).
 
     Example:
         >>> run_experiment("attacks/quick.toml")  # doctest: +SKIP
@@ -142,8 +146,13 @@ def run_experiment(
     if not isinstance(spec, ExperimentSpec):
         spec_text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else None
         spec = load_spec(spec)
-    out = prepare_out_dir(Path(out_dir) if out_dir is not None else Path("reports") / spec.name)
-    (out / "spec.toml").write_text(spec_text if spec_text is not None else dump_toml(asdict(spec)), encoding="utf-8")
+    out = Path(out_dir) if out_dir is not None else Path("reports") / spec.name
+    if layout.is_main:
+        prepare_out_dir(out)
+        (out / "spec.toml").write_text(
+            spec_text if spec_text is not None else dump_toml(asdict(spec)), encoding="utf-8"
+        )
+    layout.barrier()
     twin_names(spec)  # unknown or SE names fail before anything runs
     result = ExperimentResult(spec, out)
 
@@ -168,14 +177,16 @@ def run_experiment(
                 progress=progress,
                 log=log,
                 splits=splits,
+                layout=layout,
             )
             result.rows.append(_model_row(pm.label, pm.arch, pm.arm.name, pm.seed, trained.meta, trained.checkpoint))
-            if log:
+            if log and layout.is_main:
                 r = result.rows[-1]
                 log(f"{pm.label}: clean accuracy {r.clean_accuracy:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]")
     result.timings["train"] = time.perf_counter() - t0
 
-    _write_rows(out / "models.csv", result.rows)
+    if layout.is_main:
+        _write_rows(out / "models.csv", result.rows)
     if spec.sweep is not None:
         t0 = time.perf_counter()
         attacks = build_attacks(spec.sweep.attacks, norm=spec.sweep.norm, seed=spec.sweep.seed)
@@ -195,9 +206,12 @@ def run_experiment(
             device=device,
             progress=progress,
             log=log,
+            layout=layout,
         )
         result.timings["sweep"] = time.perf_counter() - t0
-        _write_manifest(out / "manifest.json", result, device)  # the report shows these timings
+        if not layout.is_main:
+            return result
+        _write_manifest(out / "manifest.json", result, device, layout)  # the report shows these timings
         from .report import build_report
 
         t0 = time.perf_counter()
@@ -210,7 +224,8 @@ def run_experiment(
             log=log,
         )
         result.timings["report"] = time.perf_counter() - t0
-    _write_manifest(out / "manifest.json", result, device)
+    if layout.is_main:
+        _write_manifest(out / "manifest.json", result, device, layout)
     return result
 
 
@@ -370,13 +385,15 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _write_manifest(path: Path, result: ExperimentResult, device: torch.device | str) -> None:
+def _write_manifest(path: Path, result: ExperimentResult, device: torch.device | str, layout: Dist = SINGLE) -> None:
     manifest = {
         "spec": result.spec.name,
         "seeds": list(result.spec.seeds),
         "versions": library_versions(),
         "git_commit": git_commit(),
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
+        "world_size": layout.world,
         "threads": torch.get_num_threads(),
         "timings_seconds": {k: round(v, 3) for k, v in result.timings.items()},
         "models": [asdict(r) for r in result.rows],

@@ -24,6 +24,7 @@ from .attacks import Attack, Evaluator, create_attack, eval_mode
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
 from .data import Dataset, to_float
+from .distributed import SINGLE, Dist
 from .drift import CellProbe
 from .errors import DataError, SpecError
 from .metrics import margin
@@ -56,7 +57,7 @@ class SweepResult:
     """What :func:`run_sweep` produced: per-cell robust accuracy, worst case, checks."""
 
     out_dir: Path
-    cells: Any  # pandas DataFrame of the cells table
+    cells: Any  # pandas DataFrame of the cells table (None on ranks other than 0)
     robust: Any  # DataFrame: model, eps, n, correct, accuracy, ci_low, ci_high (worst case over attacks)
     checks: list[Check]
     computed_cells: int = 0
@@ -99,14 +100,20 @@ def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int, nois
     return attacks
 
 
-def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device: torch.device):
+def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device, layout: Dist):  # type: ignore[no-untyped-def]
     """Clean predictions and margins, the zero-gradient fraction and a probabilities test.
 
     Predictions come from the same evaluator as the adversarial ones, so eps = 0 matches exactly.
+    Batches are sharded over ranks and the results gathered (every rank gets all of them).
     """
-    preds, margs, zero_grads, prob_like = [], [], 0, True
-    for i in range(0, len(x), bs):
-        xb, yb = to_float(x[i : i + bs].to(device)), y[i : i + bs].to(device)
+    n = len(y)
+    preds = torch.zeros(n, dtype=torch.long)
+    margs = torch.zeros(n)
+    zero_grads, prob_like = 0, True
+    for b, i in enumerate(range(0, n, bs)):
+        if not layout.owns(b):
+            continue
+        xb, yb = to_float(x[i : i + bs].to(device, non_blocking=True)), y[i : i + bs].to(device, non_blocking=True)
         xb.requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(sm.model(xb), yb, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xb)
@@ -114,9 +121,16 @@ def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor,
         logits = ev(xb.detach())
         rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
         prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
-        preds.append(logits.argmax(1).cpu())
-        margs.append(margin(logits, yb).cpu())
-    return torch.cat(preds), torch.cat(margs), zero_grads / len(x), prob_like
+        preds[i : i + bs] = logits.argmax(1).cpu()
+        margs[i : i + bs] = margin(logits, yb).cpu()
+    if layout.active:
+        parts = layout.gather((preds, margs, zero_grads, prob_like))
+        for b, i in enumerate(range(0, n, bs)):
+            p_preds, p_margs, *_ = parts[b % layout.world]
+            preds[i : i + bs], margs[i : i + bs] = p_preds[i : i + bs], p_margs[i : i + bs]
+        zero_grads = sum(p[2] for p in parts)
+        prob_like = all(p[3] for p in parts)
+    return preds, margs, zero_grads / n, prob_like
 
 
 def run_sweep(
@@ -133,6 +147,7 @@ def run_sweep(
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    layout: Dist = SINGLE,
 ) -> SweepResult:
     """Run every (model, attack, eps) cell not yet in ``out_dir/results.db``; then check and summarize.
 
@@ -150,9 +165,12 @@ def run_sweep(
         device: where to run.
         progress: progress bar with ETA over batches of all cells.
         log: receives one line per finished ladder.
+        layout: the torchrun layout (:mod:`robustse.distributed`): batches are sharded over
+            ranks, results gathered, and only rank 0 touches the store. Every rank must call
+            this with the same arguments.
 
     Returns:
-        :class:`SweepResult`.
+        :class:`SweepResult` (on ranks other than 0: no tables, ``cells`` and ``robust`` None).
 
     Example:
         >>> run_sweep([SweepModel("m", model, "m.safetensors")], [create_attack("fgsm")],
@@ -165,41 +183,35 @@ def run_sweep(
     eps = sorted({float(e) for e in epsilons})
     if len(dataset) == 0:
         raise DataError(f"{dataset.name}: the evaluation set is empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = ResultsStore(out_dir / "results.db")
+    ladders = {id(a): _ladder_of(a, eps) for a in attacks}
+    hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
+    store: ResultsStore | None = None
+    if layout.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        store = ResultsStore(out_dir / "results.db")
     computed = 0
     try:
-        # The same store must mean the same evaluation set and mode: never mix results.
-        store.check_identity("evalset", evalset_fingerprint(dataset), "evaluation set (dataset or --eval-subset)")
-        store.check_identity("accuracy_only", str(bool(accuracy_only)), "mode (--accuracy-only)")
-        store.set_meta("classes", json.dumps(list(dataset.classes)))
-        store.set_meta("dataset", dataset.name)
-        hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
-        for sm in models:
-            old = store.model_hash(sm.label)
-            if old is not None and old != hashes[sm.label]:  # retrained under the same name
-                dropped = store.delete_cells(sm.label)
-                if log:
-                    log(f"{sm.label}: weights changed since the stored results; recomputing {dropped} cell(s)")
-        for model_label, key, e in store.failed_cells():  # failed cells are retried
-            store.delete_cells(model_label, attack_key=key, eps=e)
-        x_all, y_all = dataset.x, dataset.y
+        todo_lists: list[list[float]] | None = None
+        if store is not None:
+            todo_lists = _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_only, log)
+        todo_lists = layout.broadcast(todo_lists)
+        assert todo_lists is not None
+        # the data lives on the device once (uint8), batches are sliced there: no host copies per batch
+        x_all, y_all = dataset.x.to(device), dataset.y.to(device)
         n = len(y_all)
         n_batches = (n + batch_size - 1) // batch_size
         probes = probes and not accuracy_only
-        ladders = {id(a): _ladder_of(a, eps) for a in attacks}
-        plan = [
-            (sm, atk, [e for e in ladders[id(atk)] if not store.has_cell(sm.label, attack_key(atk.describe()), e)])
-            for sm in models
-            for atk in attacks
-            if atk.name != "gate" or find_gates(sm.model)  # plain models have no gates to attack
-        ]
-        total = sum(n_batches * len(todo) for *_, todo in plan)
-        bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if progress else True, dynamic_ncols=True)
+        pairs = [(sm, atk) for sm in models for atk in attacks if atk.name != "gate" or find_gates(sm.model)]
+        plan = list(zip(pairs, todo_lists, strict=True))
+        total = sum(n_batches * len(todo) for _, todo in plan)
+        bar = tqdm(
+            total=total, desc="sweep", unit="batch", disable=None if progress and layout.is_main else True,
+            dynamic_ncols=True,
+        )  # fmt: skip
         clean_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         counters: dict[str, list[int]] = {}
         evaluators: dict[str, Evaluator] = {}
-        for sm, atk, todo in plan:
+        for (sm, atk), todo in plan:
             sm.model.to(device).eval()
             train_forwards = counters.setdefault(sm.label, [0])
             hook = sm.model.register_forward_pre_hook(
@@ -210,46 +222,38 @@ def run_sweep(
                     evaluators[sm.label] = Evaluator(sm.model)
                     with eval_mode(sm.model):
                         preds, margs, zero_frac, prob_like = _clean_pass(
-                            sm, evaluators[sm.label], x_all, y_all, batch_size, device
+                            sm, evaluators[sm.label], x_all, y_all, batch_size, device, layout
                         )
                     clean_cache[sm.label] = (preds, margs)
-                    store.write_model(
-                        sm.label,
-                        weight_hash=hashes[sm.label],
-                        checkpoint=sm.checkpoint,
-                        arch=sm.meta.get("arch"),
-                        n=n,
-                        clean_correct=int((preds == y_all).sum()),
-                        zero_grad_fraction=zero_frac,
-                        probability_like=int(prob_like),
-                        train_mode_forwards=train_forwards[0],
-                    )
+                    if store is not None:
+                        store.write_model(
+                            sm.label,
+                            weight_hash=hashes[sm.label],
+                            checkpoint=sm.checkpoint,
+                            arch=sm.meta.get("arch"),
+                            n=n,
+                            clean_correct=int((preds == y_all.cpu()).sum()),
+                            zero_grad_fraction=zero_frac,
+                            probability_like=int(prob_like),
+                            train_mode_forwards=train_forwards[0],
+                        )
                 if not todo:
                     continue
                 clean_pred, clean_margin = clean_cache[sm.label]
                 computed += _run_cells(
-                    store,
-                    sm,
-                    evaluators[sm.label],
-                    atk,
-                    ladders[id(atk)],
-                    todo,
-                    x_all,
-                    y_all,
-                    clean_pred,
-                    clean_margin,
-                    batch_size,
-                    accuracy_only,
-                    device,
-                    bar,
-                    (probe_subsample if probes else None),
-                )
-                store.update_model(sm.label, train_mode_forwards=train_forwards[0])
-                if log:
+                    store, sm, evaluators[sm.label], atk, ladders[id(atk)], todo, x_all, y_all, clean_pred,
+                    clean_margin, batch_size, accuracy_only, device, bar, (probe_subsample if probes else None), layout,
+                )  # fmt: skip
+                forwards = int(layout.all_sum(train_forwards[0]))
+                if store is not None:
+                    store.update_model(sm.label, train_mode_forwards=forwards)
+                if log and layout.is_main:
                     log(f"{sm.label} × {atk.name}: {len(todo)} eps done")
             finally:
                 hook.remove()
         bar.close()
+        if store is None:
+            return SweepResult(out_dir, None, None, [], computed)
         num_classes = len(dataset.classes)
         keys = [attack_key(a.describe()) for a in attacks]
         checks = run_checks(store, num_classes=num_classes, models=labels, attack_keys=keys)
@@ -259,8 +263,32 @@ def run_sweep(
         cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
         robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     return SweepResult(out_dir, cells, robust, checks, computed)
+
+
+def _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_only, log) -> list[list[float]]:  # type: ignore[no-untyped-def]
+    """Check the store is this sweep's, drop stale and failed cells; the eps still to run per pair."""
+    # The same store must mean the same evaluation set and mode: never mix results.
+    store.check_identity("evalset", evalset_fingerprint(dataset), "evaluation set (dataset or --eval-subset)")
+    store.check_identity("accuracy_only", str(bool(accuracy_only)), "mode (--accuracy-only)")
+    store.set_meta("classes", json.dumps(list(dataset.classes)))
+    store.set_meta("dataset", dataset.name)
+    for sm in models:
+        old = store.model_hash(sm.label)
+        if old is not None and old != hashes[sm.label]:  # retrained under the same name
+            dropped = store.delete_cells(sm.label)
+            if log:
+                log(f"{sm.label}: weights changed since the stored results; recomputing {dropped} cell(s)")
+    for model_label, key, e in store.failed_cells():  # failed cells are retried
+        store.delete_cells(model_label, attack_key=key, eps=e)
+    return [
+        [e for e in ladders[id(atk)] if not store.has_cell(sm.label, attack_key(atk.describe()), e)]
+        for sm in models
+        for atk in attacks
+        if atk.name != "gate" or find_gates(sm.model)  # plain models have no gates to attack
+    ]
 
 
 def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
@@ -277,26 +305,29 @@ def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
     return [e for e in eps if e == 0 or e in atk.only_eps]
 
 
-def _run_cells(
-    store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, subsample
-):  # type: ignore[no-untyped-def]
+def _run_cells(  # type: ignore[no-untyped-def]
+    store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, subsample,
+    layout,
+):  # fmt: skip
     """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
 
     The clean-input gradient of attacks without a random start is computed once per batch and
     reused by every rung (FGSM's whole ladder costs one backward pass per batch). In accuracy-only
     mode a rung attacks only the examples that survived the rung below it; the others keep their
     earlier adversarial, which lies inside every larger ball. With ``subsample`` (not None) every
-    batch is also probed (:class:`~robustse.drift.CellProbe`).
+    batch is also probed (:class:`~robustse.drift.CellProbe`). Under torchrun each rank runs its
+    batches; the rung's results are gathered on every rank and rank 0 (``store``) writes them.
     """
     key = attack_key(atk.describe())
     n = len(y_all)
+    y_cpu = y_all.cpu()
     grads: dict[int, torch.Tensor | None] = {}
     frozen_clean: dict[int, torch.Tensor | None] = {}
-    prev_correct, prev_pred, prev_margin = clean_pred == y_all, clean_pred.clone(), clean_margin.clone()
+    prev_correct, prev_pred, prev_margin = clean_pred == y_cpu, clean_pred.clone(), clean_margin.clone()
     for rung, e in enumerate(eps):
         if e not in todo:
             if accuracy_only:  # a finished rung (resumed run): its survivors seed the next one
-                rows = store.cell_rows(sm.label, key, e)
+                rows = layout.broadcast(store.cell_rows(sm.label, key, e) if store is not None else None)
                 prev_correct = torch.tensor([bool(r[0]) for r in rows])
                 prev_pred = torch.tensor([r[1] for r in rows])
                 prev_margin = torch.tensor([r[2] for r in rows], dtype=clean_margin.dtype)
@@ -306,7 +337,9 @@ def _run_cells(
         stats = {"linf": 0.0, "l2": 0.0, "min": 1.0, "max": 0.0, "nonfinite": 0}
         probe = None if subsample is None else CellProbe(n, subsample=subsample, gate_means=sm.gate_means)
         for b, i in enumerate(range(0, n, bs)):
-            xb, yb = to_float(x_all[i : i + bs].to(device)), y_all[i : i + bs].to(device)
+            if not layout.owns(b):
+                continue
+            xb, yb = to_float(x_all[i : i + bs]), y_all[i : i + bs]
             if b not in grads:
                 grads[b] = atk.clean_gradient(sm.model, xb, yb)
             rows = torch.arange(len(yb))
@@ -336,8 +369,23 @@ def _run_cells(
                 adv_margin[i + rows] = margin(logits, yb[sub]).cpu()
                 if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
                     frozen_clean[b] = probe.add(sm.model, xb, adv, yb, i, frozen_clean=frozen_clean.get(b))
-            bar.update(1)
-        correct = pred == y_all
+            bar.update(layout.world if layout.is_main else 1)
+        if layout.active:  # every rank gets every batch's results, in batch order
+            parts = layout.gather((pred, adv_margin, stats, probe))
+            for b, i in enumerate(range(0, n, bs)):
+                p_pred, p_margin, *_ = parts[b % layout.world]
+                pred[i : i + bs], adv_margin[i : i + bs] = p_pred[i : i + bs], p_margin[i : i + bs]
+            stats = {
+                "linf": max(p[2]["linf"] for p in parts), "l2": max(p[2]["l2"] for p in parts),
+                "min": min(p[2]["min"] for p in parts), "max": max(p[2]["max"] for p in parts),
+                "nonfinite": sum(p[2]["nonfinite"] for p in parts),
+            }  # fmt: skip
+            if probe is not None:
+                probe = CellProbe.merge([p[3] for p in parts])
+        correct = pred == y_cpu
+        prev_correct, prev_pred, prev_margin = correct, pred, adv_margin
+        if store is None:
+            continue
         ok = stats["nonfinite"] == 0
         cell = Cell(
             sm.label,
@@ -358,7 +406,7 @@ def _run_cells(
         )
         columns = [
             range(n),
-            y_all.tolist(),
+            y_cpu.tolist(),
             clean_pred.tolist(),
             pred.tolist(),
             correct.int().tolist(),
@@ -376,7 +424,6 @@ def _run_cells(
                 "gallery": probe.gallery_rows(),
             }
         store.write_cell(cell, zip(*columns, strict=True), tables)
-        prev_correct, prev_pred, prev_margin = correct, pred, adv_margin
     return len(todo)
 
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .config import DataConfig, TrainConfig
 from .data import Dataset, dataset_info, load_dataset, to_float
+from .distributed import SINGLE, Dist
 from .errors import CheckpointError, DataError, ModelError, TrainingError
 from .models import create_model
 
@@ -140,6 +141,7 @@ def train_model(
     log: Callable[[str], None] | None = None,
     splits: tuple[Dataset, Dataset] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    layout: Dist = SINGLE,
 ) -> TrainResult:
     """Train ``arch`` and save it to ``out`` (a ``.safetensors`` checkpoint).
 
@@ -159,6 +161,10 @@ def train_model(
         log: receives one line per epoch.
         splits: preloaded (train, test) datasets, to skip loading.
         on_epoch: called as ``on_epoch(epoch, record)`` after each epoch is saved.
+        layout: under torchrun (:mod:`robustse.distributed`), the model is wrapped in
+            DistributedDataParallel and every global batch of ``batch_size`` is split over the
+            ranks; rank 0 evaluates and writes the resume file and the checkpoint (the output
+            folder must be shared by all ranks). Batch norm statistics are per rank.
 
     Returns:
         :class:`TrainResult` with the model in eval mode.
@@ -195,6 +201,13 @@ def train_model(
     )
     model.to(device)
     _check_input_fits(model, train_set, device)
+    net: nn.Module = model  # what the training steps call: the model, or its DDP wrapper
+    if layout.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
 
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     opt = torch.optim.SGD(
@@ -230,8 +243,12 @@ def train_model(
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc. draw globally: same on resume
         perm = torch.randperm(len(train_set), generator=gen).to(device)
+        # augmentation draws: one stream in a single process; one per rank under torchrun
+        aug_gen = (
+            gen if not layout.active else torch.Generator().manual_seed(seed * 1_000_003 + epoch * 997 + layout.rank)
+        )
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen = 0.0, 0.0, 0.0
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"{arch} s{seed} ep {epoch + 1}/{cfg.epochs}",
@@ -242,18 +259,22 @@ def train_model(
         )
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            if layout.active:  # this rank's share of the global batch
+                idx = idx[layout.rank :: layout.world]
             x, y = to_float(x_train[idx]), y_train[idx]
             if cfg.augment:
-                x = augment(x, pad=pad, hflip=info.hflip, gen=gen)
+                x = augment(x, pad=pad, hflip=info.hflip, gen=aug_gen)
             if cfg.adv_eps > 0:
-                x = fgsm_random_start(model, x, y, eps=cfg.adv_eps, gen=gen)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+                x = fgsm_random_start(model, x, y, eps=cfg.adv_eps, gen=aug_gen)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
             if not torch.isfinite(loss):
                 raise TrainingError(f"{arch} seed {seed}: loss became {loss.item()} at epoch {epoch + 1} (lower --lr?)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
@@ -261,7 +282,15 @@ def train_model(
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        test_acc = evaluate_accuracy(model, test_set, batch_size=cfg.eval_batch_size, device=device)
+        if layout.active:  # epoch totals over all ranks; rank 0 evaluates for everyone
+            loss_sum, correct, seen = (layout.all_sum(v) for v in (loss_sum, correct, seen))
+            test_acc = layout.broadcast(
+                evaluate_accuracy(model, test_set, batch_size=cfg.eval_batch_size, device=device)
+                if layout.is_main
+                else None
+            )
+        else:
+            test_acc = evaluate_accuracy(model, test_set, batch_size=cfg.eval_batch_size, device=device)
         record = {
             "epoch": epoch + 1,
             "loss": loss_sum / seen,
@@ -270,18 +299,20 @@ def train_model(
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)
-        _atomic_torch_save(
-            {
-                "fingerprint": fingerprint,
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "history": json.dumps(history),
-            },
-            resume_path,
-        )
-        if log:
+        if layout.is_main:
+            _atomic_torch_save(
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "history": json.dumps(history),
+                },
+                resume_path,
+            )
+        layout.barrier()
+        if log and layout.is_main:
             log(
                 f"{arch} seed {seed} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
                 f"train {record['train_acc']:.4f} test {test_acc:.4f} ({record['seconds']:.1f}s)"
@@ -307,8 +338,10 @@ def train_model(
     means = training_gate_means(model, train_set)
     if means:  # stored with the model for the frozen_mean intervention (DESIGN §6)
         meta["gate_means"] = {k: v.tolist() for k, v in means.items()}
-    save_checkpoint(model, out, meta=meta)
-    resume_path.unlink(missing_ok=True)
+    if layout.is_main:
+        save_checkpoint(model, out, meta=meta)
+        resume_path.unlink(missing_ok=True)
+    layout.barrier()
     return TrainResult(model, out, read_metadata(out), history, start_epoch)
 
 
