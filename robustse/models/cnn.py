@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import Block, Classifier, ConvBNReLU, SEBlock, init_weights, make_normalize
+from .layers import Block, Classifier, ConvBNReLU, MaxPool2d, SEBlock, init_weights, make_normalize
 from .registry import register_twins
 
 
@@ -25,7 +25,7 @@ class VGGStage(Block):
         super().__init__()
         self.convs = nn.Sequential(*[ConvBNReLU(cin if i == 0 else cout, cout) for i in range(convs)])
         self.se = SEBlock(cout, **se) if se is not None else nn.Identity()
-        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.pool = MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         return self.pool(self.se(self.convs(x)))
