@@ -36,6 +36,12 @@ class Snapshot:
     blocks: dict[str, torch.Tensor]
 
 
+def snapshot_bytes(snap: Snapshot) -> int:
+    """Memory held by a snapshot's tensors."""
+    tables = (snap.gates, snap.gate_inputs, snap.gate_outputs, snap.blocks)
+    return snap.logits.nbytes + sum(t.nbytes for table in tables for t in table.values())
+
+
 @torch.no_grad()
 def snapshot(model: nn.Module, x: torch.Tensor) -> Snapshot:
     """One recorded forward pass of ``x``."""
@@ -119,18 +125,24 @@ class CellProbe:
         start: int,
         *,
         frozen_clean: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
+        clean: Snapshot | None = None,
+    ) -> tuple[torch.Tensor | None, Snapshot]:
         """Measure the batch ``x`` → ``x_p`` of examples ``start ... start + B - 1``.
 
+        Args:
+            frozen_clean: the frozen_mean logits of ``x`` from an earlier call, if any.
+            clean: the recorded clean pass of ``x`` from an earlier call, if any.
+
         Returns:
-            The frozen_mean logits of the clean batch (pass them back as ``frozen_clean`` for the
-            same batch at the next eps to save a forward pass), or None.
+            (frozen_mean logits of ``x`` or None, the clean recorded pass): pass them back for the
+            same batch at the next eps or attack to save their forward passes.
         """
         rows = slice(start, start + len(x))
         if self.seen is None:
             self.seen = torch.zeros(self.n, dtype=torch.bool)
         self.seen[rows] = True
-        clean, pert = snapshot(model, x), snapshot(model, x_p)
+        clean = clean if clean is not None else snapshot(model, x)
+        pert = snapshot(model, x_p)
         f, f_p, delta = clean.logits, pert.logits, x_p - x
         cols = {
             "logit_sensitivity": M.logit_sensitivity(f, f_p, delta),
@@ -163,7 +175,7 @@ class CellProbe:
                 self.class_sums[key2] = self.class_sums.get(key2, 0) + s.cpu()[mask].double().sum(0)
         for j in range(max(0, min(self.gallery - start, len(x)))):
             self.images[start + j] = x_p[j].float().cpu()
-        return frozen_clean
+        return frozen_clean, clean
 
     # ------------------------------------------------------------------ rows for the store
 

@@ -25,7 +25,7 @@ from .checkpoint import weight_hash
 from .checks import Check, run_checks
 from .data import Dataset, to_float
 from .distributed import SINGLE, Dist
-from .drift import CellProbe
+from .drift import CellProbe, snapshot_bytes
 from .errors import DataError, SpecError
 from .metrics import margin
 from .probes import find_gates
@@ -209,6 +209,7 @@ def run_sweep(
             dynamic_ncols=True,
         )  # fmt: skip
         clean_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        clean_snaps: dict[str, _SnapCache] = {}  # recorded clean passes for probes, per model and batch
         counters: dict[str, list[int]] = {}
         evaluators: dict[str, Evaluator] = {}
         for (sm, atk), todo in plan:
@@ -243,6 +244,7 @@ def run_sweep(
                 computed += _run_cells(
                     store, sm, evaluators[sm.label], atk, ladders[id(atk)], todo, x_all, y_all, clean_pred,
                     clean_margin, batch_size, accuracy_only, device, bar, (probe_subsample if probes else None), layout,
+                    clean_snaps,
                 )  # fmt: skip
                 forwards = int(layout.all_sum(train_forwards[0]))
                 if store is not None:
@@ -291,6 +293,24 @@ def _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_on
     ]
 
 
+class _SnapCache(dict):  # type: ignore[type-arg]
+    """Recorded clean passes of one model by batch, within a memory budget (bytes left)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+
+
+def _probe_cache_bytes() -> int:
+    """Memory for reusing recorded clean passes across cells: $ROBUSTSE_PROBE_CACHE_MB (512)."""
+    import os
+
+    try:
+        return max(0, int(os.environ.get("ROBUSTSE_PROBE_CACHE_MB", "512"))) * 2**20
+    except ValueError:
+        return 512 * 2**20
+
+
 def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
     """The rungs ``atk`` runs: the sweep's ladder, or its ``only_eps`` (with 0) where set.
 
@@ -307,7 +327,7 @@ def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
 
 def _run_cells(  # type: ignore[no-untyped-def]
     store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, subsample,
-    layout,
+    layout, clean_snaps,
 ):  # fmt: skip
     """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
 
@@ -323,6 +343,9 @@ def _run_cells(  # type: ignore[no-untyped-def]
     y_cpu = y_all.cpu()
     grads: dict[int, torch.Tensor | None] = {}
     frozen_clean: dict[int, torch.Tensor | None] = {}
+    for other in [k for k in clean_snaps if k != sm.label]:  # models run one after another: free the last one's
+        del clean_snaps[other]
+    snaps = clean_snaps.setdefault(sm.label, _SnapCache(_probe_cache_bytes()))
     prev_correct, prev_pred, prev_margin = clean_pred == y_cpu, clean_pred.clone(), clean_margin.clone()
     for rung, e in enumerate(eps):
         if e not in todo:
@@ -368,7 +391,12 @@ def _run_cells(  # type: ignore[no-untyped-def]
                 pred[i + rows] = logits.argmax(1).cpu()
                 adv_margin[i + rows] = margin(logits, yb[sub]).cpu()
                 if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
-                    frozen_clean[b] = probe.add(sm.model, xb, adv, yb, i, frozen_clean=frozen_clean.get(b))
+                    frozen_clean[b], snap = probe.add(
+                        sm.model, xb, adv, yb, i, frozen_clean=frozen_clean.get(b), clean=snaps.get(b)
+                    )
+                    if b not in snaps and snaps.budget >= snapshot_bytes(snap):  # reuse the clean pass
+                        snaps[b] = snap
+                        snaps.budget -= snapshot_bytes(snap)
             bar.update(layout.world if layout.is_main else 1)
         if layout.active:  # every rank gets every batch's results, in batch order
             parts = layout.gather((pred, adv_margin, stats, probe))
