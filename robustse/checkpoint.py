@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: the error below says enough
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: refused: the pickle holds objects other than tensors and plain containers "

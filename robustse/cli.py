@@ -59,6 +59,7 @@ class Ctx:
 
     def __init__(self, device: str, seed: int, quiet: bool) -> None:
         self.device_name, self.seed, self.quiet = device, seed, quiet
+        self.verbose = False
 
     @property
     def device(self):  # type: ignore[no-untyped-def]
@@ -81,6 +82,11 @@ class Ctx:
         if not self.quiet:
             click.echo(message, err=True)
 
+    @property
+    def debug(self):  # type: ignore[no-untyped-def]
+        """A logger for --verbose detail, or None."""
+        return self.log if self.verbose and not self.quiet else None
+
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
@@ -95,11 +101,17 @@ pass_ctx = click.make_pass_decorator(Ctx)
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, order and attacks.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; results only.")
+@click.option("--verbose", "-v", is_flag=True, help="More log lines (per cell: accuracy and time).")
 @click.version_option(package_name="robustse")
 @click.pass_context
-def cli(ctx: click.Context, device: str, seed: int, quiet: bool) -> None:
-    """robustse: does Squeeze-and-Excitation gating damp adversarial perturbations?"""
+def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) -> None:
+    """robustse: does Squeeze-and-Excitation gating damp adversarial perturbations?
+
+    Shell completion (bash): eval "$(_ROBUSTSE_COMPLETE=bash_source robustse)"; zsh and fish:
+    zsh_source, fish_source.
+    """
     ctx.obj = Ctx(device, seed, quiet)
+    ctx.obj.verbose = verbose and not quiet
 
 
 # --------------------------------------------------------------------------- shared options
@@ -588,6 +600,7 @@ def sweep_cmd(
         progress=not obj.quiet,
         log=obj.log,
         layout=layout,
+        debug=obj.debug,
     )
     if not layout.is_main:
         return

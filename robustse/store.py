@@ -342,6 +342,20 @@ class ResultsStore:
         self.examples().drop(columns=["cell_id"]).to_csv(path, index=False)
         return path
 
+    def export_parquet(self, path: PathLike) -> Path | None:
+        """The same table as :meth:`export_csv` as Parquet, if pyarrow is installed (else None)."""
+        if not _has_pyarrow():
+            return None
+        path = Path(path)
+        self.examples().drop(columns=["cell_id"]).to_parquet(path, index=False)
+        return path
+
+
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
 
 def _chain_first(first: tuple[Any, ...], rest: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
     yield first

@@ -148,6 +148,7 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     layout: Dist = SINGLE,
+    debug: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Run every (model, attack, eps) cell not yet in ``out_dir/results.db``; then check and summarize.
 
@@ -165,6 +166,7 @@ def run_sweep(
         device: where to run.
         progress: progress bar with ETA over batches of all cells.
         log: receives one line per finished ladder.
+        debug: receives the plan and one line per finished cell (``--verbose``).
         layout: the torchrun layout (:mod:`robustse.distributed`): batches are sharded over
             ranks, results gathered, and only rank 0 touches the store. Every rank must call
             this with the same arguments.
@@ -204,6 +206,8 @@ def run_sweep(
         pairs = [(sm, atk) for sm in models for atk in attacks if atk.name != "gate" or find_gates(sm.model)]
         plan = list(zip(pairs, todo_lists, strict=True))
         total = sum(n_batches * len(todo) for _, todo in plan)
+        if debug and layout.is_main:
+            debug(f"cells to run: {sum(len(todo) for _, todo in plan)} ({n} examples, batch {batch_size})")
         bar = tqdm(
             total=total, desc="sweep", unit="batch", disable=None if progress and layout.is_main else True,
             dynamic_ncols=True,
@@ -244,7 +248,7 @@ def run_sweep(
                 computed += _run_cells(
                     store, sm, evaluators[sm.label], atk, ladders[id(atk)], todo, x_all, y_all, clean_pred,
                     clean_margin, batch_size, accuracy_only, device, bar, (probe_subsample if probes else None), layout,
-                    clean_snaps,
+                    clean_snaps, debug,
                 )  # fmt: skip
                 forwards = int(layout.all_sum(train_forwards[0]))
                 if store is not None:
@@ -261,6 +265,7 @@ def run_sweep(
         checks = run_checks(store, num_classes=num_classes, models=labels, attack_keys=keys)
         store.write_checks((c.model, c.name, c.status, c.detail) for c in checks)
         store.export_csv(out_dir / "results.csv")
+        store.export_parquet(out_dir / "results.parquet")  # when pyarrow is installed
         cells = store.cells()
         cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
         robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps)
@@ -327,7 +332,7 @@ def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
 
 def _run_cells(  # type: ignore[no-untyped-def]
     store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, subsample,
-    layout, clean_snaps,
+    layout, clean_snaps, debug=None,
 ):  # fmt: skip
     """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
 
@@ -452,6 +457,9 @@ def _run_cells(  # type: ignore[no-untyped-def]
                 "gallery": probe.gallery_rows(),
             }
         store.write_cell(cell, zip(*columns, strict=True), tables)
+        if debug:
+            acc = cell.correct / n
+            debug(f"  {sm.label} {atk.name} eps={e:g}: accuracy {acc:.4f} ({cell.seconds:.1f}s, {cell.status})")
     return len(todo)
 
 
