@@ -1,0 +1,65 @@
+"""The quick experiment's phase timings, before and after a change: an older commit vs this tree.
+
+Checks out ``--before`` (a git ref) into a temporary worktree, then runs
+``robustse experiment --spec attacks/quick.toml`` from scratch (training included) with that
+code and with this working tree, alternating, ``--repeats`` times each, in fresh output folders;
+prints each run's phase timings from its ``manifest.json`` and the medians.
+
+    python benchmarks/quick_phases.py --before 523a079 [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ("data", "train", "sweep", "report")
+
+
+def run(code: Path, out: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    check = subprocess.run(
+        [sys.executable, "-c", "import robustse; print(robustse.__file__)"], env=env, capture_output=True, text=True
+    )
+    assert check.stdout.startswith(str(code)), f"wrong robustse imported: {check.stdout}"
+    spec = str(ROOT / "attacks" / "quick.toml")
+    cmd = [sys.executable, "-m", "robustse.cli", "--quiet", "experiment", "--spec", spec]
+    subprocess.run([*cmd, "--out", str(out)], env=env, cwd=code, check=True, capture_output=True)
+    return json.loads((out / "manifest.json").read_text())["timings_seconds"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--before", required=True, help="git ref of the code before the change")
+    p.add_argument("--repeats", type=int, default=1)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before], check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            times: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+            for r in range(args.repeats):
+                for label, code in (("before", old), ("after", ROOT)):
+                    t = run(code, Path(tmp) / f"{label}{r}")
+                    times[label].append(t)
+                    line = ", ".join(f"{k} {t.get(k, 0):.1f}s" for k in PHASES)
+                    print(f"{label:<7} run {r + 1}: {line}", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
+    print(f"\nmedians over {args.repeats} run(s) each ({args.before} vs working tree):")
+    for k in PHASES:
+        b = statistics.median(t.get(k, 0.0) for t in times["before"])
+        a = statistics.median(t.get(k, 0.0) for t in times["after"])
+        print(f"  {k:<7} before {b:7.1f}s  after {a:7.1f}s  ({b / a if a else float('nan'):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
