@@ -23,15 +23,23 @@ ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("data", "train", "sweep", "report")
 
 
+# Runs robustse.cli from the folder CODE, bypassing an editable install's import hook (which would
+# otherwise import the working tree's robustse whatever sys.path says).
+BOOT = """import runpy, sys
+code = sys.argv.pop(1)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, code)
+import robustse
+assert robustse.__file__.startswith(code), robustse.__file__
+sys.argv[0] = "robustse"
+runpy.run_module("robustse.cli", run_name="__main__")
+"""
+
+
 def run(code: Path, out: Path) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(code)}
-    check = subprocess.run(
-        [sys.executable, "-c", "import robustse; print(robustse.__file__)"], env=env, capture_output=True, text=True
-    )
-    assert check.stdout.startswith(str(code)), f"wrong robustse imported: {check.stdout}"
     spec = str(ROOT / "attacks" / "quick.toml")
-    cmd = [sys.executable, "-m", "robustse.cli", "--quiet", "experiment", "--spec", spec]
-    subprocess.run([*cmd, "--out", str(out)], env=env, cwd=code, check=True, capture_output=True)
+    cmd = [sys.executable, "-c", BOOT, str(code), "--quiet", "experiment", "--spec", spec, "--out", str(out)]
+    subprocess.run(cmd, cwd=code, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ""})
     return json.loads((out / "manifest.json").read_text())["timings_seconds"]
 
 
