@@ -38,6 +38,7 @@ MEASURE_NAMES = {
     "kl": "KL divergence",
     "flip_rate": "flip rate",
     "amplification_last_block": "amplification (last block)",
+    "log_sensitivity_vs_noise": "ln(sensitivity / noise's)",
 }
 
 
@@ -365,7 +366,10 @@ def headline(c: Any, main: str | None) -> Any:
     """The verdict rows: per twin group, the worst-case robust accuracy and the headline
     measurements of the main attack, at every eps (``c``: :func:`robustse.stats.comparison_table`)."""
     keep = (c.measurement == "robust_accuracy") | (
-        (c.attack == main) & c.measurement.isin(["logit_sensitivity", "kl", "flip_rate", "amplification_last_block"])
+        (c.attack == main)
+        & c.measurement.isin(
+            ["log_sensitivity_vs_noise", "logit_sensitivity", "kl", "flip_rate", "amplification_last_block"]
+        )
     )
     return c[keep]
 

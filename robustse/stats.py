@@ -304,6 +304,23 @@ def worst_case_examples(examples: Any) -> Any:
     return ex.groupby(["model", "eps", "idx"], as_index=False).correct.min()
 
 
+def _with_noise_ratio(ex: Any) -> Any:
+    """Add ``log_sensitivity_vs_noise`` = ln(sensitivity under the attack / under the noise
+    control) for the same model, example and eps: how much more the output moves along the
+    adversarial direction than along a random one of the same size. Unlike raw sensitivity it
+    does not depend on the overall scale of a network's logits (NaN where it is undefined)."""
+    if "logit_sensitivity" not in ex or not (ex.attack == "noise").any():
+        return ex
+    noise = ex[ex.attack == "noise"][["model", "norm", "eps", "idx", "logit_sensitivity"]]
+    noise = noise.rename(columns={"logit_sensitivity": "_noise_sens"})
+    out = ex.merge(noise, on=["model", "norm", "eps", "idx"], how="left")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.log(out.logit_sensitivity.to_numpy(dtype=float) / out._noise_sens.to_numpy(dtype=float))
+    ratio[~np.isfinite(ratio) | (out.attack == "noise").to_numpy()] = np.nan
+    out["log_sensitivity_vs_noise"] = ratio
+    return out.drop(columns="_noise_sens")
+
+
 def comparison_table(
     examples: Any,
     models: Any,
@@ -317,7 +334,8 @@ def comparison_table(
 
     Measurements: ``robust_accuracy`` (worst case over the attacks; higher = SE damps) and, for
     every attack and the noise control, ``logit_sensitivity``, ``kl``, ``flip_rate`` and, where
-    probes stored them, the last block's ``amplification`` (lower = SE damps). eps = 0 rows are
+    probes stored them, the last block's ``amplification``; for every attack
+    ``log_sensitivity_vs_noise`` (lower = SE damps, for all of these). eps = 0 rows are
     left out (nothing is perturbed). p-values are Holm-corrected across the eps of each
     (arm, family, measurement, attack).
 
@@ -330,6 +348,7 @@ def comparison_table(
     r = Resampler(n_boot=n_boot, n_perm=n_boot, seed=seed)
     ex = examples[examples.eps > 0].copy()
     ex["flip_rate"] = (ex.adv_pred != ex.clean_pred).astype(float)
+    ex = _with_noise_ratio(ex)
     worst = worst_case_examples(ex)
     last_block = None
     if site_examples is not None and not site_examples.empty:
@@ -345,7 +364,7 @@ def comparison_table(
             if attack == "gate":  # runs on SE models only: nothing to compare
                 continue
             sub = mine[mine.attack == attack]
-            for measure in OUTPUT_MEASURES:
+            for measure in (*OUTPUT_MEASURES, "log_sensitivity_vs_noise"):
                 if measure in sub and sub[measure].notna().any():
                     jobs.append((measure, attack, sub, measure, False))
             if last_block is not None:

@@ -112,3 +112,29 @@ def test_compare_paired_seeds_and_shape_errors():
     assert d.diff == pytest.approx(1.0) and d.ci_low == pytest.approx(1.0) and d.ci_high == pytest.approx(1.0)
     with pytest.raises(ValueError, match="different examples"):
         S.compare(a, a[:, :2])
+
+
+def test_sensitivity_relative_to_noise_cancels_the_logit_scale():
+    """SE's logits twice as large: raw sensitivity doubles, its ratio to noise does not move."""
+    rng = np.random.default_rng(3)
+    rows, models = [], []
+    n = 300
+    base_attack = rng.gamma(4.0, 1.0, size=n) + 1.0
+    base_noise = rng.gamma(2.0, 0.5, size=n) + 0.2
+    for s in range(3):
+        for se in (False, True):
+            label = f"{'se_' if se else ''}net_s{s}"
+            models.append({"label": label, "family": "net", "se": se, "arm": "main", "seed": s})
+            scale = 2.0 if se else 1.0
+            for attack, base in (("pgd", base_attack), ("noise", base_noise)):
+                sens = scale * base * np.exp(rng.normal(0, 0.05, size=n))
+                for i in range(n):
+                    rows.append((label, attack, "linf", 0.03, i, 1, 3, 3, sens[i], 0.1))
+    cols = ["model", "attack", "norm", "eps", "idx", "correct", "clean_pred", "adv_pred", "logit_sensitivity", "kl"]
+    table = S.comparison_table(pd.DataFrame(rows, columns=cols), pd.DataFrame(models), n_boot=500)
+    raw = table[(table.measurement == "logit_sensitivity") & (table.attack == "pgd")].iloc[0]
+    rel = table[(table.measurement == "log_sensitivity_vs_noise") & (table.attack == "pgd")].iloc[0]
+    assert raw.verdict == "SE amplifies" and raw["diff"] > 1.0
+    assert rel.verdict == "no evidence" and abs(rel["diff"]) < 0.05
+    assert rel.se_mean == pytest.approx(np.log(base_attack / base_noise).mean(), abs=0.05)
+    assert "log_sensitivity_vs_noise" not in set(table[table.attack == "noise"].measurement)
