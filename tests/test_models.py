@@ -164,3 +164,21 @@ def test_torchvision_model_gates_equal_squeeze_excitation_count():
 def test_unknown_torchvision_model_suggests():
     with pytest.raises(ModelError, match="unknown torchvision classifier 'resnet181'.*resnet18"):
         rs.create_model("torchvision:resnet181")
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 28, 28), (4, 32, 14, 14), (3, 4, 7, 7), (2, 3, 9, 6)])
+def test_fast_max_pool_equals_torch_values_and_gradients(shape):
+    from robustse.models.layers import MaxPool2d
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(*shape)).round()  # many ties: zeros and equal integers
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = torch.nn.MaxPool2d(2)(a), MaxPool2d(2)(b)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+    with torch.no_grad():
+        assert torch.equal(torch.nn.MaxPool2d(2)(x), MaxPool2d(2)(x))
+        cl = x.contiguous(memory_format=torch.channels_last)
+        assert MaxPool2d(2)(cl).is_contiguous(memory_format=torch.channels_last)
