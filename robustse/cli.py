@@ -94,10 +94,9 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.group(cls=RobustseGroup, context_settings=CONTEXT)
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
     show_default=True,
-    help="Where to run: auto picks CUDA when present.",
+    help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, order and attacks.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; results only.")
@@ -110,6 +109,12 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
     Shell completion (bash): eval "$(_ROBUSTSE_COMPLETE=bash_source robustse)"; zsh and fish:
     zsh_source, fish_source.
     """
+    import re
+
+    from .errors import DeviceError
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):  # availability is checked when a command needs it
+        raise DeviceError(f"unknown device {device!r} (valid: auto, cpu, cuda, cuda:N)")
     ctx.obj = Ctx(device, seed, quiet)
     ctx.obj.verbose = verbose and not quiet
 

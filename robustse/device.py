@@ -26,7 +26,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError(f"device {name!r} requested but CUDA is not available here (use --device cpu or auto)")
         return torch.device(name)
-    raise DeviceError(f"unknown device {name!r} (valid: {', '.join(DEVICES)})")
+    raise DeviceError(f"unknown device {name!r} (valid: auto, cpu, cuda, cuda:N)")
 
 
 def seed_everything(seed: int) -> None:

@@ -215,7 +215,8 @@ def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> d
                     sums[name] = sums.get(name, 0) + s.double().sum(0)
     finally:
         model.train(was_training)
-    return {name: (v / len(x)).float() for name, v in sums.items()}
+    # on the CPU: small, stored in metadata, and sent between torchrun ranks inside probes
+    return {name: (v / len(x)).float().cpu() for name, v in sums.items()}
 
 
 @contextlib.contextmanager

@@ -226,6 +226,8 @@ def train_model(
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if state.get("scaler") and scaler.is_enabled():  # CUDA mixed precision: the loss scale continues
+                scaler.load_state_dict(state["scaler"])
             history = json.loads(state["history"])
             start_epoch = int(state["epoch"])
             if log:
@@ -307,6 +309,7 @@ def train_model(
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "history": json.dumps(history),
                 },
                 resume_path,

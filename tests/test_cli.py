@@ -190,6 +190,8 @@ def test_checkpoint_against_data_with_other_channels(tmp_path, trained, monkeypa
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
 def test_cuda_without_gpu():
     assert_user_error(run("--device", "cuda", "eval", "x.safetensors"), "CUDA is not available")
+    assert_user_error(run("--device", "cuda:1", "eval", "x.safetensors"), "CUDA is not available")
+    assert_user_error(run("--device", "tpu", "eval", "x.safetensors"), "unknown device 'tpu'")
 
 
 def test_unknown_command_and_option():
