@@ -217,14 +217,17 @@ def run_sweep(
         counters: dict[str, list[int]] = {}
         evaluators: dict[str, Evaluator] = {}
         for (sm, atk), todo in plan:
+            for done in [k for k in evaluators if k != sm.label]:  # models run one after another:
+                del evaluators[done]  # free the last one's prediction copy (GPU memory)
             sm.model.to(device).eval()
             train_forwards = counters.setdefault(sm.label, [0])
             hook = sm.model.register_forward_pre_hook(
                 lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(any(m.training for m in mod.modules())))
             )
             try:
-                if sm.label not in clean_cache:
+                if sm.label not in evaluators:
                     evaluators[sm.label] = Evaluator(sm.model)
+                if sm.label not in clean_cache:
                     with eval_mode(sm.model):
                         preds, margs, zero_frac, prob_like = _clean_pass(
                             sm, evaluators[sm.label], x_all, y_all, batch_size, device, layout
