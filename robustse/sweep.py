@@ -29,12 +29,12 @@ from .drift import CellProbe, snapshot_bytes
 from .errors import DataError, SpecError
 from .metrics import margin
 from .probes import find_gates
-from .stats import wilson_interval
+from .stats import CONTROLS, wilson_interval
 from .store import PROBE_COLUMNS, Cell, ResultsStore, attack_key
 
 # Perturbations that are measured but are not attacks on the label: they never count toward
 # robust accuracy (the noise control; the gate attack, which only SE models can run).
-CONTROL_ATTACKS = ("noise", "gate")
+CONTROL_ATTACKS = CONTROLS
 
 
 @dataclass
