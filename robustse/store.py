@@ -8,6 +8,7 @@ is lost or duplicated. Sanity-check outcomes go to ``checks``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -215,7 +216,7 @@ class ResultsStore:
             if first is not None:  # as many probe columns as the rows carry
                 cols = ("cell_id", *EXAMPLE_COLUMNS, *PROBE_COLUMNS)[: len(first) + 1]
                 sql = f"INSERT INTO examples ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                self.conn.executemany(sql, ((cell_id, *r) for r in _chain_first(first, it)))
+                self.conn.executemany(sql, ((cell_id, *r) for r in itertools.chain([first], it)))
             for table, trows in (probes or {}).items():
                 if table not in PROBE_TABLES:
                     raise ValueError(f"unknown probe table {table!r}")
@@ -355,11 +356,6 @@ def _has_pyarrow() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("pyarrow") is not None
-
-
-def _chain_first(first: tuple[Any, ...], rest: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
-    yield first
-    yield from rest
 
 
 def attack_key(description: dict[str, Any]) -> str:
