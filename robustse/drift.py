@@ -167,12 +167,13 @@ class CellProbe:
         for site_key, v in site_metrics(clean, pert, x, x_p).items():
             self._column(self.values, site_key)[rows] = v.double().cpu()
         labels = y.cpu()
+        gates = {name: s.double().cpu() for name, s in pert.gates.items()}  # one copy per gate, not per class
         for c in labels.unique().tolist():
             mask = labels == c
             self.class_counts[c] = self.class_counts.get(c, 0) + int(mask.sum())
-            for name, s in pert.gates.items():
+            for name, s in gates.items():
                 key2 = (name, c)
-                self.class_sums[key2] = self.class_sums.get(key2, 0) + s.cpu()[mask].double().sum(0)
+                self.class_sums[key2] = self.class_sums.get(key2, 0) + s[mask].sum(0)
         for j in range(max(0, min(self.gallery - start, len(x)))):
             self.images[start + j] = x_p[j].float().cpu()
         return frozen_clean, clean
