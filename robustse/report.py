@@ -28,7 +28,7 @@ import pandas as pd
 from . import plots
 from . import stats as S
 from ._types import PathLike
-from .errors import StoreError
+from .errors import ModelError, StoreError
 from .store import ResultsStore
 
 VERDICT_COLOURS = {"SE damps": "#1a7f37", "SE amplifies": "#cf222e", "no evidence": "#6e7781"}
@@ -72,7 +72,7 @@ def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
         arch = r["arch"] if isinstance(r["arch"], str) else None
         try:
             info = model_info(arch) if arch else None
-        except Exception:  # foreign architecture names (torchvision:...) are not in the registry
+        except ModelError:  # foreign architecture names (torchvision:...) are not in the registry
             info = None
         m = re.search(r"_s(\d+)$", r["model"])
         rows.append(
