@@ -10,6 +10,7 @@ MobileNetV3), and ``gate`` in timm's SE modules (``SEModule``, ``EffectiveSEModu
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -17,18 +18,26 @@ from torch import nn
 
 from .models.layers import SEBlock
 
-try:
-    from torchvision.ops import SqueezeExcitation
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    SqueezeExcitation = None
+
+@functools.cache
+def _torchvision_se() -> type | None:
+    """torchvision's SE class, imported on first use (importing torchvision costs ~1.6 s of start-up)."""
+    try:
+        from torchvision.ops import SqueezeExcitation
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    return SqueezeExcitation
 
 
 def _gate_of(module: nn.Module) -> tuple[str, nn.Module] | None:
     """(attribute name, gate module) if ``module`` is a known SE-style block, else None."""
     if isinstance(module, SEBlock):
         return "gate", module.gate
-    if SqueezeExcitation is not None and isinstance(module, SqueezeExcitation):
-        return "scale_activation", module.scale_activation
+    tv_se = _torchvision_se()
+    if tv_se is not None and isinstance(module, tv_se):
+        gate = module.scale_activation
+        assert isinstance(gate, nn.Module)
+        return "scale_activation", gate
     cls = type(module)
     # timm's SE modules, matched by class so timm stays an optional import; all apply `gate`
     # (a module) to the squeezed input and scale the input by its output.
