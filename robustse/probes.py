@@ -35,9 +35,9 @@ def _gate_of(module: nn.Module) -> tuple[str, nn.Module] | None:
         return "gate", module.gate
     tv_se = _torchvision_se()
     if tv_se is not None and isinstance(module, tv_se):
-        gate = module.scale_activation
-        assert isinstance(gate, nn.Module)
-        return "scale_activation", gate
+        act = module.scale_activation
+        assert isinstance(act, nn.Module)
+        return "scale_activation", act
     cls = type(module)
     # timm's SE modules, matched by class so timm stays an optional import; all apply `gate`
     # (a module) to the squeezed input and scale the input by its output.
