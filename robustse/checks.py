@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .store import ResultsStore
 
@@ -34,10 +34,15 @@ def run_checks(
     num_classes: int,
     models: Sequence[str] | None = None,
     attack_keys: Sequence[str] | None = None,
+    examples: Any = None,
 ) -> list[Check]:
-    """Run every check on the store's contents (optionally only some models and attacks)."""
+    """Run every check on the store's contents (optionally only some models and attacks).
+
+    ``examples``: the store's :meth:`~robustse.store.ResultsStore.examples` table if the caller
+    has already read it (a large store is read once per sweep, not once per use).
+    """
     cells = store.cells()
-    ex = store.examples()
+    ex = store.examples() if examples is None else examples
     if attack_keys is not None:
         cells = cells[cells.attack_key.isin(list(attack_keys))]
         ex = ex[ex.attack_key.isin(list(attack_keys))]

@@ -337,18 +337,23 @@ class ResultsStore:
 
         return pd.read_sql_query("SELECT * FROM checks ORDER BY model, name", self.conn)
 
-    def export_csv(self, path: PathLike) -> Path:
-        """Write every per-example row with its cell columns to ``path`` (CSV)."""
+    def export_csv(self, path: PathLike, examples=None) -> Path:  # type: ignore[no-untyped-def]
+        """Write every per-example row with its cell columns to ``path`` (CSV).
+
+        ``examples``: :meth:`examples` if the caller has already read it.
+        """
         path = Path(path)
-        self.examples().drop(columns=["cell_id"]).to_csv(path, index=False)
+        ex = self.examples() if examples is None else examples
+        ex.drop(columns=["cell_id"]).to_csv(path, index=False)
         return path
 
-    def export_parquet(self, path: PathLike) -> Path | None:
+    def export_parquet(self, path: PathLike, examples=None) -> Path | None:  # type: ignore[no-untyped-def]
         """The same table as :meth:`export_csv` as Parquet, if pyarrow is installed (else None)."""
         if not _has_pyarrow():
             return None
         path = Path(path)
-        self.examples().drop(columns=["cell_id"]).to_parquet(path, index=False)
+        ex = self.examples() if examples is None else examples
+        ex.drop(columns=["cell_id"]).to_parquet(path, index=False)
         return path
 
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import Attack, Evaluator, create_attack, eval_mode
+from .attacks import Attack, Evaluator, create_attack
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
 from .data import Dataset, to_float
@@ -100,37 +100,47 @@ def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int, nois
     return attacks
 
 
-def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device, layout: Dist):  # type: ignore[no-untyped-def]
+class _Clean(NamedTuple):
+    """A model's clean pass over the evaluation set (CPU tensors, one entry per example)."""
+
+    pred: torch.Tensor
+    margin: torch.Tensor
+    finite: torch.Tensor  # logits all finite
+
+
+def _clean_pass(ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device, layout: Dist):  # type: ignore[no-untyped-def]
     """Clean predictions and margins, the zero-gradient fraction and a probabilities test.
 
-    Predictions come from the same evaluator as the adversarial ones, so eps = 0 matches exactly.
-    Batches are sharded over ranks and the results gathered (every rank gets all of them).
+    Predictions come from the same evaluator as the adversarial ones (eps = 0 matches exactly); the
+    input gradient for the zero-gradient check comes from the same pass. Batches are sharded
+    over ranks and the results gathered (every rank gets all of them).
     """
     n = len(y)
     preds = torch.zeros(n, dtype=torch.long)
     margs = torch.zeros(n)
+    finite = torch.zeros(n, dtype=torch.bool)
     zero_grads, prob_like = 0, True
     for b, i in enumerate(range(0, n, bs)):
         if not layout.owns(b):
             continue
         xb, yb = to_float(x[i : i + bs].to(device, non_blocking=True)), y[i : i + bs].to(device, non_blocking=True)
-        xb.requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(sm.model(xb), yb, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xb)
+        logits, grad = ev.logits_and_grad(xb, yb)
         zero_grads += int((grad.flatten(1).abs().amax(1) == 0).sum())
-        logits = ev(xb.detach())
         rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
         prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
         preds[i : i + bs] = logits.argmax(1).cpu()
         margs[i : i + bs] = margin(logits, yb).cpu()
+        finite[i : i + bs] = torch.isfinite(logits).all(1).cpu()
     if layout.active:
-        parts = layout.gather((preds, margs, zero_grads, prob_like))
+        parts = layout.gather((preds, margs, finite, zero_grads, prob_like))
         for b, i in enumerate(range(0, n, bs)):
-            p_preds, p_margs, *_ = parts[b % layout.world]
-            preds[i : i + bs], margs[i : i + bs] = p_preds[i : i + bs], p_margs[i : i + bs]
-        zero_grads = sum(p[2] for p in parts)
-        prob_like = all(p[3] for p in parts)
-    return preds, margs, zero_grads / n, prob_like
+            p_preds, p_margs, p_finite, *_ = parts[b % layout.world]
+            preds[i : i + bs], margs[i : i + bs], finite[i : i + bs] = (
+                p_preds[i : i + bs], p_margs[i : i + bs], p_finite[i : i + bs]
+            )  # fmt: skip
+        zero_grads = sum(p[3] for p in parts)
+        prob_like = all(p[4] for p in parts)
+    return _Clean(preds, margs, finite), zero_grads / n, prob_like
 
 
 def run_sweep(
@@ -212,7 +222,7 @@ def run_sweep(
             total=total, desc="sweep", unit="batch", disable=None if progress and layout.is_main else True,
             dynamic_ncols=True,
         )  # fmt: skip
-        clean_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        clean_cache: dict[str, _Clean] = {}
         clean_snaps: dict[str, _SnapCache] = {}  # recorded clean passes for probes, per model and batch
         counters: dict[str, list[int]] = {}
         evaluators: dict[str, Evaluator] = {}
@@ -228,11 +238,10 @@ def run_sweep(
                 if sm.label not in evaluators:
                     evaluators[sm.label] = Evaluator(sm.model)
                 if sm.label not in clean_cache:
-                    with eval_mode(sm.model):
-                        preds, margs, zero_frac, prob_like = _clean_pass(
-                            sm, evaluators[sm.label], x_all, y_all, batch_size, device, layout
-                        )
-                    clean_cache[sm.label] = (preds, margs)
+                    clean, zero_frac, prob_like = _clean_pass(
+                        evaluators[sm.label], x_all, y_all, batch_size, device, layout
+                    )
+                    clean_cache[sm.label] = clean
                     if store is not None:
                         store.write_model(
                             sm.label,
@@ -240,17 +249,16 @@ def run_sweep(
                             checkpoint=sm.checkpoint,
                             arch=sm.meta.get("arch"),
                             n=n,
-                            clean_correct=int((preds == y_all.cpu()).sum()),
+                            clean_correct=int((clean.pred == y_all.cpu()).sum()),
                             zero_grad_fraction=zero_frac,
                             probability_like=int(prob_like),
                             train_mode_forwards=train_forwards[0],
                         )
                 if not todo:
                     continue
-                clean_pred, clean_margin = clean_cache[sm.label]
                 computed += _run_cells(
-                    store, sm, evaluators[sm.label], atk, ladders[id(atk)], todo, x_all, y_all, clean_pred,
-                    clean_margin, batch_size, accuracy_only, device, bar, (probe_subsample if probes else None), layout,
+                    store, sm, evaluators[sm.label], atk, ladders[id(atk)], todo, x_all, y_all, clean_cache[sm.label],
+                    batch_size, accuracy_only, device, bar, (probe_subsample if probes else None), layout,
                     clean_snaps, debug,
                 )  # fmt: skip
                 forwards = int(layout.all_sum(train_forwards[0]))
@@ -265,13 +273,14 @@ def run_sweep(
             return SweepResult(out_dir, None, None, [], computed)
         num_classes = len(dataset.classes)
         keys = [attack_key(a.describe()) for a in attacks]
-        checks = run_checks(store, num_classes=num_classes, models=labels, attack_keys=keys)
+        examples = store.examples()  # read once: checks, exports and the worst case share it
+        checks = run_checks(store, num_classes=num_classes, models=labels, attack_keys=keys, examples=examples)
         store.write_checks((c.model, c.name, c.status, c.detail) for c in checks)
-        store.export_csv(out_dir / "results.csv")
-        store.export_parquet(out_dir / "results.parquet")  # when pyarrow is installed
+        store.export_csv(out_dir / "results.csv", examples)
+        store.export_parquet(out_dir / "results.parquet", examples)  # when pyarrow is installed
         cells = store.cells()
         cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
-        robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps)
+        robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps, examples=examples)
     finally:
         if store is not None:
             store.close()
@@ -334,7 +343,7 @@ def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
 
 
 def _run_cells(  # type: ignore[no-untyped-def]
-    store, sm, ev, atk, eps, todo, x_all, y_all, clean_pred, clean_margin, bs, accuracy_only, device, bar, subsample,
+    store, sm, ev, atk, eps, todo, x_all, y_all, clean, bs, accuracy_only, device, bar, subsample,
     layout, clean_snaps, debug=None,
 ):  # fmt: skip
     """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
@@ -347,6 +356,7 @@ def _run_cells(  # type: ignore[no-untyped-def]
     batches; the rung's results are gathered on every rank and rank 0 (``store``) writes them.
     """
     key = attack_key(atk.describe())
+    clean_pred, clean_margin = clean.pred, clean.margin
     n = len(y_all)
     y_cpu = y_all.cpu()
     grads: dict[int, torch.Tensor | None] = {}
@@ -389,15 +399,20 @@ def _run_cells(  # type: ignore[no-untyped-def]
                     stream=b * 1009 + rung,
                 )
                 adv = res.adversarials[0]
-                logits = ev(adv)
-                finite = torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)
+                if e == 0 and torch.equal(adv, xb[sub]):  # the clean input itself: its clean pass stands
+                    finite = clean.finite[i + rows]
+                    pred[i + rows], adv_margin[i + rows] = clean_pred[i + rows], clean_margin[i + rows]
+                else:
+                    logits = ev(adv)
+                    finite = (torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)).cpu()
+                    pred[i + rows] = logits.argmax(1).cpu()
+                    adv_margin[i + rows] = margin(logits, yb[sub]).cpu()
                 stats["nonfinite"] += int((~finite).sum())
                 delta = (adv - xb[sub]).flatten(1)
                 stats["linf"] = max(stats["linf"], float(delta.abs().max()))
                 stats["l2"] = max(stats["l2"], float(delta.norm(dim=1).max()))
-                stats["min"], stats["max"] = min(stats["min"], float(adv.min())), max(stats["max"], float(adv.max()))
-                pred[i + rows] = logits.argmax(1).cpu()
-                adv_margin[i + rows] = margin(logits, yb[sub]).cpu()
+                lo, hi = adv.aminmax()
+                stats["min"], stats["max"] = min(stats["min"], float(lo)), max(stats["max"], float(hi))
                 if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
                     frozen_clean[b], snap = probe.add(
                         sm.model, xb, adv, yb, i, frozen_clean=frozen_clean.get(b), clean=snaps.get(b)
@@ -466,15 +481,16 @@ def _run_cells(  # type: ignore[no-untyped-def]
     return len(todo)
 
 
-def worst_case_accuracy(store: ResultsStore, *, models=None, attack_keys=None, epsilons=None):  # type: ignore[no-untyped-def]
+def worst_case_accuracy(store: ResultsStore, *, models=None, attack_keys=None, epsilons=None, examples=None):  # type: ignore[no-untyped-def]
     """Robust accuracy per model and eps: an example counts as robust only if no attack fooled it.
 
     The random-noise control and the gate attack (``CONTROL_ATTACKS``) are left out of the worst case. ``models``,
     ``attack_keys`` and ``epsilons`` restrict it to one sweep's cells (a store may hold more).
+    ``examples``: the store's examples table if the caller has already read it.
     """
     import pandas as pd
 
-    ex = store.examples()
+    ex = store.examples() if examples is None else examples
     ex = ex[~ex.attack.isin(CONTROL_ATTACKS)]
     if models is not None:
         ex = ex[ex.model.isin(list(models))]

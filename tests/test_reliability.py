@@ -167,6 +167,65 @@ def test_nan_logits_fail_their_cell_and_the_sweep_goes_on(trained_small, tmp_pat
     assert {c.name: c.status for c in res.checks}["no_nan_inf"] == "fail"
 
 
+class _NaNBright(torch.nn.Module):
+    """NaN logits for images brighter than 0.3 on average, clean or not."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.base(x)
+        bright = (x.flatten(1).mean(1) > 0.3)[:, None]
+        return torch.where(bright, torch.full_like(logits, float("nan")), logits)
+
+
+def test_eps0_cell_counts_nonfinite_clean_logits(trained_small, tmp_path):
+    # the eps = 0 cell reuses the clean pass (its input is the clean image): its non-finite
+    # rows must still be counted, from the clean logits
+    model, _, _, _ = trained_small
+    ds = rs.load_dataset("fashion-mnist", split="test").subset(48, seed=3)
+    bright = int(((ds.x.float() / 255).flatten(1).mean(1) > 0.3).sum())
+    assert 0 < bright < len(ds)
+    res = run_sweep(
+        [SweepModel("nan", _NaNBright(model).eval(), "-")],
+        build_attacks([{"name": "pgd", "steps": 2}], norm="linf", seed=0, noise=False),
+        [0.0, 0.01],
+        ds,
+        tmp_path,
+        batch_size=20,
+        progress=False,
+    )
+    cell = res.cells.set_index("eps").loc[0.0]
+    assert cell.status == "failed" and cell.reason == f"{bright} non-finite rows"
+
+
+class _Quantized(torch.nn.Module):
+    """Rounds its input to 8 bits first: every input gradient is exactly zero (gradient masking)."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(torch.round(x * 255) / 255)
+
+
+def test_zero_input_gradients_fail_their_check(trained_small, tmp_path):
+    model, _, _, _ = trained_small
+    ds = rs.load_dataset("fashion-mnist", split="test").subset(32, seed=4)
+    res = run_sweep(
+        [SweepModel("masked", _Quantized(model).eval(), "-")],
+        build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False),
+        [0.0, 0.05],
+        ds,
+        tmp_path,
+        progress=False,
+    )
+    check = {c.name: c for c in res.checks}["nonzero_input_gradients"]
+    assert check.status == "fail" and check.detail.startswith("100.0% of examples")
+
+
 # --------------------------------------------------------------------------- determinism
 
 
