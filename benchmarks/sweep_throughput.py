@@ -9,6 +9,10 @@ pass, plus one clean prediction pass. A/B interleaved repeats; medians; images·
 Two comparisons: both sides at the same batch size, and each side at its own best batch size
 (chosen from --sizes by one timed run each, then measured with the repeats).
 
+At the same batch size it also times ``run_sweep(channels_last=True)`` and, to show where that
+speed comes from, the torchattacks loop on a channels_last copy of the model: every ratio is
+against the torchattacks loop on the model as given.
+
     python benchmarks/sweep_throughput.py [--checkpoint CKPT] [--n 500] [--batch-size 256] [--repeats 3]
 
 Without --checkpoint it uses reports/quick/models/se_small_cnn_s0.safetensors if present, else
@@ -18,6 +22,7 @@ trains se_small_cnn for one epoch on Fashion-MNIST.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -36,7 +41,7 @@ from robustse.train import train_model
 EPS = [0.01, 0.02, 0.03, 0.05, 0.1]
 
 
-def ours(model, ds, bs: int, *, probes: bool) -> float:  # type: ignore[no-untyped-def]
+def ours(model, ds, bs: int, *, probes: bool, channels_last: bool = False) -> float:  # type: ignore[no-untyped-def]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run_sweep(
@@ -48,11 +53,14 @@ def ours(model, ds, bs: int, *, probes: bool) -> float:  # type: ignore[no-untyp
             batch_size=bs,
             probes=probes,
             progress=False,
+            channels_last=channels_last,
         )
         return time.perf_counter() - t0
 
 
-def theirs(model, ds, bs: int) -> float:  # type: ignore[no-untyped-def]
+def theirs(model, ds, bs: int, *, layout: torch.nn.Module | None = None) -> float:  # type: ignore[no-untyped-def]
+    """The loop on ``model``, or on ``layout`` (the same model in another memory layout) if given."""
+    model = model if layout is None else layout
     t0 = time.perf_counter()
     x, y = to_float(ds.x), ds.y
     model.eval()
@@ -102,15 +110,18 @@ def main() -> None:
     # warm-up (allocator, lazy imports)
     ours(model, ds.subset(32), 32, probes=False), theirs(model, ds.subset(32), 32)
     bs = args.batch_size
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     same = measure(
         {
             "robustse": (ours, {"bs": bs, "probes": False}),
             "torchattacks": (theirs, {"bs": bs}),
             "robustse+probes": (ours, {"bs": bs, "probes": True}),
+            "robustse+cl": (ours, {"bs": bs, "probes": False, "channels_last": True}),
+            "torchattacks+cl": (theirs, {"bs": bs, "layout": cl}),
         }
     )
     print(f"\nsame batch size ({bs}), medians of {args.repeats}:")
-    print(f"{'side':<18} {'seconds':>8} {'img·eps/s':>10} {'vs torchattacks':>16}")
+    print(f"{'side':<18} {'seconds':>8} {'img·eps/s':>10} {'vs torchattacks':>16}   (+cl: channels_last)")
     for key, t in same.items():
         print(f"{key:<18} {t:>8.2f} {work / t:>10.1f} {same['torchattacks'] / t:>15.2f}x")
 

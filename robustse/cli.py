@@ -521,6 +521,11 @@ def _sweep_summary(result: Any) -> None:
     default=None,
     help="Record sensitivity, gate/block drift and gate interventions per cell [default: on].",
 )
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="Attack in channels_last memory layout: faster on CPU, equal up to float rounding [default: off].",
+)
 @num_classes_option("Classes of foreign ARCH=WEIGHTS models.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
@@ -538,6 +543,7 @@ def sweep_cmd(
     batch_size: int | None,
     accuracy_only: bool | None,
     probes: bool | None,
+    channels_last: bool | None,
     num_classes: int,
     data_root: Path | None,
     out: Path,
@@ -575,6 +581,7 @@ def sweep_cmd(
         ("batch_size", batch_size),
         ("accuracy_only", accuracy_only),
         ("probes", probes),
+        ("channels_last", channels_last),
     ):
         if value is not None:
             changes[key] = value
@@ -606,6 +613,7 @@ def sweep_cmd(
         log=obj.log,
         layout=layout,
         debug=obj.debug,
+        channels_last=cfg.channels_last,
     )
     if not layout.is_main:
         return

@@ -165,6 +165,8 @@ class SweepConfig:
         probes: record sensitivity, gate/block drift and the interventions (off with accuracy_only).
         probe_subsample: leading examples whose per-gate/block values are kept for the bootstrap.
         models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
+        channels_last: attack the models in channels_last memory layout (faster on CPU; equal to
+            the default layout up to float rounding, see :func:`robustse.sweep.run_sweep`).
     """
 
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
@@ -177,6 +179,7 @@ class SweepConfig:
     probes: bool = True
     probe_subsample: int = 256
     models: tuple[str, ...] = ()
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.probe_subsample < 1:

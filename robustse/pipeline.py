@@ -207,6 +207,7 @@ def run_experiment(
             progress=progress,
             log=log,
             layout=layout,
+            channels_last=spec.sweep.channels_last,
         )
         result.timings["sweep"] = time.perf_counter() - t0
         if not layout.is_main:

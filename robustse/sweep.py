@@ -159,6 +159,7 @@ def run_sweep(
     log: Callable[[str], None] | None = None,
     layout: Dist = SINGLE,
     debug: Callable[[str], None] | None = None,
+    channels_last: bool = False,
 ) -> SweepResult:
     """Run every (model, attack, eps) cell not yet in ``out_dir/results.db``; then check and summarize.
 
@@ -180,6 +181,11 @@ def run_sweep(
         layout: the torchrun layout (:mod:`robustse.distributed`): batches are sharded over
             ranks, results gathered, and only rank 0 touches the store. Every rank must call
             this with the same arguments.
+        channels_last: attack the models in channels_last memory layout (weights converted for
+            the sweep, restored afterwards). The same function up to float rounding: measured on
+            the project's 2-core CPU, PGD 1.15-1.25x faster; adversarials then equal torchattacks'
+            on the channels_last model, and differ from the default layout's in a few pixels.
+            Part of the store's identity: a store holds one layout's results.
 
     Returns:
         :class:`SweepResult` (on ranks other than 0: no tables, ``cells`` and ``robust`` None).
@@ -202,9 +208,13 @@ def run_sweep(
         out_dir.mkdir(parents=True, exist_ok=True)
         store = ResultsStore(out_dir / "results.db")
     computed = 0
+    restore = _to_channels_last(models) if channels_last else []
     try:
         todo_lists: list[list[float]] | None = None
         if store is not None:
+            store.check_identity(
+                "memory_format", "channels_last" if channels_last else "contiguous", "memory layout (--channels-last)"
+            )
             todo_lists = _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_only, log)
         todo_lists = layout.broadcast(todo_lists)
         assert todo_lists is not None
@@ -282,9 +292,22 @@ def run_sweep(
         cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
         robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps, examples=examples)
     finally:
+        for p in restore:
+            p.data = p.data.contiguous()
         if store is not None:
             store.close()
     return SweepResult(out_dir, cells, robust, checks, computed)
+
+
+def _to_channels_last(models: Sequence[SweepModel]) -> list[torch.Tensor]:
+    """Convert the models' 4-d parameters and buffers to channels_last; those to convert back."""
+    converted = []
+    for sm in models:
+        for t in [*sm.model.parameters(), *sm.model.buffers()]:
+            if t.dim() == 4 and t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last):
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+                converted.append(t)
+    return converted
 
 
 def _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_only, log) -> list[list[float]]:  # type: ignore[no-untyped-def]

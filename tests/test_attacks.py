@@ -40,6 +40,19 @@ def test_pgd_without_random_start_equals_torchattacks(trained_small, norm, ta, a
         assert accuracy(model, adv, y) == accuracy(model, ref, y)
 
 
+def test_pgd_equals_torchattacks_on_a_channels_last_model(trained_small):
+    # the sweep's --channels-last attacks the model in that layout: still the same model for
+    # both engines, so still the same adversarials
+    import copy
+
+    model, x, y, _ = trained_small
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    atk = create_attack("pgd", steps=5, random_start=False, abs_stepsize=0.01)
+    for e, adv in zip([0.03, 0.1], atk(cl, x, y, epsilons=[0.03, 0.1]).adversarials, strict=True):
+        ref = torchattacks.PGD(cl, eps=e, alpha=0.01, steps=5, random_start=False)(x, y)
+        assert (adv - ref).abs().max() <= 1e-6, e
+
+
 @pytest.mark.parametrize(
     ("name", "norm"), [(n, norm) for n in list_attacks() for norm in ("linf", "l2")] + [("torchattacks:PGD", "linf")]
 )

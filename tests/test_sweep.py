@@ -272,6 +272,11 @@ def test_sweep_cli_summary_and_strict(tmp_path, trained_small):
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "robust accuracy" in res.stdout and "PASS" in res.stdout and "eps0_equals_clean" in res.stdout
+    # the same run directory in the other memory layout: refused, results kept
+    before = (tmp_path / "o" / "results.db").read_bytes()
+    other = CliRunner().invoke(cli, [*args, "--channels-last"])
+    assert_user_error(other, "different memory layout (--channels-last)")
+    assert (tmp_path / "o" / "results.db").read_bytes() == before
     attacks = CliRunner().invoke(cli, ["attacks"])
     assert attacks.exit_code == 0 and "restarts" in attacks.stdout and "torchattacks:<Name>" in attacks.stdout
 
@@ -356,6 +361,25 @@ def test_store_refuses_another_evaluation_set(tmp_path, trained_small, evalset):
     with pytest.raises(StoreError, match=r"different mode \(--accuracy-only\)"):
         small_sweep(trained_small, evalset, tmp_path, accuracy_only=True)
     assert len(ResultsStore(tmp_path / "results.db").cells()) == 9  # nothing lost
+
+
+def test_channels_last_sweep(tmp_path, trained_small, evalset):
+    model = trained_small[0]
+    ref = small_sweep(trained_small, evalset, tmp_path / "ref")
+    res = small_sweep(trained_small, evalset, tmp_path / "cl", channels_last=True)
+    # the weights are back in their own layout afterwards
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(c.status != "fail" for c in res.checks)
+    a = ResultsStore(tmp_path / "ref" / "results.db").examples().set_index(["attack", "eps", "idx"]).sort_index()
+    b = ResultsStore(tmp_path / "cl" / "results.db").examples().set_index(["attack", "eps", "idx"]).sort_index()
+    assert (a.clean_pred == b.clean_pred).all()  # predictions come from the same evaluator
+    for key in [("fgsm", 0.0), ("pgd", 0.0), ("noise", 0.02), ("noise", 0.1)]:  # no gradient involved
+        assert (a.loc[key].adv_pred == b.loc[key].adv_pred).all(), key
+    # gradient attacks: the same function up to float rounding, so nearly every prediction agrees
+    assert (a.adv_pred == b.adv_pred).mean() >= 0.95
+    assert abs(ref.robust.accuracy.to_numpy() - res.robust.accuracy.to_numpy()).max() <= 0.05
+    with pytest.raises(StoreError, match=r"different memory layout \(--channels-last\)"):
+        small_sweep(trained_small, evalset, tmp_path / "cl")  # a store holds one layout's results
 
 
 def test_changed_weights_recompute_their_cells(tmp_path, trained_small, evalset):
