@@ -292,21 +292,26 @@ def run_sweep(
         cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
         robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps, examples=examples)
     finally:
-        for p in restore:
-            p.data = p.data.contiguous()
+        for t, original in restore:
+            t.data = original
         if store is not None:
             store.close()
     return SweepResult(out_dir, cells, robust, checks, computed)
 
 
-def _to_channels_last(models: Sequence[SweepModel]) -> list[torch.Tensor]:
-    """Convert the models' 4-d parameters and buffers to channels_last; those to convert back."""
+def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Convert the models' 4-d parameters and buffers to channels_last; (tensor, original data) pairs.
+
+    Converts as ``Module.to(memory_format=torch.channels_last)`` does, ambiguous shapes included
+    (a (16, 1, 5, 5) weight counts as contiguous in both layouts, yet its strides steer the kernels).
+    """
     converted = []
     for sm in models:
         for t in [*sm.model.parameters(), *sm.model.buffers()]:
-            if t.dim() == 4 and t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last):
-                t.data = t.data.contiguous(memory_format=torch.channels_last)
-                converted.append(t)
+            if t.dim() == 4:
+                original = t.data
+                t.data = original.to(memory_format=torch.channels_last)
+                converted.append((t, original))
     return converted
 
 
