@@ -182,3 +182,21 @@ def test_fast_max_pool_equals_torch_values_and_gradients(shape):
         assert torch.equal(torch.nn.MaxPool2d(2)(x), MaxPool2d(2)(x))
         cl = x.contiguous(memory_format=torch.channels_last)
         assert MaxPool2d(2)(cl).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_max_pool_steps_aside_for_the_compiler(monkeypatch):
+    # torch.compile cannot trace the channels_last autograd function; while compiling, the layer
+    # is plain nn.MaxPool2d (the compiler picks its own kernels)
+    from robustse.models import layers
+
+    def refuse(*args):  # noqa: ANN002
+        raise AssertionError("the channels_last function ran while compiling")
+
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    monkeypatch.setattr(layers._ChannelsLastMaxPool, "apply", refuse)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    y = layers.MaxPool2d(2)(x)
+    assert torch.equal(y, torch.nn.MaxPool2d(2)(x))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    with pytest.raises(AssertionError, match="channels_last function ran"):
+        layers.MaxPool2d(2)(x)

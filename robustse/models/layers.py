@@ -135,7 +135,13 @@ class MaxPool2d(nn.MaxPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.is_cuda or self.return_indices or x.is_contiguous(memory_format=torch.channels_last):
+        if (
+            x.dim() != 4
+            or x.is_cuda
+            or self.return_indices
+            or x.is_contiguous(memory_format=torch.channels_last)
+            or torch.compiler.is_compiling()  # the compiler picks its own kernels and layouts
+        ):
             return super().forward(x)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
