@@ -135,24 +135,33 @@ def test_sigkill_during_training_resumes_from_the_last_epoch(real_fmnist, tmp_pa
         assert torch.equal(va, vb), k  # resumed == uninterrupted, bit for bit
 
 
-class _NaNOffGrid(torch.nn.Module):
-    """Finite logits for clean images (multiples of 1/255), NaN for any perturbed image."""
+class _NaNWhere(torch.nn.Module):
+    """The base model's logits, NaN in the rows where ``rule(x)`` holds."""
 
-    def __init__(self, base: torch.nn.Module) -> None:
+    def __init__(self, base: torch.nn.Module, rule) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
-        self.base = base
+        self.base, self.rule = base, rule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.base(x)
-        off = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3)[:, None]
-        return torch.where(off, torch.full_like(logits, float("nan")), logits)
+        return torch.where(self.rule(x)[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def _off_grid(x: torch.Tensor) -> torch.Tensor:
+    """Perturbed images: some pixel is not a multiple of 1/255 (clean images all are)."""
+    return (x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3
+
+
+def _bright(x: torch.Tensor) -> torch.Tensor:
+    """Images brighter than 0.3 on average, clean or not."""
+    return x.flatten(1).mean(1) > 0.3
 
 
 def test_nan_logits_fail_their_cell_and_the_sweep_goes_on(trained_small, tmp_path):
     model, _, _, _ = trained_small
     ds = rs.load_dataset("fashion-mnist", split="test").subset(32, seed=7)
     res = run_sweep(
-        [SweepModel("nan", _NaNOffGrid(model).eval(), "-")],
+        [SweepModel("nan", _NaNWhere(model, _off_grid).eval(), "-")],
         build_attacks([{"name": "fgsm"}], norm="linf", seed=0),
         [0.0, 0.05],
         ds,
@@ -167,28 +176,15 @@ def test_nan_logits_fail_their_cell_and_the_sweep_goes_on(trained_small, tmp_pat
     assert {c.name: c.status for c in res.checks}["no_nan_inf"] == "fail"
 
 
-class _NaNBright(torch.nn.Module):
-    """NaN logits for images brighter than 0.3 on average, clean or not."""
-
-    def __init__(self, base: torch.nn.Module) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.base(x)
-        bright = (x.flatten(1).mean(1) > 0.3)[:, None]
-        return torch.where(bright, torch.full_like(logits, float("nan")), logits)
-
-
 def test_eps0_cell_counts_nonfinite_clean_logits(trained_small, tmp_path):
     # the eps = 0 cell reuses the clean pass (its input is the clean image): its non-finite
     # rows must still be counted, from the clean logits
     model, _, _, _ = trained_small
     ds = rs.load_dataset("fashion-mnist", split="test").subset(48, seed=3)
-    bright = int(((ds.x.float() / 255).flatten(1).mean(1) > 0.3).sum())
+    bright = int(_bright(ds.x.float() / 255).sum())
     assert 0 < bright < len(ds)
     res = run_sweep(
-        [SweepModel("nan", _NaNBright(model).eval(), "-")],
+        [SweepModel("nan", _NaNWhere(model, _bright).eval(), "-")],
         build_attacks([{"name": "pgd", "steps": 2}], norm="linf", seed=0, noise=False),
         [0.0, 0.01],
         ds,
