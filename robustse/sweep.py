@@ -292,15 +292,14 @@ def run_sweep(
         cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
         robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps, examples=examples)
     finally:
-        for t, original in restore:
-            t.data = original
+        _restore_strides(restore)
         if store is not None:
             store.close()
     return SweepResult(out_dir, cells, robust, checks, computed)
 
 
-def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Convert the models' 4-d parameters and buffers to channels_last; (tensor, original data) pairs.
+def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """Convert the models' 4-d parameters and buffers to channels_last; (tensor, original strides).
 
     Converts as ``Module.to(memory_format=torch.channels_last)`` does, ambiguous shapes included
     (a (16, 1, 5, 5) weight counts as contiguous in both layouts, yet its strides steer the kernels).
@@ -309,10 +308,15 @@ def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, 
     for sm in models:
         for t in [*sm.model.parameters(), *sm.model.buffers()]:
             if t.dim() == 4:
-                original = t.data
-                t.data = original.to(memory_format=torch.channels_last)
-                converted.append((t, original))
+                converted.append((t, t.stride()))
+                t.data = t.data.to(memory_format=torch.channels_last)
     return converted
+
+
+def _restore_strides(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
+    """Put converted tensors back in their own strides, on whatever device the sweep left them."""
+    for t, stride in converted:
+        t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
 def _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_only, log) -> list[list[float]]:  # type: ignore[no-untyped-def]

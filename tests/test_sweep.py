@@ -366,9 +366,11 @@ def test_store_refuses_another_evaluation_set(tmp_path, trained_small, evalset):
 def test_channels_last_sweep(tmp_path, trained_small, evalset):
     model = trained_small[0]
     strides = [p.stride() for p in model.parameters()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     ref = small_sweep(trained_small, evalset, tmp_path / "ref")
     res = small_sweep(trained_small, evalset, tmp_path / "cl", channels_last=True)
     assert [p.stride() for p in model.parameters()] == strides  # the weights' own layout is restored
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert all(c.status != "fail" for c in res.checks)
     a = ResultsStore(tmp_path / "ref" / "results.db").examples().set_index(["attack", "eps", "idx"]).sort_index()
     b = ResultsStore(tmp_path / "cl" / "results.db").examples().set_index(["attack", "eps", "idx"]).sort_index()
