@@ -209,3 +209,20 @@ def test_evaluator_matches_the_model_and_drops_hooks(trained_small):
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(logits.argmax(1), ref.argmax(1))
     assert all(p.requires_grad for p in model.parameters())  # the user's model is untouched
+
+
+def test_evaluator_logits_and_grad(trained_small):
+    # the sweep's clean pass: its logits must equal the evaluator's prediction logits bit for bit
+    # (eps = 0 cells reuse them), its gradient the model's up to rounding
+    import torch.nn.functional as F
+
+    from robustse.attacks import Evaluator
+
+    model, x, y, _ = trained_small
+    ev = Evaluator(model)
+    logits, grad = ev.logits_and_grad(x, y)
+    assert torch.equal(logits, ev(x)) and not logits.requires_grad
+    xr = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(F.cross_entropy(model.eval()(xr), y, reduction="sum"), xr)
+    torch.testing.assert_close(grad, ref, rtol=1e-3, atol=1e-5)
+    assert grad.abs().amax() > 0
