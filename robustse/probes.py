@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .data import to_float
 from .models.layers import SEBlock
 
 
@@ -219,7 +220,7 @@ def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> d
         with capture(model) as rec:
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size].to(device)
-                model(xb.float().div(255) if xb.dtype == torch.uint8 else xb)
+                model(to_float(xb) if xb.dtype == torch.uint8 else xb)
                 for name, s in rec.gates.items():
                     sums[name] = sums.get(name, 0) + s.double().sum(0)
     finally:

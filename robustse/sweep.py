@@ -133,14 +133,18 @@ def _clean_pass(ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device
         finite[i : i + bs] = torch.isfinite(logits).all(1).cpu()
     if layout.active:
         parts = layout.gather((preds, margs, finite, zero_grads, prob_like))
-        for b, i in enumerate(range(0, n, bs)):
-            p_preds, p_margs, p_finite, *_ = parts[b % layout.world]
-            preds[i : i + bs], margs[i : i + bs], finite[i : i + bs] = (
-                p_preds[i : i + bs], p_margs[i : i + bs], p_finite[i : i + bs]
-            )  # fmt: skip
+        _merge_rows((preds, margs, finite), parts, bs, layout.world)
         zero_grads = sum(p[3] for p in parts)
         prob_like = all(p[4] for p in parts)
     return _Clean(preds, margs, finite), zero_grads / n, prob_like
+
+
+def _merge_rows(dst: Sequence[torch.Tensor], parts: list[Any], bs: int, world: int) -> None:
+    """Fill ``dst`` batch by batch from the gathered ``parts`` of the rank that computed each batch
+    (batch b runs on rank b mod world; each part starts with its copies of ``dst``)."""
+    for b, i in enumerate(range(0, len(dst[0]), bs)):
+        for d, src in zip(dst, parts[b % world], strict=False):
+            d[i : i + bs] = src[i : i + bs]
 
 
 def run_sweep(
@@ -208,6 +212,8 @@ def run_sweep(
         out_dir.mkdir(parents=True, exist_ok=True)
         store = ResultsStore(out_dir / "results.db")
     computed = 0
+    # the gate attack runs on models with gates only
+    pairs = [(sm, atk) for sm in models for atk in attacks if atk.name != "gate" or find_gates(sm.model)]
     restore = _to_channels_last(models) if channels_last else []
     try:
         todo_lists: list[list[float]] | None = None
@@ -215,7 +221,7 @@ def run_sweep(
             store.check_identity(
                 "memory_format", "channels_last" if channels_last else "contiguous", "memory layout (--channels-last)"
             )
-            todo_lists = _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_only, log)
+            todo_lists = _prepare_store(store, models, pairs, ladders, hashes, dataset, accuracy_only, log)
         todo_lists = layout.broadcast(todo_lists)
         assert todo_lists is not None
         # the data lives on the device once (uint8), batches are sliced there: no host copies per batch
@@ -223,7 +229,6 @@ def run_sweep(
         n = len(y_all)
         n_batches = (n + batch_size - 1) // batch_size
         probes = probes and not accuracy_only
-        pairs = [(sm, atk) for sm in models for atk in attacks if atk.name != "gate" or find_gates(sm.model)]
         plan = list(zip(pairs, todo_lists, strict=True))
         total = sum(n_batches * len(todo) for _, todo in plan)
         if debug and layout.is_main:
@@ -319,8 +324,8 @@ def _restore_strides(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> N
         t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
-def _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_only, log) -> list[list[float]]:  # type: ignore[no-untyped-def]
-    """Check the store is this sweep's, drop stale and failed cells; the eps still to run per pair."""
+def _prepare_store(store, models, pairs, ladders, hashes, dataset, accuracy_only, log) -> list[list[float]]:  # type: ignore[no-untyped-def]
+    """Check the store is this sweep's, drop stale and failed cells; the eps still to run per (model, attack) pair."""
     # The same store must mean the same evaluation set and mode: never mix results.
     store.check_identity("evalset", evalset_fingerprint(dataset), "evaluation set (dataset or --eval-subset)")
     store.check_identity("accuracy_only", str(bool(accuracy_only)), "mode (--accuracy-only)")
@@ -336,9 +341,7 @@ def _prepare_store(store, models, attacks, ladders, hashes, dataset, accuracy_on
         store.delete_cells(model_label, attack_key=key, eps=e)
     return [
         [e for e in ladders[id(atk)] if not store.has_cell(sm.label, attack_key(atk.describe()), e)]
-        for sm in models
-        for atk in attacks
-        if atk.name != "gate" or find_gates(sm.model)  # plain models have no gates to attack
+        for sm, atk in pairs
     ]
 
 
@@ -455,9 +458,7 @@ def _run_cells(  # type: ignore[no-untyped-def]
             bar.update(layout.world if layout.is_main else 1)
         if layout.active:  # every rank gets every batch's results, in batch order
             parts = layout.gather((pred, adv_margin, stats, probe))
-            for b, i in enumerate(range(0, n, bs)):
-                p_pred, p_margin, *_ = parts[b % layout.world]
-                pred[i : i + bs], adv_margin[i : i + bs] = p_pred[i : i + bs], p_margin[i : i + bs]
+            _merge_rows((pred, adv_margin), parts, bs, layout.world)
             stats = {
                 "linf": max(p[2]["linf"] for p in parts), "l2": max(p[2]["l2"] for p in parts),
                 "min": min(p[2]["min"] for p in parts), "max": max(p[2]["max"] for p in parts),
