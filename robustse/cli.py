@@ -604,16 +604,12 @@ def sweep_cmd(
         cfg.epsilons,
         ds,
         out,
-        batch_size=cfg.batch_size,
-        accuracy_only=cfg.accuracy_only,
-        probes=cfg.probes,
-        probe_subsample=cfg.probe_subsample,
+        **cfg.run_options(),
         device=device,
         progress=not obj.quiet,
         log=obj.log,
         layout=layout,
         debug=obj.debug,
-        channels_last=cfg.channels_last,
     )
     if not layout.is_main:
         return

@@ -181,6 +181,11 @@ class SweepConfig:
     models: tuple[str, ...] = ()
     channels_last: bool = False
 
+    def run_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`robustse.sweep.run_sweep` that this table sets."""
+        keys = ("batch_size", "accuracy_only", "probes", "probe_subsample", "channels_last")
+        return {k: getattr(self, k) for k in keys}
+
     def __post_init__(self) -> None:
         if self.probe_subsample < 1:
             raise SpecError(f"sweep.probe_subsample must be >= 1 (got {self.probe_subsample})")

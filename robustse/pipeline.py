@@ -199,15 +199,11 @@ def run_experiment(
             spec.sweep.epsilons,
             evalset,
             out,
-            batch_size=spec.sweep.batch_size,
-            accuracy_only=spec.sweep.accuracy_only,
-            probes=spec.sweep.probes,
-            probe_subsample=spec.sweep.probe_subsample,
+            **spec.sweep.run_options(),
             device=device,
             progress=progress,
             log=log,
             layout=layout,
-            channels_last=spec.sweep.channels_last,
         )
         result.timings["sweep"] = time.perf_counter() - t0
         if not layout.is_main:
