@@ -60,11 +60,12 @@ def site_metrics(
         u_p, y_p, s_p = pert.gate_inputs[name], pert.gate_outputs[name], pert.gates[name]
         out["gate", name, "gate_drift"] = M.gate_drift(s, s_p)
         out["gate", name, "gate_cosine"] = M.gate_cosine_distance(s, s_p)
-        out["gate", name, "input_drift"] = M.relative_change(u, u_p)
-        out["gate", name, "output_drift"] = M.relative_change(y, y_p)
-        out["gate", name, "damping"] = M.damping(u, u_p, y, y_p)
+        inp = out["gate", name, "input_drift"] = M.relative_change(u, u_p)
+        outp = out["gate", name, "output_drift"] = M.relative_change(y, y_p)
+        out["gate", name, "damping"] = M.drift_ratio(outp, inp)  # = M.damping, drifts not recomputed
+    moved = M.relative_change(x, x_p)  # ‖δ‖/‖x‖, the same for every block
     for name, h in clean.blocks.items():
-        out["block", name, "amplification"] = M.amplification(h, pert.blocks[name], x, x_p)
+        out["block", name, "amplification"] = M.drift_ratio(M.relative_change(h, pert.blocks[name]), moved)
     return out
 
 

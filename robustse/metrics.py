@@ -62,16 +62,19 @@ def gate_cosine_distance(s: torch.Tensor, s_prime: torch.Tensor) -> torch.Tensor
     return 1 - F.cosine_similarity(s.flatten(1), s_prime.flatten(1), dim=1)
 
 
+def drift_ratio(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """out / inp for two relative changes per example; NaN where the input did not move."""
+    return torch.where(inp == 0, torch.full_like(inp, float("nan")), out / inp)
+
+
 def damping(u: torch.Tensor, u_prime: torch.Tensor, y: torch.Tensor, y_prime: torch.Tensor) -> torch.Tensor:
     """output_drift / input_drift per example: < 1 means the gate damps the perturbation here.
 
     NaN where the input did not move (the ratio is undefined, not 1).
     """
-    inp, out = relative_change(u, u_prime), relative_change(y, y_prime)
-    return torch.where(inp == 0, torch.full_like(inp, float("nan")), out / inp)
+    return drift_ratio(relative_change(y, y_prime), relative_change(u, u_prime))
 
 
 def amplification(h: torch.Tensor, h_prime: torch.Tensor, x: torch.Tensor, x_prime: torch.Tensor) -> torch.Tensor:
     """(‖h' − h‖/‖h‖) / (‖δ‖/‖x‖) per example for one block output; NaN where δ = 0."""
-    inp, out = relative_change(x, x_prime), relative_change(h, h_prime)
-    return torch.where(inp == 0, torch.full_like(inp, float("nan")), out / inp)
+    return drift_ratio(relative_change(h, h_prime), relative_change(x, x_prime))
