@@ -338,10 +338,10 @@ def train_model(
         "device": str(device),
         "fingerprint": fingerprint,
     }
-    means = training_gate_means(model, train_set)
-    if means:  # stored with the model for the frozen_mean intervention (DESIGN §6)
-        meta["gate_means"] = {k: v.tolist() for k, v in means.items()}
-    if layout.is_main:
+    if layout.is_main:  # only rank 0 writes the checkpoint (the unwrapped model: no DDP sync)
+        means = training_gate_means(model, train_set)
+        if means:  # stored with the model for the frozen_mean intervention (DESIGN §6)
+            meta["gate_means"] = {k: v.tolist() for k, v in means.items()}
         save_checkpoint(model, out, meta=meta)
         resume_path.unlink(missing_ok=True)
     layout.barrier()
