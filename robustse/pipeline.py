@@ -324,16 +324,22 @@ def fill_gate_means(
     from .probes import find_gates
     from .train import training_gate_means
 
+    splits: dict[str, Dataset | DataError] = {}  # training splits by dataset name, loaded once
     for m in models:
         if m.gate_means is not None or not find_gates(m.model):
             continue
-        try:
-            train = train_split or load_dataset(
-                m.meta.get("dataset") or "fashion-mnist", split="train", root=data_root, download=download
-            )
-        except DataError as exc:
+        train: Dataset | DataError | None = train_split
+        if train is None:
+            name = m.meta.get("dataset") or "fashion-mnist"
+            if name not in splits:
+                try:
+                    splits[name] = load_dataset(name, split="train", root=data_root, download=download)
+                except DataError as exc:
+                    splits[name] = exc
+            train = splits[name]
+        if isinstance(train, DataError):
             if log:
-                log(f"{m.label}: no training data for frozen_mean ({exc}); that intervention is skipped")
+                log(f"{m.label}: no training data for frozen_mean ({train}); that intervention is skipped")
             continue
         m.gate_means = training_gate_means(m.model, train.subset(m.meta.get("train_examples"), seed=SUBSET_SEED))
 
