@@ -657,20 +657,19 @@ def drift_cmd(
 ) -> None:
     """Per-gate excitation drift, SE input/output drift and damping of CHECKPOINT at one eps,
     adversarial vs the random-noise control; block amplification for every model."""
+    from .attacks import check_epsilons
     from .config import SweepConfig
     from .data import to_float
     from .drift import measure_drift, plot_drift
-    from .errors import AttackError
     from .pipeline import load_sweep_models, sweep_dataset
     from .sweep import build_attacks
 
-    if norm == "linf" and eps > 1:
-        raise AttackError(f"Linf eps {eps} > 1 is larger than the whole pixel range [0, 1]")
+    check_epsilons([eps], norm)
     device = obj.device
     (sm,) = load_sweep_models([checkpoint], device=device)
     ds = sweep_dataset([sm], SweepConfig(eval_subset=eval_subset), data_root=data_root)
     (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=obj.seed, noise=False)
-    x, y = to_float(ds.x).to(device), ds.y.to(device)
+    x, y = to_float(ds.x.to(device)), ds.y.to(device)
     rows = measure_drift(sm.model, x, y, attack=attack, eps=eps)
     if plot is not None:
         try:
