@@ -11,6 +11,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -287,57 +288,80 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against type ``tp``; return it converted (lists → tuples)."""
-    origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own, more precise, error message
-            return _convert(value, options[0], where)
-        for arg in options:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except SpecError:
-                continue
-        raise SpecError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return _convert_union(value, tp, where)
     if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        choices = ", ".join(repr(a) for a in typing.get_args(tp))
-        raise SpecError(f"{where}: {value!r} is not one of {choices}")
+        return _convert_literal(value, tp, where)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise SpecError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        (item_tp, *_rest) = typing.get_args(tp)
-        return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+        return _convert_tuple(value, tp, where)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-        return dict(value)
+        return dict(_table(value, where))
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
-        return from_mapping(typing.cast(type, tp), value, where=where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a dataclass field of a type this loader does not know
+        return from_mapping(typing.cast(type, tp), _table(value, where), where=where)
+    return _convert_scalar(value, tp, where)
+
+
+def _mismatch(value: Any, tp: Any, where: str) -> SpecError:
+    return SpecError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _convert_union(value: Any, tp: Any, where: str) -> Any:
+    """``X | Y | None``: None if allowed, else the first option that accepts ``value``."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]: X's own, more precise, error message
+        return _convert(value, options[0], where)
+    for arg in options:
+        try:
+            return _convert(value, arg, where)
+        except SpecError:
+            continue
+    raise _mismatch(value, tp, where)
+
+
+def _convert_literal(value: Any, tp: Any, where: str) -> Any:
+    if value in typing.get_args(tp):
+        return value
+    choices = ", ".join(repr(a) for a in typing.get_args(tp))
+    raise SpecError(f"{where}: {value!r} is not one of {choices}")
+
+
+def _convert_tuple(value: Any, tp: Any, where: str) -> tuple[Any, ...]:
+    """A TOML list (or tuple) → a tuple, each item checked against the item type."""
+    if not isinstance(value, (list, tuple)):
+        raise _mismatch(value, tp, where)
+    (item_tp, *_rest) = typing.get_args(tp)
+    return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+    return value
+
+
+# bool is an int in Python but never a valid TOML integer or float here
+_SCALARS: dict[type, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _convert_scalar(value: Any, tp: Any, where: str) -> Any:
+    """bool, int, float (an int is accepted and converted) or str."""
+    accepts = _SCALARS.get(tp)
+    if accepts is None:  # pragma: no cover - a dataclass field of a type this loader does not know
         raise TypeError(f"unsupported config type {tp!r}")
-    raise SpecError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if not accepts(value):
+        raise _mismatch(value, tp, where)
+    return float(value) if tp is float else value
 
 
 def from_mapping(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:

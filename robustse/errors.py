@@ -33,6 +33,10 @@ class ModelError(UserError):
     """An architecture is unknown or its options are invalid."""
 
 
+class InputMismatchError(DataError, ModelError):
+    """A dataset's images do not fit a model (channels or size); also a ModelError for old callers."""
+
+
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, unsafe, or does not fit the model."""
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .data import to_float
 from .models.layers import SEBlock
@@ -141,59 +142,85 @@ def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None)
         >>> rec.gates["blocks.0.se.gate"].shape  # doctest: +SKIP
         torch.Size([8, 16])
     """
+    ses, blocks = _se_modules(model), find_blocks(model)  # the one walk over the model
+    rec = Recorder()
+    keep = _Keeper(detach=detach, clone=_needs_clone(ses, blocks) if clone is None else clone)
+    handles: list[RemovableHandle] = []
+    try:
+        _hook_gates(ses, rec, keep, handles)
+        _hook_blocks(blocks, rec, keep, handles)
+        if not keep.clone and handles:  # the in-place guard brackets every forward pass
+            handles += [model.register_forward_pre_hook(keep.start), model.register_forward_hook(keep.end)]
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _needs_clone(ses: dict[str, tuple[nn.Module, nn.Module]], blocks: dict[str, nn.Module]) -> bool:
+    """Whether :func:`capture` copies by default: not for robustse's own modules, which never
+    change a recorded tensor in place; yes for everything else."""
     from .models.layers import Block
 
-    rec = Recorder()
-    ses, blocks = _se_modules(model), find_blocks(model)
-    if clone is None:  # robustse's own modules never change a recorded tensor in place
-        own_se = all(isinstance(se, SEBlock) for se, _ in ses.values())
-        clone = not (own_se and all(isinstance(b, Block) for b in blocks.values()))
-    versions: list[tuple[str, torch.Tensor, int]] = []
+    own_se = all(isinstance(se, SEBlock) for se, _ in ses.values())
+    return not (own_se and all(isinstance(b, Block) for b in blocks.values()))
 
-    def keep(t: torch.Tensor, where: str) -> torch.Tensor:
-        t = t.detach() if detach else t
-        if clone:
+
+class _Keeper:
+    """How :func:`capture` keeps a recorded tensor: detached or not, copied or guarded.
+
+    An uncopied tensor's version counter is noted when it is recorded; :meth:`end` (a forward
+    hook on the whole model) raises if any of them changed later in the same forward pass.
+    """
+
+    def __init__(self, *, detach: bool, clone: bool) -> None:
+        self.detach, self.clone = detach, clone
+        self.versions: list[tuple[str, torch.Tensor, int]] = []
+
+    def __call__(self, t: torch.Tensor, where: str) -> torch.Tensor:
+        t = t.detach() if self.detach else t
+        if self.clone:
             return t.clone()
-        versions.append((where, t, t._version))
+        self.versions.append((where, t, t._version))
         return t
 
-    def on_start(m, inp):  # type: ignore[no-untyped-def]
-        versions.clear()
+    def start(self, m, inp):  # type: ignore[no-untyped-def]
+        self.versions.clear()
 
-    def on_end(m, inp, out):  # type: ignore[no-untyped-def]
-        for where, t, v in versions:
+    def end(self, m, inp, out):  # type: ignore[no-untyped-def]
+        for where, t, v in self.versions:
             if t._version != v:
                 raise RuntimeError(
                     f"capture: the tensor recorded at {where} was changed in place later in the forward pass; "
                     "use capture(model, clone=True)"
                 )
-        versions.clear()
+        self.versions.clear()
 
-    handles = []
-    try:
-        for gate_name, (se, gate) in ses.items():
 
-            def on_gate(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
-                rec.gates[name] = keep(out, name).flatten(1)  # (B, C, 1, 1) in torchvision → (B, C)
+def _hook_gates(
+    ses: dict[str, tuple[nn.Module, nn.Module]], rec: Recorder, keep: _Keeper, handles: list[RemovableHandle]
+) -> None:
+    """Record s from each gate, and u and y from its SE module (one hook sees both: less overhead)."""
+    for gate_name, (se, gate) in ses.items():
 
-            def on_se(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
-                # one hook sees both u (the input) and y (the output): fewer hooks, less overhead
-                rec.gate_inputs[name] = keep(inp[0], name)
-                rec.gate_outputs[name] = keep(out, name)
+        def on_gate(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
+            rec.gates[name] = keep(out, name).flatten(1)  # (B, C, 1, 1) in torchvision → (B, C)
 
-            handles += [gate.register_forward_hook(on_gate), se.register_forward_hook(on_se)]
-        for block_name, block in blocks.items():
+        def on_se(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
+            rec.gate_inputs[name] = keep(inp[0], name)
+            rec.gate_outputs[name] = keep(out, name)
 
-            def on_block(m, inp, out, name=block_name):  # type: ignore[no-untyped-def]
-                rec.blocks[name] = keep(out, name)
+        handles += [gate.register_forward_hook(on_gate), se.register_forward_hook(on_se)]
 
-            handles.append(block.register_forward_hook(on_block))
-        if not clone and handles:
-            handles += [model.register_forward_pre_hook(on_start), model.register_forward_hook(on_end)]
-        yield rec
-    finally:
-        for h in handles:
-            h.remove()
+
+def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, handles: list[RemovableHandle]) -> None:
+    """Record each block's output h."""
+    for block_name, block in blocks.items():
+
+        def on_block(m, inp, out, name=block_name):  # type: ignore[no-untyped-def]
+            rec.blocks[name] = keep(out, name)
+
+        handles.append(block.register_forward_hook(on_block))
 
 
 # --------------------------------------------------------------------------- gate interventions
@@ -265,7 +292,7 @@ def clean_gates_logits(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -
     """The ``clean_gates`` intervention: logits of ``x_adv`` with every gate forced to s(x).
 
     The perturbation still flows through every layer, but the gates cannot adapt to it, which
-    isolates what the *adaptive* gating contributes (DESIGN §6).
+    isolates what the *adaptive* gating contributes (README "Metrics").
     """
     with capture(model) as rec:
         model(x)

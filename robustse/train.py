@@ -31,6 +31,21 @@ from .data import Dataset, dataset_info, load_dataset, to_float
 from .distributed import SINGLE, Dist
 from .errors import CheckpointError, DataError, ModelError, TrainingError
 from .models import create_model
+from .predict import check_input_fits, evaluate_accuracy, predict
+
+__all__ = [
+    "GATE_MEAN_EXAMPLES",
+    "SUBSET_SEED",
+    "TrainResult",
+    "augment",
+    "check_input_fits",
+    "evaluate_accuracy",
+    "fgsm_random_start",
+    "load_splits",
+    "predict",
+    "train_model",
+    "training_gate_means",
+]
 
 SUBSET_SEED = 0  # subsets are the same for every model seed: seeds vary init and order, not data
 
@@ -54,26 +69,6 @@ def load_splits(data: DataConfig) -> tuple[Dataset, Dataset]:
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{data.dataset}: empty split after subsetting")
     return train, test
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Predicted labels (N,) of ``model`` (put in eval mode) on all of ``ds``."""
-    model.eval()
-    preds = []
-    for i in range(0, len(ds), batch_size):
-        x = to_float(ds.x[i : i + batch_size].to(device))
-        preds.append(model(x).argmax(1).cpu())
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
-
-
-def evaluate_accuracy(
-    model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
-) -> float:
-    """Top-1 accuracy of ``model`` on ``ds``."""
-    return float((predict(model, ds, batch_size=batch_size, device=device) == ds.y).float().mean())
 
 
 def augment(x: torch.Tensor, *, pad: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -178,174 +173,329 @@ def train_model(
     data, cfg = data or DataConfig(), train or TrainConfig()
     device = torch.device(device)
     model_kwargs = dict(model_kwargs or {})
-    out = Path(out)
-    fingerprint = json.dumps(
-        {"arch": arch, "model_kwargs": model_kwargs, "data": asdict(data), "train": asdict(cfg), "seed": seed},
-        sort_keys=True,
-    )
-    if out.exists():
-        meta = read_metadata(out)
-        if meta.get("fingerprint") == fingerprint:
-            model, meta = load_checkpoint(out, map_location=device)
-            return TrainResult(model, out, meta, list(meta.get("history", [])), start_epoch=cfg.epochs)
+    job = _Job(arch, Path(out), data, cfg, seed, model_kwargs, device, layout)
+    finished = _finished_result(job)
+    if finished is not None:
+        return finished
+    _refuse_dataset_options(arch, model_kwargs)
+    run = _Run(job, *(splits if splits is not None else load_splits(data)))
+    run.load_resume_state(log)
+    _make_output_folder(job.out)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        tally = run.train_one_epoch(epoch, progress=progress)
+        record = run.evaluate(epoch, tally, t0)
+        run.save_resume_state()
+        if log and layout.is_main:
+            log(_epoch_line(job, record))
+        if on_epoch:
+            on_epoch(epoch + 1, record)
+    return run.finish()
 
+
+# --------------------------------------------------------------------------- the steps of train_model
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The fixed inputs of one :func:`train_model` call."""
+
+    arch: str
+    out: Path
+    data: DataConfig
+    cfg: TrainConfig
+    seed: int
+    model_kwargs: dict[str, Any]
+    device: torch.device
+    layout: Dist
+
+    @property
+    def fingerprint(self) -> str:
+        """What a finished checkpoint or a resume state must match to be reused."""
+        fields = {"arch": self.arch, "model_kwargs": self.model_kwargs, "data": asdict(self.data)}
+        return json.dumps({**fields, "train": asdict(self.cfg), "seed": self.seed}, sort_keys=True)
+
+    @property
+    def resume_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".resume.pt")
+
+    def epoch_seed(self, epoch: int) -> int:
+        """Seed of every random draw of ``epoch`` (module docstring)."""
+        return self.seed * 1_000_003 + epoch
+
+
+def _finished_result(job: _Job) -> TrainResult | None:
+    """The finished checkpoint at ``job.out`` if it was trained with the same configuration."""
+    if not job.out.exists() or read_metadata(job.out).get("fingerprint") != job.fingerprint:
+        return None
+    model, meta = load_checkpoint(job.out, map_location=job.device)
+    return TrainResult(model, job.out, meta, list(meta.get("history", [])), start_epoch=job.cfg.epochs)
+
+
+def _refuse_dataset_options(arch: str, model_kwargs: dict[str, Any]) -> None:
     reserved = sorted({"num_classes", "in_channels", "mean", "std"} & set(model_kwargs))
     if reserved:
         raise ModelError(f"{arch}: option {reserved[0]!r} is set from the dataset, not by model options")
-    train_set, test_set = splits if splits is not None else load_splits(data)
-    info = dataset_info(train_set.name)
-    mean, std = train_set.channel_stats()
-    torch.manual_seed(seed)
-    model = create_model(
-        arch, num_classes=train_set.num_classes, in_channels=train_set.in_channels, mean=mean, std=std, **model_kwargs
-    )
-    model.to(device)
-    _check_input_fits(model, train_set, device)
-    net: nn.Module = model  # what the training steps call: the model, or its DDP wrapper
-    if layout.active:
-        from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
 
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
-    )
-    sched = _schedule(cfg, opt, cfg.epochs * steps_per_epoch)
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    resume_path = out.with_name(out.name + ".resume.pt")
-    if resume_path.exists():
-        try:
-            state = torch.load(resume_path, map_location=device, weights_only=True)
-        except Exception:  # a torn or foreign file: start over rather than trust it
-            state = None
-        if state is not None and state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            if state.get("scaler") and scaler.is_enabled():  # CUDA mixed precision: the loss scale continues
-                scaler.load_state_dict(state["scaler"])
-            history = json.loads(state["history"])
-            start_epoch = int(state["epoch"])
-            if log:
-                log(f"{out.name}: resuming after epoch {start_epoch}/{cfg.epochs}")
+def _make_output_folder(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(f"{out.parent}: cannot create output folder ({exc.strerror or exc})") from None
 
-    x_train, y_train = train_set.x.to(device), train_set.y.to(device)
-    pad = (4 if train_set.image_size[0] >= 32 else 2) if cfg.augment else 0  # crop padding in px
-    test_acc = history[-1]["test_acc"] if history else float("nan")
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)  # dropout etc. draw globally: same on resume
-        perm = torch.randperm(len(train_set), generator=gen).to(device)
-        # augmentation draws: one stream in a single process; one per rank under torchrun
-        aug_gen = (
-            gen if not layout.active else torch.Generator().manual_seed(seed * 1_000_003 + epoch * 997 + layout.rank)
+
+def _build_model(job: _Job, train_set: Dataset) -> nn.Module:
+    """The seeded model for ``train_set``'s classes, channels and pixel statistics, on the device."""
+    mean, std = train_set.channel_stats()
+    torch.manual_seed(job.seed)
+    model = create_model(
+        job.arch,
+        num_classes=train_set.num_classes,
+        in_channels=train_set.in_channels,
+        mean=mean,
+        std=std,
+        **job.model_kwargs,
+    )
+    model.to(job.device)
+    check_input_fits(model, train_set, device=job.device)
+    return model
+
+
+def _wrap(model: nn.Module, job: _Job) -> nn.Module:
+    """What the training steps call: the model, or its DistributedDataParallel wrapper under torchrun."""
+    if not job.layout.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+
+
+def _read_resume_state(path: Path, device: torch.device) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # a torn or foreign file: start over rather than trust it
+        return None
+    return state
+
+
+@dataclass
+class _Tally:
+    """Running training loss and accuracy of one epoch (floats, summed over ranks under torchrun)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss.item() * len(y)
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += len(y)
+
+    def postfix(self) -> dict[str, str]:
+        return {"loss": f"{self.loss_sum / self.seen:.3f}", "acc": f"{self.correct / self.seen:.3f}"}
+
+    def summed(self, layout: Dist) -> _Tally:
+        """Totals over all ranks (the tally itself in a single process)."""
+        if not layout.active:
+            return self
+        return _Tally(*(layout.all_sum(v) for v in (self.loss_sum, self.correct, self.seen)))
+
+
+def _epoch_line(job: _Job, record: dict[str, float]) -> str:
+    return (
+        f"{job.arch} seed {job.seed} epoch {record['epoch']}/{job.cfg.epochs}: loss {record['loss']:.4f} "
+        f"train {record['train_acc']:.4f} test {record['test_acc']:.4f} ({record['seconds']:.1f}s)"
+    )
+
+
+class _Run:
+    """One training run: the model, optimizer, schedule, loss scaler and history, and its steps."""
+
+    def __init__(self, job: _Job, train_set: Dataset, test_set: Dataset) -> None:
+        self.job, self.train_set, self.test_set = job, train_set, test_set
+        cfg, device = job.cfg, job.device
+        self.hflip = dataset_info(train_set.name).hflip
+        self.model = _build_model(job, train_set)
+        self.net = _wrap(self.model, job)
+        self.amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+        self.steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
         )
-        model.train()
-        loss_sum, correct, seen = 0.0, 0.0, 0.0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{arch} s{seed} ep {epoch + 1}/{cfg.epochs}",
+        self.sched = _schedule(cfg, self.opt, cfg.epochs * self.steps_per_epoch)
+        self.history: list[dict[str, float]] = []
+        self.start_epoch = 0
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ resume state
+
+    def load_resume_state(self, log: Callable[[str], None] | None) -> None:
+        """Continue from ``<out>.resume.pt`` if it holds this configuration's state."""
+        job = self.job
+        state = _read_resume_state(job.resume_path, job.device)
+        if state is None or state.get("fingerprint") != job.fingerprint:
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():  # CUDA mixed precision: the loss scale continues
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = json.loads(state["history"])
+        self.start_epoch = int(state["epoch"])
+        if log:
+            log(f"{job.out.name}: resuming after epoch {self.start_epoch}/{job.cfg.epochs}")
+
+    def save_resume_state(self) -> None:
+        """Rank 0 writes the state after the latest epoch (atomically); every rank waits for it."""
+        if self.job.layout.is_main:
+            state = {
+                "fingerprint": self.job.fingerprint,
+                "epoch": self.history[-1]["epoch"],
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "history": json.dumps(self.history),
+            }
+            _atomic_torch_save(state, self.job.resume_path)
+        self.job.layout.barrier()
+
+    # ------------------------------------------------------------------ one epoch
+
+    def train_one_epoch(self, epoch: int, *, progress: bool) -> _Tally:
+        """One pass over the training set in this epoch's seeded order."""
+        job = self.job
+        gen = torch.Generator().manual_seed(job.epoch_seed(epoch))
+        torch.manual_seed(job.epoch_seed(epoch))  # dropout etc. draw globally: same on resume
+        perm = torch.randperm(len(self.train_set), generator=gen).to(job.device)
+        aug_gen = self._augmentation_generator(epoch, gen)
+        self.model.train()
+        tally = _Tally()
+        bar = self._progress_bar(epoch, progress)
+        for step in bar:
+            self._step(self._batch_indices(perm, step), aug_gen, epoch, tally)
+            if step % 20 == 0:
+                bar.set_postfix(**tally.postfix())
+        bar.close()
+        return tally
+
+    def _augmentation_generator(self, epoch: int, gen: torch.Generator) -> torch.Generator:
+        """Augmentation draws: ``gen`` in a single process; one stream per rank under torchrun."""
+        layout = self.job.layout
+        if not layout.active:
+            return gen
+        return torch.Generator().manual_seed(self.job.seed * 1_000_003 + epoch * 997 + layout.rank)
+
+    def _progress_bar(self, epoch: int, progress: bool) -> tqdm:
+        job = self.job
+        return tqdm(
+            range(self.steps_per_epoch),
+            desc=f"{job.arch} s{job.seed} ep {epoch + 1}/{job.cfg.epochs}",
             disable=None if progress else True,  # None: off when stderr is not a terminal
             leave=False,
             unit="batch",
             dynamic_ncols=True,
         )
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            if layout.active:  # this rank's share of the global batch
-                idx = idx[layout.rank :: layout.world]
-            x, y = to_float(x_train[idx]), y_train[idx]
-            if cfg.augment:
-                x = augment(x, pad=pad, hflip=info.hflip, gen=aug_gen)
-            if cfg.adv_eps > 0:
-                x = fgsm_random_start(model, x, y, eps=cfg.adv_eps, gen=aug_gen)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{arch} seed {seed}: loss became {loss.item()} at epoch {epoch + 1} (lower --lr?)")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
-        if layout.active:  # epoch totals over all ranks; rank 0 evaluates for everyone
-            loss_sum, correct, seen = (layout.all_sum(v) for v in (loss_sum, correct, seen))
-            test_acc = layout.broadcast(
-                evaluate_accuracy(model, test_set, batch_size=cfg.eval_batch_size, device=device)
-                if layout.is_main
-                else None
+
+    def _batch_indices(self, perm: torch.Tensor, step: int) -> torch.Tensor:
+        size, layout = self.job.cfg.batch_size, self.job.layout
+        idx = perm[step * size : (step + 1) * size]
+        return idx[layout.rank :: layout.world] if layout.active else idx  # this rank's share
+
+    def _inputs(self, idx: torch.Tensor, aug_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch ``idx`` as floats, augmented and (adversarial training) perturbed."""
+        cfg = self.job.cfg
+        if self._on_device is None:  # the training set moves to the device once, as uint8
+            self._on_device = (self.train_set.x.to(self.job.device), self.train_set.y.to(self.job.device))
+        x_train, y_train = self._on_device
+        x, y = to_float(x_train[idx]), y_train[idx]
+        if cfg.augment:
+            pad = 4 if self.train_set.image_size[0] >= 32 else 2  # crop padding in px
+            x = augment(x, pad=pad, hflip=self.hflip, gen=aug_gen)
+        if cfg.adv_eps > 0:
+            x = fgsm_random_start(self.model, x, y, eps=cfg.adv_eps, gen=aug_gen)
+        return x, y
+
+    def _step(self, idx: torch.Tensor, aug_gen: torch.Generator, epoch: int, tally: _Tally) -> None:
+        """One SGD step on the batch ``idx`` (mixed precision if configured)."""
+        job = self.job
+        x, y = self._inputs(idx, aug_gen)
+        with torch.autocast(job.device.type, dtype=self.amp_dtype, enabled=job.cfg.amp):
+            logits = self.net(x)
+            loss = F.cross_entropy(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"{job.arch} seed {job.seed}: loss became {loss.item()} at epoch {epoch + 1} (lower --lr?)"
             )
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        tally.add(loss, logits, y)
+
+    # ------------------------------------------------------------------ evaluation and the end
+
+    def evaluate(self, epoch: int, tally: _Tally, t0: float) -> dict[str, float]:
+        """Test accuracy after ``epoch`` (rank 0 evaluates for everyone); the epoch's history record."""
+        layout = self.job.layout
+        tally = tally.summed(layout)
+        if layout.active:
+            test_acc = layout.broadcast(self._test_accuracy() if layout.is_main else None)
         else:
-            test_acc = evaluate_accuracy(model, test_set, batch_size=cfg.eval_batch_size, device=device)
+            test_acc = self._test_accuracy()
         record = {
             "epoch": epoch + 1,
-            "loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "loss": tally.loss_sum / tally.seen,
+            "train_acc": tally.correct / tally.seen,
             "test_acc": test_acc,
             "seconds": time.perf_counter() - t0,
         }
-        history.append(record)
-        if layout.is_main:
-            _atomic_torch_save(
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "history": json.dumps(history),
-                },
-                resume_path,
-            )
-        layout.barrier()
-        if log and layout.is_main:
-            log(
-                f"{arch} seed {seed} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
-                f"train {record['train_acc']:.4f} test {test_acc:.4f} ({record['seconds']:.1f}s)"
-            )
-        if on_epoch:
-            on_epoch(epoch + 1, record)
+        self.history.append(record)
+        return record
 
-    model.eval()
-    meta = {
-        "dataset": train_set.name,
-        "seed": seed,
-        "epochs": cfg.epochs,
-        "clean_accuracy": test_acc,
-        "eval_examples": len(test_set),
-        "train_examples": len(train_set),
-        "train": asdict(cfg),
-        "data": asdict(data),
-        "history": history,
-        "train_seconds": sum(r["seconds"] for r in history),
-        "device": str(device),
-        "fingerprint": fingerprint,
-    }
-    if layout.is_main:  # only rank 0 writes the checkpoint (the unwrapped model: no DDP sync)
-        means = training_gate_means(model, train_set)
-        if means:  # stored with the model for the frozen_mean intervention (DESIGN §6)
-            meta["gate_means"] = {k: v.tolist() for k, v in means.items()}
-        save_checkpoint(model, out, meta=meta)
-        resume_path.unlink(missing_ok=True)
-    layout.barrier()
-    return TrainResult(model, out, read_metadata(out), history, start_epoch)
+    def _test_accuracy(self) -> float:
+        cfg = self.job.cfg
+        return evaluate_accuracy(self.model, self.test_set, batch_size=cfg.eval_batch_size, device=self.job.device)
+
+    def finish(self) -> TrainResult:
+        """Rank 0 writes the checkpoint (the unwrapped model: no DDP sync) and drops the resume state."""
+        job = self.job
+        self.model.eval()
+        meta = self._metadata()
+        if job.layout.is_main:
+            means = training_gate_means(self.model, self.train_set)
+            if means:  # stored with the model for the frozen_mean intervention (README "Metrics")
+                meta["gate_means"] = {k: v.tolist() for k, v in means.items()}
+            save_checkpoint(self.model, job.out, meta=meta)
+            job.resume_path.unlink(missing_ok=True)
+        job.layout.barrier()
+        return TrainResult(self.model, job.out, read_metadata(job.out), self.history, self.start_epoch)
+
+    def _metadata(self) -> dict[str, Any]:
+        job, history = self.job, self.history
+        return {
+            "dataset": self.train_set.name,
+            "seed": job.seed,
+            "epochs": job.cfg.epochs,
+            "clean_accuracy": history[-1]["test_acc"] if history else float("nan"),
+            "eval_examples": len(self.test_set),
+            "train_examples": len(self.train_set),
+            "train": asdict(job.cfg),
+            "data": asdict(job.data),
+            "history": history,
+            "train_seconds": sum(r["seconds"] for r in history),
+            "device": str(job.device),
+            "fingerprint": job.fingerprint,
+        }
 
 
 GATE_MEAN_EXAMPLES = 10_000
@@ -358,14 +508,3 @@ def training_gate_means(model: nn.Module, train_set: Dataset) -> dict[str, torch
     if not find_gates(model):
         return {}
     return gate_means(model, train_set.subset(GATE_MEAN_EXAMPLES, seed=SUBSET_SEED).x)
-
-
-def _check_input_fits(model: nn.Module, ds: Dataset, device: torch.device) -> None:
-    """One forward pass on two examples, so a size/channel mismatch fails early with one line."""
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(to_float(ds.x[:2].to(device)))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelError(f"{ds.name} images {tuple(ds.x.shape[1:])} do not fit the model ({first})") from None

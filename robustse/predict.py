@@ -1,0 +1,76 @@
+"""Prediction on in-memory datasets, and the one check that a dataset's images fit a model.
+
+Images are uint8 (N, C, H, W) as :class:`~robustse.data.Dataset` holds them; they become floats
+in [0, 1] batch by batch. Images that do not fit a model get the one-line error listed in the
+README's "Reliability" table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import Dataset, to_float
+from .errors import InputMismatchError
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Predicted labels (N,) of ``model`` (put in eval mode) on all of ``ds``."""
+    model.eval()
+    preds = []
+    for i in range(0, len(ds), batch_size):
+        x = to_float(ds.x[i : i + batch_size].to(device))
+        preds.append(model(x).argmax(1).cpu())
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
+
+
+def evaluate_accuracy(
+    model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> float:
+    """Top-1 accuracy of ``model`` on ``ds``."""
+    return float((predict(model, ds, batch_size=batch_size, device=device) == ds.y).float().mean())
+
+
+def check_input_fits(
+    model: nn.Module,
+    ds: Dataset,
+    *,
+    device: torch.device | str | None = None,
+    channels: int | None = None,
+    who: str = "the model",
+) -> None:
+    """Fail early, with one line, when the images of ``ds`` do not fit ``model``.
+
+    Two checks: the images' channel count against ``channels`` (what the model takes, e.g. a
+    checkpoint's ``arch_kwargs["in_channels"]``; skipped when None), then one forward pass on two
+    examples, which catches every other channel or size mismatch. The model's train/eval mode
+    is restored afterwards.
+
+    Args:
+        model: the model.
+        ds: the dataset whose images the model will see.
+        device: where to run the forward pass (default: where the model's parameters are).
+        channels: input channels the model takes, if known.
+        who: how messages name the model (e.g. a sweep label).
+
+    Raises:
+        InputMismatchError: the images do not fit (a :class:`~robustse.errors.DataError`).
+    """
+    if channels is not None and ds.in_channels != channels:
+        raise InputMismatchError(f"{ds.name} images have {ds.in_channels} channel(s) but {who} takes {channels}")
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(to_float(ds.x[:2].to(device)))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        shape = tuple(ds.x.shape[1:])
+        raise InputMismatchError(f"{ds.name} images {shape} do not fit {who} ({first})") from None
+    finally:
+        model.train(was_training)
