@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attack_roles import ROLES, Role, attack_role
 from .errors import AttackError
 from .registry import Registry
 
@@ -441,7 +442,7 @@ class PGD(Attack):
                 adv = ops.project(x, ops.step(x, grad0, alpha), eps)
                 first = 1
             if early_stop:
-                adv = self._iterate_until_fooled(model, x, y, eps, alpha, adv, first, b)
+                adv = self._iterate_until_fooled(model, x, y, eps, alpha=alpha, start=(adv, first), batch=b)
             else:
                 for _step in range(first, self.steps):
                     grad, _ = self._grad(model, adv, y, b)
@@ -465,18 +466,19 @@ class PGD(Attack):
         """The gradient the attack ascends, and the logits (PGD: the cross-entropy's)."""
         return _input_grad(model, x, y, batch)
 
-    def _iterate_until_fooled(self, model, x, y, eps, alpha, adv, first, b):  # type: ignore[no-untyped-def]
-        """The PGD iterations, dropping each row from the batch once an iterate fools the model.
+    def _iterate_until_fooled(self, model, x, y, eps, *, alpha, start, batch):  # type: ignore[no-untyped-def]
+        """The PGD iterations from ``start`` = (iterate, its step number), dropping each row from
+        the batch once an iterate fools the model (``batch``: the loss's batch size).
 
         Every iterate lies in the eps-ball, so a fooling iterate is a valid adversarial; robust
         accuracy can only be lower (stronger) than with the last iterate alone, and later steps
         cost nothing for the rows already fooled.
         """
         ops = _NORM_OPS[self.norm]
-        adv = adv.clone()
+        adv, first = start[0].clone(), start[1]
         active = torch.arange(x.shape[0], device=x.device)
         for _step in range(first, self.steps):
-            grad, logits = _input_grad(model, adv[active], y[active], b)
+            grad, logits = _input_grad(model, adv[active], y[active], batch)
             still = logits.argmax(1) == y[active]  # the iterate before this step did not fool yet
             if not bool(still.all()):
                 active, grad = active[still], grad[still]
@@ -637,6 +639,11 @@ class AttackInfo:
     cls: type[Attack]
     description: str
 
+    @property
+    def role(self) -> Role:
+        """What the attack is for (:mod:`robustse.attack_roles`): attack, control or probe."""
+        return attack_role(self.name)
+
     def options(self) -> dict[str, Any]:
         """Keyword options with defaults (``robustse attacks`` lists them)."""
         return {
@@ -653,6 +660,8 @@ for _info in (
     AttackInfo("noise", Noise, "random-noise control: same norm and eps, no gradient"),
     AttackInfo("gate", GateAttack, "PGD maximizing total gate drift instead of the loss (SE models only)"),
 ):
+    if _info.name not in ROLES:  # every registered attack declares its role (attack, control, probe)
+        raise ValueError(f"attack {_info.name!r} has no role in robustse.attack_roles.ROLES")
     _REGISTRY.add(_info.name, _info)
 
 

@@ -1,4 +1,4 @@
-"""Statistics: confidence intervals, SE − plain differences, paired tests and the verdict (DESIGN §8).
+"""Statistics: confidence intervals, SE − plain differences, paired tests and the verdict (README "Statistics").
 
 Seeds are the unit of replication and examples are shared by every model, so every interval is a
 two-level bootstrap: resample the seeds (with replacement), then the examples (the same examples
@@ -22,9 +22,11 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from .attack_roles import ROLES, attack_role, is_attack
 
 Z95 = 1.959963984540054
 VERDICTS = ("SE damps", "no evidence", "SE amplifies")
@@ -262,8 +264,8 @@ OUTPUT_MEASURES = {
     "flip_rate": "argmax f(x') ≠ argmax f(x)",
 }
 # Measured perturbations that are not attacks on the label (never in robust accuracy): the noise
-# control, and the gate attack (SE models only). The sweep uses the same tuple.
-CONTROLS = ("noise", "gate")
+# control and the gate attack (roles in :mod:`robustse.attack_roles`).
+CONTROLS = tuple(name for name in ROLES if not is_attack(name))
 
 
 def twin_groups(models: Any) -> list[dict[str, Any]]:
@@ -301,9 +303,12 @@ def _matrix(ex: Any, labels: list[str], column: str) -> np.ndarray:
 
 
 def worst_case_examples(examples: Any) -> Any:
-    """Per model, eps and example: correct under every attack (controls excluded)."""
-    ex = examples[~examples.attack.isin(CONTROLS)]
-    return ex.groupby(["model", "eps", "idx"], as_index=False).correct.min()
+    """Per model, norm, eps and example: correct under every attack of that norm (the one
+    definition of the worst case; controls and probes, which are not attacks on the label, are
+    left out). Columns: model, norm (where the table has one), eps, idx, correct."""
+    ex = examples[examples.attack.map(is_attack).astype(bool)]
+    keys = ["model", "norm", "eps", "idx"] if "norm" in ex else ["model", "eps", "idx"]  # no column: one norm
+    return ex.groupby(keys, as_index=False).correct.min()
 
 
 def _with_noise_ratio(ex: Any) -> Any:
@@ -311,14 +316,15 @@ def _with_noise_ratio(ex: Any) -> Any:
     control) for the same model, example and eps: how much more the output moves along the
     adversarial direction than along a random one of the same size. Unlike raw sensitivity it
     does not depend on the overall scale of a network's logits (NaN where it is undefined)."""
-    if "logit_sensitivity" not in ex or not (ex.attack == "noise").any():
+    is_control = (ex.attack.map(attack_role) == "control").to_numpy(dtype=bool)
+    if "logit_sensitivity" not in ex or not is_control.any():
         return ex
-    noise = ex[ex.attack == "noise"][["model", "norm", "eps", "idx", "logit_sensitivity"]]
+    noise = ex[is_control][["model", "norm", "eps", "idx", "logit_sensitivity"]]
     noise = noise.rename(columns={"logit_sensitivity": "_noise_sens"})
     out = ex.merge(noise, on=["model", "norm", "eps", "idx"], how="left")
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.log(out.logit_sensitivity.to_numpy(dtype=float) / out._noise_sens.to_numpy(dtype=float))
-    ratio[~np.isfinite(ratio) | (out.attack == "noise").to_numpy()] = np.nan
+    ratio[~np.isfinite(ratio) | (out.attack.map(attack_role) == "control").to_numpy(dtype=bool)] = np.nan
     out["log_sensitivity_vs_noise"] = ratio
     return out.drop(columns="_noise_sens")
 
@@ -352,54 +358,82 @@ def comparison_table(
     ex["flip_rate"] = (ex.adv_pred != ex.clean_pred).astype(float)
     ex = _with_noise_ratio(ex)
     worst = worst_case_examples(ex)
-    last_block = None
-    if site_examples is not None and not site_examples.empty:
-        blocks = site_examples[(site_examples.metric == "amplification") & (site_examples.eps > 0)]
-        if not blocks.empty:  # sites are stored in forward order
-            last_block = blocks[blocks.site == list(dict.fromkeys(blocks.site))[-1]]
+    last_block = _last_block(site_examples)
     rows: list[dict[str, Any]] = []
     for g in twin_groups(models):
-        labels = g["se"] + g["plain"]
-        jobs: list[tuple[str, str, Any, str, bool]] = [("robust_accuracy", "worst case", worst, "correct", True)]
-        mine = ex[ex.model.isin(labels)]
-        for attack in dict.fromkeys(mine.attack):
-            if attack == "gate":  # runs on SE models only: nothing to compare
-                continue
-            sub = mine[mine.attack == attack]
-            for measure in (*OUTPUT_MEASURES, "log_sensitivity_vs_noise"):
-                if measure in sub and sub[measure].notna().any():
-                    jobs.append((measure, attack, sub, measure, False))
-            if last_block is not None:
-                lb = last_block[(last_block.attack == attack) & last_block.model.isin(labels)]
-                if not lb.empty:
-                    jobs.append(("amplification_last_block", attack, lb, "value", False))
-        for measure, attack, table, column, higher in jobs:
-            block: list[dict[str, Any]] = []
-            for eps in sorted(set(table.eps)):
-                t = table[table.eps == eps]
-                a, b = _matrix(t, g["se"], column), _matrix(t, g["plain"], column)
-                if np.isnan(a).all() or np.isnan(b).all() or a.shape[1] != b.shape[1]:
-                    continue
-                d = compare(a, b, alpha=alpha, resampler=r)
-                block.append(
-                    {
-                        "arm": g["arm"], "family": g["family"], "measurement": measure, "attack": attack,
-                        "eps": float(eps), "se_mean": d.a_mean, "plain_mean": d.b_mean, "diff": d.diff,
-                        "ci_low": d.ci_low, "ci_high": d.ci_high, "p": d.p, "n_examples": d.n_examples,
-                        "se_seeds": len(g["se"]), "plain_seeds": len(g["plain"]), "higher_is_damping": higher,
-                    }
-                )  # fmt: skip
-            for row, p_adj in zip(block, holm([r["p"] for r in block]), strict=True):
-                row["p_holm"] = p_adj
-                row["verdict"] = verdict(
-                    row["ci_low"], row["ci_high"], p_adj, alpha=alpha, higher_is_damping=row["higher_is_damping"]
-                )
-            rows += block
-    columns = [
-        "arm", "family", "measurement", "attack", "eps", "se_mean", "plain_mean", "diff", "ci_low", "ci_high",
-        "p", "p_holm", "verdict", "n_examples", "se_seeds", "plain_seeds", "higher_is_damping",
-    ]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+        for job in _comparison_jobs(g, ex, worst, last_block):
+            rows += _compare_over_eps(g, job, r, alpha)
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+COMPARISON_COLUMNS = [
+    "arm", "family", "measurement", "attack", "eps", "se_mean", "plain_mean", "diff", "ci_low", "ci_high",
+    "p", "p_holm", "verdict", "n_examples", "se_seeds", "plain_seeds", "higher_is_damping",
+]  # fmt: skip
+
+
+class _Job(NamedTuple):
+    """One measurement of one attack to compare between twins: its table and value column."""
+
+    measure: str
+    attack: str
+    table: Any
+    column: str
+    higher_is_damping: bool
+
+
+def _last_block(site_examples: Any) -> Any:
+    """Per-example amplification at the last block (sites are stored in forward order), or None."""
+    if site_examples is None or site_examples.empty:
+        return None
+    blocks = site_examples[(site_examples.metric == "amplification") & (site_examples.eps > 0)]
+    if blocks.empty:
+        return None
+    return blocks[blocks.site == list(dict.fromkeys(blocks.site))[-1]]
+
+
+def _comparison_jobs(g: dict[str, Any], ex: Any, worst: Any, last_block: Any) -> list[_Job]:
+    """What to compare for one twin group: the worst case, then each attack's output measures."""
+    labels = g["se"] + g["plain"]
+    jobs = [_Job("robust_accuracy", "worst case", worst, "correct", True)]
+    mine = ex[ex.model.isin(labels)]
+    for attack in dict.fromkeys(mine.attack):
+        if attack_role(attack) == "probe":  # runs on SE models only: nothing to compare
+            continue
+        sub = mine[mine.attack == attack]
+        for measure in (*OUTPUT_MEASURES, "log_sensitivity_vs_noise"):
+            if measure in sub and sub[measure].notna().any():
+                jobs.append(_Job(measure, attack, sub, measure, False))
+        if last_block is not None:
+            lb = last_block[(last_block.attack == attack) & last_block.model.isin(labels)]
+            if not lb.empty:
+                jobs.append(_Job("amplification_last_block", attack, lb, "value", False))
+    return jobs
+
+
+def _compare_over_eps(g: dict[str, Any], job: _Job, r: Resampler, alpha: float) -> list[dict[str, Any]]:
+    """One row per eps of ``job`` for twin group ``g``; p-values Holm-corrected across the eps."""
+    block: list[dict[str, Any]] = []
+    for eps in sorted(set(job.table.eps)):
+        t = job.table[job.table.eps == eps]
+        a, b = _matrix(t, g["se"], job.column), _matrix(t, g["plain"], job.column)
+        if np.isnan(a).all() or np.isnan(b).all() or a.shape[1] != b.shape[1]:
+            continue
+        d = compare(a, b, alpha=alpha, resampler=r)
+        block.append(
+            {
+                "arm": g["arm"], "family": g["family"], "measurement": job.measure, "attack": job.attack,
+                "eps": float(eps), "se_mean": d.a_mean, "plain_mean": d.b_mean, "diff": d.diff,
+                "ci_low": d.ci_low, "ci_high": d.ci_high, "p": d.p, "n_examples": d.n_examples,
+                "se_seeds": len(g["se"]), "plain_seeds": len(g["plain"]), "higher_is_damping": job.higher_is_damping,
+            }
+        )  # fmt: skip
+    for row, p_adj in zip(block, holm([r["p"] for r in block]), strict=True):
+        row["p_holm"] = p_adj
+        row["verdict"] = verdict(
+            row["ci_low"], row["ci_high"], p_adj, alpha=alpha, higher_is_damping=row["higher_is_damping"]
+        )
+    return block
 
 
 def group_curve(values: Any, models: list[str], column: str, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):  # type: ignore[no-untyped-def]
