@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .attack_roles import attack_role
 from .attacks import Attack, Evaluator, create_attack
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
@@ -29,12 +30,8 @@ from .drift import CellProbe, snapshot_bytes
 from .errors import DataError, SpecError
 from .metrics import margin
 from .probes import find_gates
-from .stats import CONTROLS, wilson_interval
+from .stats import wilson_interval, worst_case_examples
 from .store import PROBE_COLUMNS, Cell, ResultsStore, attack_key
-
-# Perturbations that are measured but are not attacks on the label: they never count toward
-# robust accuracy (the noise control; the gate attack, which only SE models can run).
-CONTROL_ATTACKS = CONTROLS
 
 
 @dataclass
@@ -108,43 +105,361 @@ class _Clean(NamedTuple):
     finite: torch.Tensor  # logits all finite
 
 
-def _clean_pass(ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device, layout: Dist):  # type: ignore[no-untyped-def]
-    """Clean predictions and margins, the zero-gradient fraction and a probabilities test.
+@dataclass
+class PerturbationStats:
+    """A cell's adversarials at a glance: largest Linf and L2 perturbation, pixel range, and the
+    number of rows whose adversarial or logits are not finite. Accumulated batch by batch
+    (:meth:`update`) and, under torchrun, over ranks (:meth:`merge`)."""
 
-    Predictions come from the same evaluator as the adversarial ones (eps = 0 matches exactly); the
-    input gradient for the zero-gradient check comes from the same pass. Batches are sharded
-    over ranks and the results gathered (every rank gets all of them).
-    """
-    n = len(y)
-    preds = torch.zeros(n, dtype=torch.long)
-    margs = torch.zeros(n)
-    finite = torch.zeros(n, dtype=torch.bool)
-    zero_grads, prob_like = 0, True
-    for b, i in enumerate(range(0, n, bs)):
-        if not layout.owns(b):
-            continue
-        xb, yb = to_float(x[i : i + bs].to(device, non_blocking=True)), y[i : i + bs].to(device, non_blocking=True)
-        logits, grad = ev.logits_and_grad(xb, yb)
-        zero_grads += int((grad.flatten(1).abs().amax(1) == 0).sum())
-        rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
-        prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
-        preds[i : i + bs] = logits.argmax(1).cpu()
-        margs[i : i + bs] = margin(logits, yb).cpu()
-        finite[i : i + bs] = torch.isfinite(logits).all(1).cpu()
-    if layout.active:
-        parts = layout.gather((preds, margs, finite, zero_grads, prob_like))
-        _merge_rows((preds, margs, finite), parts, bs, layout.world)
-        zero_grads = sum(p[3] for p in parts)
-        prob_like = all(p[4] for p in parts)
-    return _Clean(preds, margs, finite), zero_grads / n, prob_like
+    linf: float = 0.0
+    l2: float = 0.0
+    min: float = 1.0
+    max: float = 0.0
+    nonfinite: int = 0
+
+    def update(self, delta: torch.Tensor, adv: torch.Tensor, finite: torch.Tensor) -> None:
+        """Add one batch: ``delta`` (B, D) perturbations, ``adv`` adversarials, ``finite`` (B,) bools."""
+        self.nonfinite += int((~finite).sum())
+        self.linf = max(self.linf, float(delta.abs().max()))
+        self.l2 = max(self.l2, float(delta.norm(dim=1).max()))
+        lo, hi = adv.aminmax()
+        self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
+
+    @classmethod
+    def merge(cls, parts: Sequence[PerturbationStats]) -> PerturbationStats:
+        """One summary from those of several ranks."""
+        return cls(
+            linf=max(p.linf for p in parts), l2=max(p.l2 for p in parts),
+            min=min(p.min for p in parts), max=max(p.max for p in parts),
+            nonfinite=sum(p.nonfinite for p in parts),
+        )  # fmt: skip
 
 
-def _merge_rows(dst: Sequence[torch.Tensor], parts: list[Any], bs: int, world: int) -> None:
-    """Fill ``dst`` batch by batch from the gathered ``parts`` of the rank that computed each batch
-    (batch b runs on rank b mod world; each part starts with its copies of ``dst``)."""
-    for b, i in enumerate(range(0, len(dst[0]), bs)):
-        for d, src in zip(dst, parts[b % world], strict=False):
-            d[i : i + bs] = src[i : i + bs]
+@dataclass
+class SweepOptions:
+    """How a sweep runs (the keyword options of :func:`run_sweep`)."""
+
+    batch_size: int = 256
+    accuracy_only: bool = False
+    probes: bool = True
+    probe_subsample: int = 256
+    channels_last: bool = False
+    progress: bool = True
+
+
+@dataclass
+class _Rung:
+    """The state a ladder carries from one rung to the next: per example, was it still classified
+    correctly, its prediction and its margin (accuracy-only mode attacks the survivors only)."""
+
+    correct: torch.Tensor
+    pred: torch.Tensor
+    margin: torch.Tensor
+
+
+@dataclass
+class _Ladder:
+    """One model × attack ladder in progress: its rungs, what is left to run and its caches."""
+
+    sm: SweepModel
+    atk: Attack
+    key: str
+    eps: list[float]  # the attack's rungs (ascending)
+    todo: list[float]
+    ev: Evaluator
+    clean: _Clean
+    snaps: _SnapCache  # recorded clean passes of this model, shared by its ladders
+    grads: dict[int, torch.Tensor | None] = field(default_factory=dict)  # clean-input gradient per batch
+    frozen_clean: dict[int, torch.Tensor | None] = field(default_factory=dict)  # frozen_mean clean logits
+
+
+class _SnapCache(dict):  # type: ignore[type-arg]
+    """Recorded clean passes of one model by batch, within a memory budget (bytes left)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+
+
+class Sweep:
+    """One sweep's state and its steps: :meth:`prepare` the store, then per model a
+    :meth:`clean_pass` and a :meth:`run_ladder` per attack, then :meth:`finish` (checks, exports,
+    worst case). :func:`run_sweep` documents the arguments."""
+
+    def __init__(
+        self,
+        models: Sequence[SweepModel],
+        attacks: Sequence[Attack],
+        epsilons: Sequence[float],
+        dataset: Dataset,
+        out_dir: Path,
+        options: SweepOptions,
+        *,
+        device: torch.device | str = "cpu",
+        layout: Dist = SINGLE,
+        log: Callable[[str], None] | None = None,
+        debug: Callable[[str], None] | None = None,
+    ) -> None:
+        self.models, self.attacks, self.dataset, self.out_dir = list(models), list(attacks), dataset, out_dir
+        self.opt, self.device, self.layout, self.log, self.debug = options, torch.device(device), layout, log, debug
+        self.labels = [m.label for m in models]
+        if len(set(self.labels)) != len(self.labels):
+            raise SpecError(f"model labels must be distinct (got {self.labels})")
+        self.eps = sorted({float(e) for e in epsilons})
+        if len(dataset) == 0:
+            raise DataError(f"{dataset.name}: the evaluation set is empty")
+        self.ladders = {id(a): _ladder_of(a, self.eps) for a in attacks}
+        self.hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
+        self.probes = options.probes and not options.accuracy_only
+        self.store: ResultsStore | None = None
+        self.computed = 0
+        self.bar: Any = None
+        self.x_all = self.y_all = torch.empty(0)
+
+    # ----------------------------------------------------------------------------------- the run
+
+    def run(self) -> SweepResult:
+        """Run every cell not yet in the store; then check and summarize."""
+        if self.layout.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.store = ResultsStore(self.out_dir / "results.db")
+        pairs = attack_pairs(self.models, self.attacks)
+        restore = _to_channels_last(self.models) if self.opt.channels_last else []
+        try:
+            plan = list(zip(pairs, self.prepare(pairs), strict=True))
+            self._start(plan)
+            for sm in self.models:
+                self.run_model(sm, [(atk, todo) for (m, atk), todo in plan if m is sm])
+            self.bar.close()
+            return self.finish()
+        finally:
+            _restore_strides(restore)
+            if self.store is not None:
+                self.store.close()
+
+    def prepare(self, pairs: list[tuple[SweepModel, Attack]]) -> list[list[float]]:
+        """Check the store is this sweep's (rank 0); the eps still to run per pair, on every rank."""
+        todo_lists = None
+        if self.store is not None:
+            layout_name = "channels_last" if self.opt.channels_last else "contiguous"
+            self.store.check_identity("memory_format", layout_name, "memory layout (--channels-last)")
+            todo_lists = _prepare_store(self.store, self, pairs)
+        todo_lists = self.layout.broadcast(todo_lists)
+        assert todo_lists is not None
+        return todo_lists
+
+    def _start(self, plan: list[tuple[tuple[SweepModel, Attack], list[float]]]) -> None:
+        """Put the data on the device once (uint8; batches are sliced there) and start the progress bar."""
+        self.x_all, self.y_all = self.dataset.x.to(self.device), self.dataset.y.to(self.device)
+        n, bs = len(self.y_all), self.opt.batch_size
+        n_batches = (n + bs - 1) // bs
+        if self.debug and self.layout.is_main:
+            self.debug(f"cells to run: {sum(len(todo) for _, todo in plan)} ({n} examples, batch {bs})")
+        show = self.opt.progress and self.layout.is_main
+        total = sum(n_batches * len(todo) for _, todo in plan)
+        self.bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if show else True, dynamic_ncols=True)
+
+    def run_model(self, sm: SweepModel, ladders: list[tuple[Attack, list[float]]]) -> None:
+        """The clean pass of one model, then each of its attack ladders that has rungs left."""
+        if not ladders:
+            return
+        sm.model.to(self.device).eval()
+        train_forwards = [0]  # forwards in training mode (a sanity check counts them)
+        hook = sm.model.register_forward_pre_hook(
+            lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(any(m.training for m in mod.modules())))
+        )
+        try:
+            ev = Evaluator(sm.model)
+            clean = self.clean_pass(sm, ev, train_forwards)
+            snaps = _SnapCache(_probe_cache_bytes())
+            for atk, todo in ladders:
+                if todo:
+                    key = attack_key(atk.describe())
+                    self.run_ladder(_Ladder(sm, atk, key, self.ladders[id(atk)], todo, ev, clean, snaps))
+                    self._model_done(sm, atk, todo, train_forwards)
+        finally:
+            hook.remove()
+
+    def _model_done(self, sm: SweepModel, atk: Attack, todo: list[float], train_forwards: list[int]) -> None:
+        forwards = int(self.layout.all_sum(train_forwards[0]))
+        if self.store is not None:
+            self.store.update_model(sm.label, train_mode_forwards=forwards)
+        if self.log and self.layout.is_main:
+            self.log(f"{sm.label} × {atk.name}: {len(todo)} eps done")
+
+    def clean_pass(self, sm: SweepModel, ev: Evaluator, train_forwards: list[int]) -> _Clean:
+        """Clean predictions and margins of every example; the model's row in the store (rank 0)."""
+        clean, zero_frac, prob_like = _clean_pass(
+            ev, self.x_all, self.y_all, self.opt.batch_size, self.device, self.layout
+        )
+        if self.store is not None:
+            self.store.write_model(
+                sm.label, weight_hash=self.hashes[sm.label], checkpoint=sm.checkpoint, arch=sm.meta.get("arch"),
+                n=len(self.y_all), clean_correct=int((clean.pred == self.y_all.cpu()).sum()),
+                zero_grad_fraction=zero_frac, probability_like=int(prob_like), train_mode_forwards=train_forwards[0],
+            )  # fmt: skip
+        return clean
+
+    # ------------------------------------------------------------------------------ one ladder
+
+    def run_ladder(self, lad: _Ladder) -> None:
+        """The cells ``lad.todo`` of one (model, attack) pair, rung by rung, each its own transaction.
+
+        The clean-input gradient of attacks without a random start is computed once per batch and
+        reused by every rung (FGSM's whole ladder costs one backward pass per batch). In
+        accuracy-only mode a rung attacks only the examples that survived the rung below it; the
+        others keep their earlier adversarial, which lies inside every larger ball. Under torchrun
+        each rank runs its batches; the rung's results are gathered on every rank and rank 0
+        writes them.
+        """
+        y_cpu = self.y_all.cpu()
+        prev = _Rung(lad.clean.pred == y_cpu, lad.clean.pred.clone(), lad.clean.margin.clone())
+        for rung, e in enumerate(lad.eps):
+            if e in lad.todo:
+                prev = self.run_rung(lad, rung, e, prev)
+            elif self.opt.accuracy_only:  # a finished rung (resumed run): its survivors seed the next one
+                prev = self._stored_rung(lad, e)
+        self.computed += len(lad.todo)
+
+    def _stored_rung(self, lad: _Ladder, e: float) -> _Rung:
+        rows = self.layout.broadcast(self.store.cell_rows(lad.sm.label, lad.key, e) if self.store is not None else None)
+        return _Rung(
+            torch.tensor([bool(r[0]) for r in rows]),
+            torch.tensor([r[1] for r in rows]),
+            torch.tensor([r[2] for r in rows], dtype=lad.clean.margin.dtype),
+        )
+
+    def run_rung(self, lad: _Ladder, rung: int, e: float, prev: _Rung) -> _Rung:
+        """Attack every batch (this rank's) at eps ``e``, gather, and write the cell (rank 0)."""
+        t0 = time.perf_counter()
+        pred, adv_margin = prev.pred.clone(), prev.margin.clone()
+        stats = PerturbationStats()
+        n = len(self.y_all)
+        probe = CellProbe(n, subsample=self.opt.probe_subsample, gate_means=lad.sm.gate_means) if self.probes else None
+        for b, i in enumerate(range(0, n, self.opt.batch_size)):
+            if self.layout.owns(b):
+                self.attack_batch(lad, (b, i, rung, e), prev.correct, (pred, adv_margin), stats, probe)
+            self.bar.update(self.layout.world if self.layout.is_main else 1)
+        if self.layout.active:  # every rank gets every batch's results, in batch order
+            parts = self.layout.gather((pred, adv_margin, stats, probe))
+            _merge_rows((pred, adv_margin), parts, self.opt.batch_size, self.layout.world)
+            stats = PerturbationStats.merge([p[2] for p in parts])
+            probe = CellProbe.merge([p[3] for p in parts]) if probe is not None else None
+        correct = pred == self.y_all.cpu()
+        if self.store is not None:
+            self.write_cell(lad, e, (pred, adv_margin, correct), stats, probe, time.perf_counter() - t0)
+        return _Rung(correct, pred, adv_margin)
+
+    def attack_batch(self, lad, where, prev_correct, out, stats, probe) -> None:  # type: ignore[no-untyped-def]
+        """Attack one batch; fill its rows of ``out`` = (pred, margin); update ``stats`` and ``probe``.
+
+        ``where`` = (batch number, first row, rung, eps): the random stream of the attack is the
+        batch's and the rung's.
+        """
+        b, i, rung, e = where
+        bs = self.opt.batch_size
+        xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
+        if b not in lad.grads:
+            lad.grads[b] = lad.atk.clean_gradient(lad.sm.model, xb, yb)
+        rows = prev_correct[i : i + bs].nonzero().flatten() if self.opt.accuracy_only else torch.arange(len(yb))
+        if not len(rows):
+            return
+        sub = rows.to(self.device)
+        g = lad.grads[b]
+        res = lad.atk(
+            lad.sm.model, xb[sub], yb[sub], epsilons=[e], accuracy_only=self.opt.accuracy_only,
+            grad0=None if g is None else g[sub], stream=b * 1009 + rung,
+        )  # fmt: skip
+        adv, idx = res.adversarials[0], i + rows
+        if e == 0 and torch.equal(adv, xb[sub]):  # the clean input itself: its clean pass stands
+            finite = _fill_rows(out, idx, lad.clean.pred[idx], lad.clean.margin[idx], lad.clean.finite[idx])
+        else:
+            logits = lad.ev(adv)
+            finite = (torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)).cpu()
+            _fill_rows(out, idx, logits.argmax(1).cpu(), margin(logits, yb[sub]).cpu(), finite)
+        stats.update((adv - xb[sub]).flatten(1), adv, finite)
+        if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
+            self._probe_batch(lad, probe, (b, i), (xb, adv, yb))
+
+    def _probe_batch(self, lad: _Ladder, probe: CellProbe, where: tuple[int, int], batch: tuple) -> None:  # type: ignore[type-arg]
+        """Probe one batch; keep its recorded clean pass for the model's next ladders (within budget)."""
+        (b, i), (xb, adv, yb) = where, batch
+        lad.frozen_clean[b], snap = probe.add(
+            lad.sm.model, xb, adv, yb, i, frozen_clean=lad.frozen_clean.get(b), clean=lad.snaps.get(b)
+        )
+        if b not in lad.snaps and lad.snaps.budget >= snapshot_bytes(snap):  # reuse the clean pass
+            lad.snaps[b] = snap
+            lad.snaps.budget -= snapshot_bytes(snap)
+
+    def write_cell(self, lad, e, result, stats, probe, seconds) -> None:  # type: ignore[no-untyped-def]
+        """One cell, its per-example rows and (with probes) its site tables, in one transaction.
+
+        ``result`` = (pred, margin, correct) per example.
+        """
+        assert self.store is not None
+        pred, adv_margin, correct = result
+        n, ok = len(pred), stats.nonfinite == 0
+        cell = Cell(
+            lad.sm.label, lad.atk.name, lad.key, lad.atk.norm, e, n, int(correct.sum()), seconds,
+            "done" if ok else "failed", None if ok else f"{stats.nonfinite} non-finite rows",
+            stats.linf, stats.l2, stats.min, stats.max, stats.nonfinite,
+        )  # fmt: skip
+        clean = lad.clean
+        columns = [
+            range(n), self.y_all.cpu().tolist(), clean.pred.tolist(), pred.tolist(), correct.int().tolist(),
+            torch.nan_to_num(clean.margin).tolist(), torch.nan_to_num(adv_margin).tolist(),
+        ]  # fmt: skip
+        tables = None
+        if probe is not None:
+            measured = probe.example_columns()
+            columns += [measured.get(c, [None] * n) for c in PROBE_COLUMNS]
+            tables = probe_tables(probe)
+        self.store.write_cell(cell, zip(*columns, strict=True), tables)
+        if self.debug:
+            acc = cell.correct / n
+            self.debug(
+                f"  {cell.model} {cell.attack} eps={e:g}: accuracy {acc:.4f} ({cell.seconds:.1f}s, {cell.status})"
+            )
+
+    # -------------------------------------------------------------------------------- the end
+
+    def finish(self) -> SweepResult:
+        """Sanity checks, exports and the worst case over attacks, from the store (rank 0)."""
+        if self.store is None:
+            return SweepResult(self.out_dir, None, None, [], self.computed)
+        store, labels = self.store, self.labels
+        keys = [attack_key(a.describe()) for a in self.attacks]
+        examples = store.examples()  # read once: checks, exports and the worst case share it
+        num_classes = len(self.dataset.classes)
+        checks = run_checks(store, num_classes=num_classes, models=labels, attack_keys=keys, examples=examples)
+        store.write_checks((c.model, c.name, c.status, c.detail) for c in checks)
+        store.export_csv(self.out_dir / "results.csv", examples)
+        store.export_parquet(self.out_dir / "results.parquet", examples)  # when pyarrow is installed
+        cells = store.cells()
+        cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(self.eps)]
+        robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=self.eps, examples=examples)
+        return SweepResult(self.out_dir, cells, robust, checks, self.computed)
+
+
+def _fill_rows(out: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, pred, marg, finite):  # type: ignore[no-untyped-def]
+    """Write predictions and margins at rows ``idx`` of ``out``; return ``finite``."""
+    out[0][idx], out[1][idx] = pred, marg
+    return finite
+
+
+def probe_tables(probe: CellProbe) -> dict[str, Any]:
+    """The site tables a probed cell writes beside its per-example rows."""
+    return {
+        "sites": probe.site_rows(),
+        "site_examples": probe.subsample_rows(),
+        "excitations": probe.excitation_rows(),
+        "gallery": probe.gallery_rows(),
+    }
+
+
+def attack_pairs(models: Sequence[SweepModel], attacks: Sequence[Attack]) -> list[tuple[SweepModel, Attack]]:
+    """Every (model, attack) pair a sweep runs, model by model: the gate attack on models with gates only."""
+    return [(sm, atk) for sm in models for atk in attacks if attack_role(atk.name) != "probe" or find_gates(sm.model)]
 
 
 def run_sweep(
@@ -198,109 +513,50 @@ def run_sweep(
         >>> run_sweep([SweepModel("m", model, "m.safetensors")], [create_attack("fgsm")],
         ...           [0, 0.03], ds, Path("reports/sweep"))  # doctest: +SKIP
     """
-    device = torch.device(device)
-    labels = [m.label for m in models]
-    if len(set(labels)) != len(labels):
-        raise SpecError(f"model labels must be distinct (got {labels})")
-    eps = sorted({float(e) for e in epsilons})
-    if len(dataset) == 0:
-        raise DataError(f"{dataset.name}: the evaluation set is empty")
-    ladders = {id(a): _ladder_of(a, eps) for a in attacks}
-    hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
-    store: ResultsStore | None = None
-    if layout.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        store = ResultsStore(out_dir / "results.db")
-    computed = 0
-    # the gate attack runs on models with gates only
-    pairs = [(sm, atk) for sm in models for atk in attacks if atk.name != "gate" or find_gates(sm.model)]
-    restore = _to_channels_last(models) if channels_last else []
-    try:
-        todo_lists: list[list[float]] | None = None
-        if store is not None:
-            store.check_identity(
-                "memory_format", "channels_last" if channels_last else "contiguous", "memory layout (--channels-last)"
-            )
-            todo_lists = _prepare_store(store, models, pairs, ladders, hashes, dataset, accuracy_only, log)
-        todo_lists = layout.broadcast(todo_lists)
-        assert todo_lists is not None
-        # the data lives on the device once (uint8), batches are sliced there: no host copies per batch
-        x_all, y_all = dataset.x.to(device), dataset.y.to(device)
-        n = len(y_all)
-        n_batches = (n + batch_size - 1) // batch_size
-        probes = probes and not accuracy_only
-        plan = list(zip(pairs, todo_lists, strict=True))
-        total = sum(n_batches * len(todo) for _, todo in plan)
-        if debug and layout.is_main:
-            debug(f"cells to run: {sum(len(todo) for _, todo in plan)} ({n} examples, batch {batch_size})")
-        bar = tqdm(
-            total=total, desc="sweep", unit="batch", disable=None if progress and layout.is_main else True,
-            dynamic_ncols=True,
-        )  # fmt: skip
-        clean_cache: dict[str, _Clean] = {}
-        clean_snaps: dict[str, _SnapCache] = {}  # recorded clean passes for probes, per model and batch
-        counters: dict[str, list[int]] = {}
-        evaluators: dict[str, Evaluator] = {}
-        for (sm, atk), todo in plan:
-            for done in [k for k in evaluators if k != sm.label]:  # models run one after another:
-                del evaluators[done]  # free the last one's prediction copy (GPU memory)
-            sm.model.to(device).eval()
-            train_forwards = counters.setdefault(sm.label, [0])
-            hook = sm.model.register_forward_pre_hook(
-                lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(any(m.training for m in mod.modules())))
-            )
-            try:
-                if sm.label not in evaluators:
-                    evaluators[sm.label] = Evaluator(sm.model)
-                if sm.label not in clean_cache:
-                    clean, zero_frac, prob_like = _clean_pass(
-                        evaluators[sm.label], x_all, y_all, batch_size, device, layout
-                    )
-                    clean_cache[sm.label] = clean
-                    if store is not None:
-                        store.write_model(
-                            sm.label,
-                            weight_hash=hashes[sm.label],
-                            checkpoint=sm.checkpoint,
-                            arch=sm.meta.get("arch"),
-                            n=n,
-                            clean_correct=int((clean.pred == y_all.cpu()).sum()),
-                            zero_grad_fraction=zero_frac,
-                            probability_like=int(prob_like),
-                            train_mode_forwards=train_forwards[0],
-                        )
-                if not todo:
-                    continue
-                computed += _run_cells(
-                    store, sm, evaluators[sm.label], atk, ladders[id(atk)], todo, x_all, y_all, clean_cache[sm.label],
-                    batch_size, accuracy_only, device, bar, (probe_subsample if probes else None), layout,
-                    clean_snaps, debug,
-                )  # fmt: skip
-                forwards = int(layout.all_sum(train_forwards[0]))
-                if store is not None:
-                    store.update_model(sm.label, train_mode_forwards=forwards)
-                if log and layout.is_main:
-                    log(f"{sm.label} × {atk.name}: {len(todo)} eps done")
-            finally:
-                hook.remove()
-        bar.close()
-        if store is None:
-            return SweepResult(out_dir, None, None, [], computed)
-        num_classes = len(dataset.classes)
-        keys = [attack_key(a.describe()) for a in attacks]
-        examples = store.examples()  # read once: checks, exports and the worst case share it
-        checks = run_checks(store, num_classes=num_classes, models=labels, attack_keys=keys, examples=examples)
-        store.write_checks((c.model, c.name, c.status, c.detail) for c in checks)
-        store.export_csv(out_dir / "results.csv", examples)
-        store.export_parquet(out_dir / "results.parquet", examples)  # when pyarrow is installed
-        cells = store.cells()
-        cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(eps)]
-        robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=eps, examples=examples)
-    finally:
-        _restore_strides(restore)
-        if store is not None:
-            store.close()
-    return SweepResult(out_dir, cells, robust, checks, computed)
+    options = SweepOptions(batch_size, accuracy_only, probes, probe_subsample, channels_last, progress)
+    sweep = Sweep(
+        models, attacks, epsilons, dataset, out_dir, options, device=device, layout=layout, log=log, debug=debug
+    )
+    return sweep.run()
+
+
+def _clean_pass(ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device, layout: Dist):  # type: ignore[no-untyped-def]
+    """Clean predictions and margins, the zero-gradient fraction and a probabilities test.
+
+    Predictions come from the same evaluator as the adversarial ones (eps = 0 matches exactly); the
+    input gradient for the zero-gradient check comes from the same pass. Batches are sharded
+    over ranks and the results gathered (every rank gets all of them).
+    """
+    n = len(y)
+    preds = torch.zeros(n, dtype=torch.long)
+    margs = torch.zeros(n)
+    finite = torch.zeros(n, dtype=torch.bool)
+    zero_grads, prob_like = 0, True
+    for b, i in enumerate(range(0, n, bs)):
+        if not layout.owns(b):
+            continue
+        xb, yb = to_float(x[i : i + bs].to(device, non_blocking=True)), y[i : i + bs].to(device, non_blocking=True)
+        logits, grad = ev.logits_and_grad(xb, yb)
+        zero_grads += int((grad.flatten(1).abs().amax(1) == 0).sum())
+        rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
+        prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
+        preds[i : i + bs] = logits.argmax(1).cpu()
+        margs[i : i + bs] = margin(logits, yb).cpu()
+        finite[i : i + bs] = torch.isfinite(logits).all(1).cpu()
+    if layout.active:
+        parts = layout.gather((preds, margs, finite, zero_grads, prob_like))
+        _merge_rows((preds, margs, finite), parts, bs, layout.world)
+        zero_grads = sum(p[3] for p in parts)
+        prob_like = all(p[4] for p in parts)
+    return _Clean(preds, margs, finite), zero_grads / n, prob_like
+
+
+def _merge_rows(dst: Sequence[torch.Tensor], parts: list[Any], bs: int, world: int) -> None:
+    """Fill ``dst`` batch by batch from the gathered ``parts`` of the rank that computed each batch
+    (batch b runs on rank b mod world; each part starts with its copies of ``dst``)."""
+    for b, i in enumerate(range(0, len(dst[0]), bs)):
+        for d, src in zip(dst, parts[b % world], strict=False):
+            d[i : i + bs] = src[i : i + bs]
 
 
 def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
@@ -324,33 +580,26 @@ def _restore_strides(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> N
         t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
-def _prepare_store(store, models, pairs, ladders, hashes, dataset, accuracy_only, log) -> list[list[float]]:  # type: ignore[no-untyped-def]
+def _prepare_store(store: ResultsStore, sweep: Sweep, pairs: list[tuple[SweepModel, Attack]]) -> list[list[float]]:
     """Check the store is this sweep's, drop stale and failed cells; the eps still to run per (model, attack) pair."""
     # The same store must mean the same evaluation set and mode: never mix results.
+    dataset = sweep.dataset
     store.check_identity("evalset", evalset_fingerprint(dataset), "evaluation set (dataset or --eval-subset)")
-    store.check_identity("accuracy_only", str(bool(accuracy_only)), "mode (--accuracy-only)")
+    store.check_identity("accuracy_only", str(bool(sweep.opt.accuracy_only)), "mode (--accuracy-only)")
     store.set_meta("classes", json.dumps(list(dataset.classes)))
     store.set_meta("dataset", dataset.name)
-    for sm in models:
+    for sm in sweep.models:
         old = store.model_hash(sm.label)
-        if old is not None and old != hashes[sm.label]:  # retrained under the same name
+        if old is not None and old != sweep.hashes[sm.label]:  # retrained under the same name
             dropped = store.delete_cells(sm.label)
-            if log:
-                log(f"{sm.label}: weights changed since the stored results; recomputing {dropped} cell(s)")
+            if sweep.log:
+                sweep.log(f"{sm.label}: weights changed since the stored results; recomputing {dropped} cell(s)")
     for model_label, key, e in store.failed_cells():  # failed cells are retried
         store.delete_cells(model_label, attack_key=key, eps=e)
     return [
-        [e for e in ladders[id(atk)] if not store.has_cell(sm.label, attack_key(atk.describe()), e)]
+        [e for e in sweep.ladders[id(atk)] if not store.has_cell(sm.label, attack_key(atk.describe()), e)]
         for sm, atk in pairs
     ]
-
-
-class _SnapCache(dict):  # type: ignore[type-arg]
-    """Recorded clean passes of one model by batch, within a memory budget (bytes left)."""
-
-    def __init__(self, budget: int) -> None:
-        super().__init__()
-        self.budget = budget
 
 
 def _probe_cache_bytes() -> int:
@@ -377,163 +626,25 @@ def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
     return [e for e in eps if e == 0 or e in atk.only_eps]
 
 
-def _run_cells(  # type: ignore[no-untyped-def]
-    store, sm, ev, atk, eps, todo, x_all, y_all, clean, bs, accuracy_only, device, bar, subsample,
-    layout, clean_snaps, debug=None,
-):  # fmt: skip
-    """Compute the cells ``todo`` of one (model, attack) pair, rung by rung, each its own transaction.
-
-    The clean-input gradient of attacks without a random start is computed once per batch and
-    reused by every rung (FGSM's whole ladder costs one backward pass per batch). In accuracy-only
-    mode a rung attacks only the examples that survived the rung below it; the others keep their
-    earlier adversarial, which lies inside every larger ball. With ``subsample`` (not None) every
-    batch is also probed (:class:`~robustse.drift.CellProbe`). Under torchrun each rank runs its
-    batches; the rung's results are gathered on every rank and rank 0 (``store``) writes them.
-    """
-    key = attack_key(atk.describe())
-    clean_pred, clean_margin = clean.pred, clean.margin
-    n = len(y_all)
-    y_cpu = y_all.cpu()
-    grads: dict[int, torch.Tensor | None] = {}
-    frozen_clean: dict[int, torch.Tensor | None] = {}
-    for other in [k for k in clean_snaps if k != sm.label]:  # models run one after another: free the last one's
-        del clean_snaps[other]
-    snaps = clean_snaps.setdefault(sm.label, _SnapCache(_probe_cache_bytes()))
-    prev_correct, prev_pred, prev_margin = clean_pred == y_cpu, clean_pred.clone(), clean_margin.clone()
-    for rung, e in enumerate(eps):
-        if e not in todo:
-            if accuracy_only:  # a finished rung (resumed run): its survivors seed the next one
-                rows = layout.broadcast(store.cell_rows(sm.label, key, e) if store is not None else None)
-                prev_correct = torch.tensor([bool(r[0]) for r in rows])
-                prev_pred = torch.tensor([r[1] for r in rows])
-                prev_margin = torch.tensor([r[2] for r in rows], dtype=clean_margin.dtype)
-            continue
-        t0 = time.perf_counter()
-        pred, adv_margin = prev_pred.clone(), prev_margin.clone()
-        stats = {"linf": 0.0, "l2": 0.0, "min": 1.0, "max": 0.0, "nonfinite": 0}
-        probe = None if subsample is None else CellProbe(n, subsample=subsample, gate_means=sm.gate_means)
-        for b, i in enumerate(range(0, n, bs)):
-            if not layout.owns(b):
-                continue
-            xb, yb = to_float(x_all[i : i + bs]), y_all[i : i + bs]
-            if b not in grads:
-                grads[b] = atk.clean_gradient(sm.model, xb, yb)
-            rows = torch.arange(len(yb))
-            if accuracy_only:
-                rows = prev_correct[i : i + bs].nonzero().flatten()
-            if len(rows):
-                g = grads[b]
-                sub = rows.to(device)
-                res = atk(
-                    sm.model,
-                    xb[sub],
-                    yb[sub],
-                    epsilons=[e],
-                    accuracy_only=accuracy_only,
-                    grad0=None if g is None else g[sub],
-                    stream=b * 1009 + rung,
-                )
-                adv = res.adversarials[0]
-                if e == 0 and torch.equal(adv, xb[sub]):  # the clean input itself: its clean pass stands
-                    finite = clean.finite[i + rows]
-                    pred[i + rows], adv_margin[i + rows] = clean_pred[i + rows], clean_margin[i + rows]
-                else:
-                    logits = ev(adv)
-                    finite = (torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)).cpu()
-                    pred[i + rows] = logits.argmax(1).cpu()
-                    adv_margin[i + rows] = margin(logits, yb[sub]).cpu()
-                stats["nonfinite"] += int((~finite).sum())
-                delta = (adv - xb[sub]).flatten(1)
-                stats["linf"] = max(stats["linf"], float(delta.abs().max()))
-                stats["l2"] = max(stats["l2"], float(delta.norm(dim=1).max()))
-                lo, hi = adv.aminmax()
-                stats["min"], stats["max"] = min(stats["min"], float(lo)), max(stats["max"], float(hi))
-                if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
-                    frozen_clean[b], snap = probe.add(
-                        sm.model, xb, adv, yb, i, frozen_clean=frozen_clean.get(b), clean=snaps.get(b)
-                    )
-                    if b not in snaps and snaps.budget >= snapshot_bytes(snap):  # reuse the clean pass
-                        snaps[b] = snap
-                        snaps.budget -= snapshot_bytes(snap)
-            bar.update(layout.world if layout.is_main else 1)
-        if layout.active:  # every rank gets every batch's results, in batch order
-            parts = layout.gather((pred, adv_margin, stats, probe))
-            _merge_rows((pred, adv_margin), parts, bs, layout.world)
-            stats = {
-                "linf": max(p[2]["linf"] for p in parts), "l2": max(p[2]["l2"] for p in parts),
-                "min": min(p[2]["min"] for p in parts), "max": max(p[2]["max"] for p in parts),
-                "nonfinite": sum(p[2]["nonfinite"] for p in parts),
-            }  # fmt: skip
-            if probe is not None:
-                probe = CellProbe.merge([p[3] for p in parts])
-        correct = pred == y_cpu
-        prev_correct, prev_pred, prev_margin = correct, pred, adv_margin
-        if store is None:
-            continue
-        ok = stats["nonfinite"] == 0
-        cell = Cell(
-            sm.label,
-            atk.name,
-            key,
-            atk.norm,
-            e,
-            n,
-            int(correct.sum()),
-            time.perf_counter() - t0,
-            "done" if ok else "failed",
-            None if ok else f"{stats['nonfinite']} non-finite rows",
-            stats["linf"],
-            stats["l2"],
-            stats["min"],
-            stats["max"],
-            stats["nonfinite"],
-        )
-        columns = [
-            range(n),
-            y_cpu.tolist(),
-            clean_pred.tolist(),
-            pred.tolist(),
-            correct.int().tolist(),
-            torch.nan_to_num(clean_margin).tolist(),
-            torch.nan_to_num(adv_margin).tolist(),
-        ]
-        tables = None
-        if probe is not None:
-            measured = probe.example_columns()
-            columns += [measured.get(c, [None] * n) for c in PROBE_COLUMNS]
-            tables = {
-                "sites": probe.site_rows(),
-                "site_examples": probe.subsample_rows(),
-                "excitations": probe.excitation_rows(),
-                "gallery": probe.gallery_rows(),
-            }
-        store.write_cell(cell, zip(*columns, strict=True), tables)
-        if debug:
-            acc = cell.correct / n
-            debug(f"  {sm.label} {atk.name} eps={e:g}: accuracy {acc:.4f} ({cell.seconds:.1f}s, {cell.status})")
-    return len(todo)
-
-
 def worst_case_accuracy(store: ResultsStore, *, models=None, attack_keys=None, epsilons=None, examples=None):  # type: ignore[no-untyped-def]
-    """Robust accuracy per model and eps: an example counts as robust only if no attack fooled it.
+    """Robust accuracy per model, norm and eps with a 95% Wilson interval: an example counts as
+    robust only if no attack of that norm fooled it (:func:`robustse.stats.worst_case_examples`).
 
-    The random-noise control and the gate attack (``CONTROL_ATTACKS``) are left out of the worst case. ``models``,
-    ``attack_keys`` and ``epsilons`` restrict it to one sweep's cells (a store may hold more).
-    ``examples``: the store's examples table if the caller has already read it.
+    ``models``, ``attack_keys`` and ``epsilons`` restrict it to one sweep's cells (a store may hold
+    more). ``examples``: the store's examples table if the caller has already read it.
     """
     import pandas as pd
 
     ex = store.examples() if examples is None else examples
-    ex = ex[~ex.attack.isin(CONTROL_ATTACKS)]
     if models is not None:
         ex = ex[ex.model.isin(list(models))]
     if attack_keys is not None:
         ex = ex[ex.attack_key.isin(list(attack_keys))]
     if epsilons is not None:
         ex = ex[ex.eps.isin(list(epsilons))]
-    if ex.empty:
+    per = worst_case_examples(ex)
+    if per.empty:
         return pd.DataFrame(columns=["model", "norm", "eps", "n", "correct", "accuracy", "ci_low", "ci_high"])
-    per = ex.groupby(["model", "norm", "eps", "idx"]).correct.min().reset_index()
     agg = per.groupby(["model", "norm", "eps"]).correct.agg(["size", "sum"]).reset_index()
     agg.columns = ["model", "norm", "eps", "n", "correct"]
     agg["accuracy"] = agg.correct / agg.n
