@@ -11,8 +11,7 @@ The public API (stable names)::
     res = rs.create_attack("pgd", norm="linf", steps=10)(model, x, y, epsilons=[0.0, 0.03])
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .attacks import create_attack, list_attacks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Dataset, list_datasets, load_dataset

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import pickle
-import platform
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,10 @@ from torch import nn
 from ._types import PathLike
 from .errors import CheckpointError, ModelError
 from .models import create_model, model_arch
+from .provenance import library_versions
 
 FORMAT = "robustse-checkpoint/1"
 META_KEY = "robustse"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries results depend on."""
-    import numpy
-    import torchvision
-
-    from . import __version__
-
-    return {
-        "robustse": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def weight_hash(state: dict[str, torch.Tensor]) -> str:

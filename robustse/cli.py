@@ -382,7 +382,8 @@ def eval_cmd(
     from .checkpoint import load_checkpoint
     from .data import load_dataset
     from .errors import DataError
-    from .train import SUBSET_SEED, predict
+    from .predict import check_input_fits, predict
+    from .train import SUBSET_SEED
 
     device = obj.device
     model, meta = load_checkpoint(checkpoint, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device)
@@ -390,15 +391,8 @@ def eval_cmd(
     ds = load_dataset(name, split="test", root=data_root, download=download).subset(eval_subset, seed=SUBSET_SEED)
     if len(ds) == 0:
         raise DataError(f"{name}: the test split is empty")
-    expected = meta.get("arch_kwargs", {}).get("in_channels")
-    if expected is not None and ds.in_channels != expected:
-        raise DataError(f"{name} images have {ds.in_channels} channel(s) but the model takes {expected}")
-    try:
-        preds = predict(model, ds, batch_size=batch_size, device=device)
-    except RuntimeError as exc:
-        raise DataError(
-            f"{name} images {tuple(ds.x.shape[1:])} do not fit the model ({str(exc).splitlines()[0]})"
-        ) from None
+    check_input_fits(model, ds, device=device, channels=meta.get("arch_kwargs", {}).get("in_channels"))
+    preds = predict(model, ds, batch_size=batch_size, device=device)
     correct = int((preds == ds.y).sum())
     result = {
         "checkpoint": str(checkpoint),
@@ -560,9 +554,31 @@ def sweep_cmd(
     """
     import dataclasses
 
+    from .sweep_setup import sweep_checkpoints
+
+    base = _spec_sweep(spec_path)
+    overrides = {
+        "attacks": tuple(parse_attack(t) for t in attack_texts) or None,
+        "epsilons": None if eps_text is None else parse_epsilons(eps_text),
+        "norm": norm, "eval_subset": eval_subset, "batch_size": batch_size, "accuracy_only": accuracy_only,
+        "probes": probes, "channels_last": channels_last,
+    }  # fmt: skip
+    cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    paths = list(checkpoints) or list(cfg.models)
+    if not paths:
+        raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
+    layout, device = obj.distributed()
+    result = sweep_checkpoints(
+        paths, cfg, out, data_root=data_root, num_classes=num_classes, device=device,
+        progress=not obj.quiet, log=obj.log, debug=obj.debug, layout=layout,
+    )  # fmt: skip
+    if layout.is_main:
+        _report_sweep(result, as_json=as_json, strict=strict)
+
+
+def _spec_sweep(spec_path: Path | None) -> Any:
+    """The spec's ``[sweep]`` table, or the defaults without a spec."""
     from .config import SweepConfig, load_spec
-    from .pipeline import fill_gate_means, load_sweep_models, prepare_out_dir, sweep_dataset
-    from .sweep import build_attacks, run_sweep
 
     cfg = SweepConfig()
     if spec_path is not None:
@@ -570,49 +586,13 @@ def sweep_cmd(
         if spec.sweep is None:
             raise SpecError(f"{spec_path}: no [sweep] table")
         cfg = spec.sweep
-    changes: dict[str, Any] = {}
-    if attack_texts:
-        changes["attacks"] = tuple(parse_attack(t) for t in attack_texts)
-    if eps_text is not None:
-        changes["epsilons"] = parse_epsilons(eps_text)
-    for key, value in (
-        ("norm", norm),
-        ("eval_subset", eval_subset),
-        ("batch_size", batch_size),
-        ("accuracy_only", accuracy_only),
-        ("probes", probes),
-        ("channels_last", channels_last),
-    ):
-        if value is not None:
-            changes[key] = value
-    cfg = dataclasses.replace(cfg, **changes)
-    paths = list(checkpoints) or list(cfg.models)
-    if not paths:
-        raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
-    layout, device = obj.distributed()
-    models = load_sweep_models(paths, device=device, num_classes=num_classes)
-    attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
-    ds = sweep_dataset(models, cfg, data_root=data_root)
-    if cfg.probes and not cfg.accuracy_only:
-        fill_gate_means(models, data_root=data_root, log=obj.log)
-    if layout.is_main:
-        out = prepare_out_dir(out)
-    layout.barrier()
-    result = run_sweep(
-        models,
-        attacks,
-        cfg.epsilons,
-        ds,
-        out,
-        **cfg.run_options(),
-        device=device,
-        progress=not obj.quiet,
-        log=obj.log,
-        layout=layout,
-        debug=obj.debug,
-    )
-    if not layout.is_main:
-        return
+    return cfg
+
+
+def _report_sweep(result: Any, *, as_json: bool, strict: bool) -> None:
+    """Print a sweep's summary (or JSON); with ``strict``, exit 1 if a sanity check failed."""
+    import dataclasses
+
     if as_json:
         payload = {
             "robust": result.robust.to_dict(orient="records"),
@@ -661,8 +641,8 @@ def drift_cmd(
     from .config import SweepConfig
     from .data import to_float
     from .drift import measure_drift, plot_drift
-    from .pipeline import load_sweep_models, sweep_dataset
     from .sweep import build_attacks
+    from .sweep_setup import load_sweep_models, sweep_dataset
 
     check_epsilons([eps], norm)
     device = obj.device

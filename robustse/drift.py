@@ -1,6 +1,6 @@
 """Drift of a perturbation through the network: per example, per gate and per block.
 
-For a batch x and its perturbation x' every gate gets the DESIGN §6 measurements (gate drift as
+For a batch x and its perturbation x' every gate gets the measurements of README "Metrics" (gate drift as
 relative L2 and cosine distance, input and output drift of its SE block, damping), every block its
 amplification, and the output its sensitivity. :class:`CellProbe` collects them over the batches
 of a sweep cell (aggregates per site, per-example values on a fixed subsample, per-class mean
@@ -151,7 +151,7 @@ class CellProbe:
             "kl": M.kl(f, f_p),
         }
         if clean.gates:
-            # clean_gates: x' flows through, every gate keeps s(x) (DESIGN §6)
+            # clean_gates: x' flows through, every gate keeps s(x) (README "Metrics")
             with fixed_gates(model, clean.gates):
                 f_cg = model(x_p)
             cols["cg_correct"] = (f_cg.argmax(1) == y).double()

@@ -1,4 +1,4 @@
-"""Measurements of DESIGN §6 as pure tensor functions, one value per example.
+"""Measurements of README "Metrics" as pure tensor functions, one value per example.
 
 For clean input x, perturbed x' = x + δ and logits f; for an SE block with input u, gate s and
 output y = s ⊙ u (primes for the perturbed pass); for a block output h_l. All norms are L2 over

@@ -1,4 +1,4 @@
-"""Gate capture and the DESIGN §6 measurements on hand-computed cases."""
+"""Gate capture and the measurements of README "Metrics" on hand-computed cases."""
 
 from __future__ import annotations
 

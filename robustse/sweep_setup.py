@@ -1,0 +1,182 @@
+"""One sweep set-up for ``robustse sweep`` and ``experiment``: checkpoints → loaded models,
+attacks, the evaluation set and the training-set gate means → :func:`robustse.sweep.run_sweep`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ._types import PathLike
+from .checkpoint import load_checkpoint
+from .config import SweepConfig
+from .data import Dataset, load_dataset
+from .distributed import SINGLE, Dist
+from .errors import DataError, SpecError
+from .predict import check_input_fits
+from .probes import find_gates
+from .sweep import SweepModel, SweepResult, build_attacks, run_sweep
+from .train import SUBSET_SEED, training_gate_means
+
+
+def sweep_checkpoints(
+    paths: list[str],
+    cfg: SweepConfig,
+    out: Path,
+    *,
+    splits: tuple[Dataset, Dataset] | None = None,
+    data_root: PathLike | None = None,
+    num_classes: int = 10,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    debug: Callable[[str], None] | None = None,
+    layout: Dist = SINGLE,
+) -> SweepResult:
+    """Load the checkpoints ``paths`` and run the sweep ``cfg`` on them into ``out``.
+
+    Args:
+        paths: checkpoint paths, globs or ``ARCH=WEIGHTS`` (:func:`load_sweep_models`).
+        cfg: the ``[sweep]`` table (attacks, eps ladder, evaluation subset, options).
+        splits: the (train, test) splits the models were trained on, when the caller holds them
+            (an experiment); otherwise the models' dataset is loaded from ``data_root``.
+        num_classes: classes of foreign ``ARCH=WEIGHTS`` models.
+        device, progress, log, debug, layout: as for :func:`robustse.sweep.run_sweep`.
+    """
+    models = load_sweep_models(paths, device=device, num_classes=num_classes)
+    attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
+    if splits is None:
+        evalset = sweep_dataset(models, cfg, data_root=data_root)
+    else:
+        evalset = splits[1].subset(cfg.eval_subset, seed=SUBSET_SEED)
+    if cfg.probes and not cfg.accuracy_only:  # frozen_mean is a probe
+        fill_gate_means(models, train_split=None if splits is None else splits[0], data_root=data_root, log=log)
+    if layout.is_main:
+        out = prepare_out_dir(out)
+    layout.barrier()
+    return run_sweep(
+        models, attacks, cfg.epsilons, evalset, out, **cfg.run_options(),
+        device=device, progress=progress, log=log, debug=debug, layout=layout,
+    )  # fmt: skip
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create the run directory (refusing a path that is a file or cannot be written)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpecError(f"output path {out_dir} exists and is not a directory")
+    try:
+        (out_dir / "models").mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SpecError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
+    return out_dir
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Paths with globs expanded (sorted).
+
+    Raises:
+        SpecError: a glob that matches nothing or is malformed.
+    """
+    files: list[Path] = []
+    for p in paths:
+        if any(c in p for c in "*?["):
+            try:
+                matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
+            except ValueError as exc:
+                raise SpecError(f"bad checkpoint pattern {p!r} ({exc})") from None
+            if not matched:
+                raise SpecError(f"no checkpoint matches {p!r}")
+            files += matched
+        else:
+            files.append(Path(p))
+    return files
+
+
+def load_sweep_models(
+    paths: list[str], *, device: torch.device | str = "cpu", num_classes: int = 10
+) -> list[SweepModel]:
+    """Load checkpoints as sweep models labelled by file stem.
+
+    Each entry is a robustse checkpoint path, a glob of them, or ``ARCH=WEIGHTS`` for foreign
+    weights of a registry architecture (``resnet20=weights.pth``, ``torchvision:resnet18=w.pth``),
+    loaded safely with ``num_classes`` classes.
+
+    Raises:
+        SpecError: a glob that matches nothing, or two checkpoints with the same label.
+        CheckpointError: a missing, corrupt or unsafe checkpoint.
+    """
+    models = []
+    files: list[Path] = []
+    for p in paths:
+        arch, eq, weights = p.rpartition("=")
+        if eq and arch and not Path(p).exists():
+            model, meta = load_checkpoint(
+                weights, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device
+            )
+            stem = Path(weights).name.rsplit(".", 1)[0]
+            models.append(SweepModel(f"{arch.replace(':', '-')}@{stem}", model, weights, meta))
+            continue
+        files += expand_paths([p])
+    for f in files:
+        model, meta = load_checkpoint(f, map_location=device)
+        models.append(SweepModel(f.name.removesuffix(".safetensors"), model, str(f), meta))
+    labels = [m.label for m in models]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise SpecError(f"two checkpoints are both named {dupes[0]!r}: rename one")
+    return models
+
+
+def fill_gate_means(
+    models: list[SweepModel],
+    *,
+    train_split: Dataset | None = None,
+    data_root: PathLike | None = None,
+    download: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Give every SE model without stored training-set mean excitations (older or foreign
+    checkpoints) the means over its training split, for the ``frozen_mean`` intervention.
+
+    A model whose training data cannot be loaded keeps none, and ``frozen_mean`` is skipped for it.
+    """
+    splits: dict[str, Dataset | DataError] = {}  # training splits by dataset name, loaded once
+    for m in models:
+        if m.gate_means is not None or not find_gates(m.model):
+            continue
+        train: Dataset | DataError | None = train_split
+        if train is None:
+            name = m.meta.get("dataset") or "fashion-mnist"
+            if name not in splits:
+                try:
+                    splits[name] = load_dataset(name, split="train", root=data_root, download=download)
+                except DataError as exc:
+                    splits[name] = exc
+            train = splits[name]
+        if isinstance(train, DataError):
+            if log:
+                log(f"{m.label}: no training data for frozen_mean ({train}); that intervention is skipped")
+            continue
+        m.gate_means = training_gate_means(m.model, train.subset(m.meta.get("train_examples"), seed=SUBSET_SEED))
+
+
+def sweep_dataset(
+    models: list[SweepModel], cfg: SweepConfig, *, data_root: PathLike | None = None, download: bool = False
+) -> Dataset:
+    """The evaluation set of a sweep: the models' common dataset, test split, seeded subset.
+
+    Raises:
+        DataError: the models were trained on different datasets, or images do not fit them.
+    """
+    names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
+    if len(names) != 1:
+        raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
+    name = str(names.pop())
+    ds = load_dataset(name, split="test", root=data_root, download=download).subset(cfg.eval_subset, seed=SUBSET_SEED)
+    for m in models:
+        check_input_fits(m.model, ds, channels=m.meta.get("arch_kwargs", {}).get("in_channels"), who=m.label)
+    return ds
