@@ -8,6 +8,7 @@ and the dotted key, so a typo in a spec never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -406,3 +407,28 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         return from_mapping(ExperimentSpec, raw)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write the simple nested structure of a spec as TOML (scalars, lists, tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    tables = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            body = [f"{kk} = {value(vv)}" for kk, vv in v.items() if vv is not None]
+            tables.append(f"[{k}]\n" + "\n".join(body))
+    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ._types import PathLike
-from .config import ArmConfig, ExperimentSpec, load_spec
+from .config import ArmConfig, ExperimentSpec, dump_toml, load_spec
 from .data import Dataset
 from .distributed import SINGLE, Dist
 from .errors import SpecError
@@ -267,28 +267,3 @@ def _write_rows(path: Path, rows: list[ModelRow]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """Write the simple nested structure of a spec as TOML (scalars, lists, tables)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
-    tables = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            body = [f"{kk} = {value(vv)}" for kk, vv in v.items() if vv is not None]
-            tables.append(f"[{k}]\n" + "\n".join(body))
-    return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
