@@ -1,5 +1,5 @@
 """Where a result came from: library versions (stored in every checkpoint), the git commit, and the
-run's machine (``manifest.json`` of an experiment, README "Results and reports")."""
+run's machine (``manifest.json`` of an experiment, README "Set-up: two commands on a fresh machine")."""
 
 from __future__ import annotations
 

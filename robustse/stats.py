@@ -1,4 +1,5 @@
-"""Statistics: confidence intervals, SE − plain differences, paired tests and the verdict (README "Statistics").
+"""Statistics: confidence intervals, SE − plain differences, paired tests and the verdict
+(README "Statistics and the verdict").
 
 Seeds are the unit of replication and examples are shared by every model, so every interval is a
 two-level bootstrap: resample the seeds (with replacement), then the examples (the same examples
