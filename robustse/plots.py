@@ -17,8 +17,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .attack_roles import attack_role  # noqa: E402
+
 PLAIN, SE = "#1f77b4", "#ff7f0e"
 GRID = {"alpha": 0.3, "lw": 0.5}
+
+
+def _line_style(attack: str) -> str:
+    """Dashed for a control (the noise control), solid for an attack."""
+    return "--" if attack_role(attack) == "control" else "-"
 
 
 def _grid(n: int, *, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Any]]:
@@ -83,7 +90,7 @@ def sensitivity(curves: Any) -> Figure:
         for (attack, se), c in sub.groupby(["attack", "se"], sort=True):
             c = c.sort_values("eps")
             color = SE if se else PLAIN
-            style = "--" if attack == "noise" else "-"
+            style = _line_style(attack)
             ax.plot(c.eps, c["mean"], style, marker="o", ms=3, color=color, label=f"{'SE' if se else 'plain'} {attack}")
             ax.fill_between(c.eps, c.ci_low, c.ci_high, color=color, alpha=0.15, lw=0)
         ax.set(title=f"{family} ({arm})", xlabel="eps (pixels)", ylabel="logit sensitivity")
@@ -167,7 +174,7 @@ def amplification(profile: Any, eps: float) -> Figure:
             order = list(dict.fromkeys(c.site))
             means = c.groupby("site", sort=False)["mean"].mean().reindex(order)
             ax.plot(
-                range(len(order)), means.values, "--" if attack == "noise" else "-", marker="o", ms=3,
+                range(len(order)), means.values, _line_style(attack), marker="o", ms=3,
                 color=SE if se else PLAIN, label=f"{'SE' if se else 'plain'} {attack}",
             )  # fmt: skip
             ax.set_xticks(range(len(order)))

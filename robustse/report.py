@@ -5,20 +5,28 @@ Everything is computed from what the run directory already holds (``results.db``
 attacking or training anything. ``report.html`` is one self-contained file (figures inlined as
 PNG data URIs, no scripts, no external resources): verdict first, then the figures, the statistics
 tables, the sanity-check panel and the provenance. ``report.md`` shows the same with the figures
-from ``figures/``; the tables are also written as CSV.
+from ``figures/``; the tables are also written as CSV. The statistics and the verdict rule are
+described in the README ("Statistics and the verdict").
+
+:func:`build_report` runs four stages, each a function of the previous one's typed output:
+:func:`load_run` (→ :class:`RunData`), :func:`analyse` (→ :class:`Analysis`), :func:`draw_figures`
+(→ :class:`ReportFigure` per figure) and the renderers, which read a :class:`ReportContext`:
+:func:`render_html` (the Jinja2 template ``robustse/templates/report.html.j2``) and
+:func:`render_markdown`.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import html
 import io
 import json
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +36,13 @@ import pandas as pd
 from . import plots
 from . import stats as S
 from ._types import PathLike
+from .attack_roles import names_with_role
 from .errors import ModelError, StoreError
 from .store import ResultsStore
 
 VERDICT_COLOURS = {"SE damps": "#1a7f37", "SE amplifies": "#cf222e", "no evidence": "#6e7781"}
+STATUS_COLOURS = {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}
+NEUTRAL_COLOUR = "#6e7781"
 MEASURE_NAMES = {
     "robust_accuracy": "robust accuracy",
     "logit_sensitivity": "logit sensitivity",
@@ -40,6 +51,12 @@ MEASURE_NAMES = {
     "amplification_last_block": "amplification (last block)",
     "log_sensitivity_vs_noise": "ln(sensitivity / noise's)",
 }
+HEADLINE_MEASURES = ["log_sensitivity_vs_noise", "logit_sensitivity", "kl", "flip_rate", "amplification_last_block"]
+STATS_COLUMNS = ["arm", "family", "measurement", "attack", "eps", "se_mean", "plain_mean", "diff", "ci_low", "ci_high",
+                 "p", "p_holm", "verdict"]  # fmt: skip
+CHECK_COLUMNS = ["model", "name", "status", "detail"]
+MODEL_COLUMNS = ["label", "family", "se", "arm", "seed"]
+TEMPLATE = "report.html.j2"
 
 
 @dataclass
@@ -56,76 +73,94 @@ class ReportResult:
     csv: dict[str, Path] = field(default_factory=dict)
 
 
-def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
-    """label, family, se, arm, seed of every model in the store (``models.csv`` if the run has one)."""
-    from .models import model_info
+@dataclass(frozen=True)
+class ReportOptions:
+    """The ``[report]`` options of a run (bootstrap replicates, alpha, gallery eps, resampling seed)."""
 
-    stored = store.models()
-    path = run_dir / "models.csv"
-    if path.exists():
-        table = pd.read_csv(path)
-        if {"label", "family", "se", "arm", "seed"} <= set(table.columns):
-            table["se"] = table.se.astype(str).str.lower().isin(["true", "1"])
-            return table[table.label.isin(stored.model)].reset_index(drop=True)
-    rows = []
-    for i, r in stored.iterrows():
-        arch = r["arch"] if isinstance(r["arch"], str) else None
-        try:
-            info = model_info(arch) if arch else None
-        except ModelError:  # foreign architecture names (torchvision:...) are not in the registry
-            info = None
-        m = re.search(r"_s(\d+)$", r["model"])
-        rows.append(
-            {
-                "label": r["model"],
-                "family": info.family if info else (arch or r["model"]),
-                "se": bool(info.has_se) if info else False,
-                "arm": "main",
-                "seed": int(m.group(1)) if m else i,
-            }
-        )
-    return pd.DataFrame(rows, columns=["label", "family", "se", "arm", "seed"])
+    n_boot: int
+    alpha: float
+    gallery_eps: float | None
+    seed: int
 
 
-def _report_config(run_dir: Path) -> dict[str, Any]:
-    """The ``[report]`` options of the run's spec (defaults when there is none)."""
-    from .config import ReportConfig, load_spec
+@dataclass
+class RunData:
+    """Stage 1 (:func:`load_run`): what the run directory holds, read once."""
 
-    defaults = ReportConfig()
-    spec = run_dir / "spec.toml"
-    if spec.exists():
-        with contextlib.suppress(Exception):  # a spec from another version still leaves a reportable store
-            defaults = load_spec(spec).report
-    return {
-        "n_boot": defaults.bootstrap,
-        "alpha": defaults.alpha,
-        "gallery_eps": defaults.gallery_eps,
-        "seed": defaults.seed,
-    }
-
-
-def _main_attack(attacks: list[str]) -> str | None:
-    """The attack the headline figures use: PGD if present, else the first non-control attack."""
-    real = [a for a in attacks if a not in S.CONTROLS]
-    if "pgd" in real:
-        return "pgd"
-    return real[0] if real else None
+    run: Path
+    models: pd.DataFrame
+    examples: pd.DataFrame
+    site_examples: pd.DataFrame
+    sites: pd.DataFrame
+    excitations: pd.DataFrame
+    gallery: pd.DataFrame
+    checks: pd.DataFrame
+    cells: pd.DataFrame
+    classes: list[str]
+    dataset: str
+    manifest: dict[str, Any]
+    spec: str | None
 
 
-def _png(fig: Any, path: Path) -> bytes:
-    import matplotlib.pyplot as plt
+@dataclass
+class Analysis:
+    """Stage 2 (:func:`analyse`): the statistics tables and the curves behind the figures."""
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    data = buf.getvalue()
-    path.write_bytes(data)
-    return data
+    comparison: pd.DataFrame
+    damping: pd.DataFrame | None
+    interventions: pd.DataFrame
+    groups: list[dict[str, Any]]
+    main: str | None
+    eps: list[float]
+    gallery_eps: float
+    acc_curves: pd.DataFrame
+    sens_curves: pd.DataFrame
+    drift_sites: pd.DataFrame
+    profile: pd.DataFrame
 
 
-def _image(blob: bytes, shape: str) -> np.ndarray:
-    img = np.frombuffer(blob, dtype=np.float32).reshape(json.loads(shape))
-    return img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+@dataclass(frozen=True)
+class ReportFigure:
+    """Stage 3 (:func:`draw_figures`): one figure, saved under ``figures/``."""
+
+    title: str
+    path: Path
+    png: bytes
+
+
+@dataclass
+class ReportContext:
+    """What the renderers read (the fields are the keys of the former context dict)."""
+
+    run: Path
+    dataset: str
+    models: Any
+    cells: Any
+    checks: Any
+    groups: list[dict[str, Any]]
+    comparison: Any
+    damping: Any
+    interventions: Any
+    main: str | None
+    eps: list[float]
+    gallery_eps: float
+    alpha: float
+    n_boot: int
+    manifest: dict[str, Any]
+    spec: str | None
+    titles: dict[str, str]
+    n_examples: int
+
+    @classmethod
+    def of(cls, data: RunData, a: Analysis, opts: ReportOptions, figures: dict[str, ReportFigure]) -> ReportContext:
+        """The context of the run ``data`` with its analysis and figures."""
+        return cls(
+            run=data.run, dataset=data.dataset, models=data.models, cells=data.cells, checks=data.checks,
+            groups=a.groups, comparison=a.comparison, damping=a.damping, interventions=a.interventions, main=a.main,
+            eps=a.eps, gallery_eps=a.gallery_eps, alpha=opts.alpha, n_boot=opts.n_boot, manifest=data.manifest,
+            spec=data.spec, titles={k: f.title for k, f in figures.items()},
+            n_examples=int(data.examples.idx.nunique()),
+        )  # fmt: skip
 
 
 def build_report(
@@ -151,130 +186,128 @@ def build_report(
         :class:`ReportResult`.
 
     Raises:
-        StoreError: no (or an unreadable) ``results.db`` in ``run_dir``.
+        StoreError: no (or an unreadable) ``results.db`` in ``run_dir``, or its attacks mix norms.
 
     Example:
         >>> build_report("reports/quick").html  # doctest: +SKIP
         PosixPath('reports/quick/report.html')
     """
     t0 = time.perf_counter()
+    data = load_run(run_dir)
+    opts = _resolve_options(data.run, n_boot, alpha, gallery_eps, seed)
+    analysis = analyse(data, opts, log)
+    figures = draw_figures(data, analysis)
+    csv = write_tables(data, analysis)
+    html_path, md_path = write_pages(ReportContext.of(data, analysis, opts, figures), figures)
+    seconds = time.perf_counter() - t0
+    if log:
+        log(f"report: {html_path} ({seconds:.1f}s)")
+    paths = {k: f.path for k, f in figures.items()}
+    return ReportResult(html_path, md_path, paths, analysis.comparison, data.checks, analysis.main, seconds, csv)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _report_config(run_dir: Path) -> ReportOptions:
+    """The ``[report]`` options of the run's spec (defaults when there is none)."""
+    from .config import ReportConfig, load_spec
+
+    defaults = ReportConfig()
+    spec = run_dir / "spec.toml"
+    if spec.exists():
+        with contextlib.suppress(Exception):  # a spec from another version still leaves a reportable store
+            defaults = load_spec(spec).report
+    return ReportOptions(defaults.bootstrap, defaults.alpha, defaults.gallery_eps, defaults.seed)
+
+
+def _resolve_options(
+    run: Path, n_boot: int | None, alpha: float | None, gallery_eps: float | None, seed: int | None
+) -> ReportOptions:
+    """The caller's options, the spec's where the caller gave none."""
+    cfg = _report_config(run)
+    return ReportOptions(
+        n_boot=n_boot or cfg.n_boot,
+        alpha=alpha or cfg.alpha,
+        gallery_eps=cfg.gallery_eps if gallery_eps is None else gallery_eps,
+        seed=cfg.seed if seed is None else seed,
+    )
+
+
+# --------------------------------------------------------------------------- stage 1: load
+
+
+def load_run(run_dir: PathLike) -> RunData:
+    """Read everything the report needs from a run directory.
+
+    Raises:
+        StoreError: no (or an unreadable, or an empty) ``results.db``; or robust-accuracy attacks
+            of more than one norm (the worst case and the comparisons take one norm at a time).
+    """
     run = Path(run_dir)
     db = run / "results.db"
     if not db.is_file():
         raise StoreError(f"{run}: no results.db here (run `robustse experiment` or `robustse sweep` first)")
-    cfg = _report_config(run)
-    n_boot = n_boot or cfg["n_boot"]
-    alpha = alpha or cfg["alpha"]
-    seed = cfg["seed"] if seed is None else seed
     with ResultsStore(db) as store:
-        models = _models_table(run, store)
-        examples = store.examples()
-        if examples.empty:
-            raise StoreError(f"{db}: no finished cells to report on")
-        site_ex = store.probe_table("site_examples")
-        sites = store.probe_table("sites")
-        excitations = store.probe_table("excitations")
-        gallery_rows = store.probe_table("gallery")
-        checks = store.checks()
-        cells = store.cells()
-        classes = json.loads(store.get_meta("classes") or "[]")
-        dataset = store.get_meta("dataset") or "?"
-    eps_all = sorted(e for e in set(examples.eps) if e > 0)
-    g_eps = gallery_eps if gallery_eps is not None else cfg["gallery_eps"]
-    if g_eps is None or g_eps not in eps_all:
-        g_eps = eps_all[len(eps_all) // 2] if eps_all else 0.0
-    main = _main_attack(list(dict.fromkeys(examples.attack)))
+        data = _read_store(run, db, store)
+    _require_one_norm(run, data.examples)
+    return data
 
-    comparison = S.comparison_table(examples, models, site_examples=site_ex, n_boot=n_boot, alpha=alpha, seed=seed)
-    damp = S.damping_table(site_ex, models, n_boot=n_boot, alpha=alpha, seed=seed) if not site_ex.empty else None
-    inter = S.intervention_table(examples, models, n_boot=n_boot, alpha=alpha, seed=seed)
-    groups = S.twin_groups(models)
-    if log:
-        log(f"statistics: {len(comparison)} comparisons, {len(groups)} twin group(s), {n_boot} bootstrap replicates")
 
-    # ---- curves for the figures
-    worst = S.worst_case_examples(examples)
-    acc_rows, sens_rows = [], []
-    for g in groups:
-        for se, labels in ((False, g["plain"]), (True, g["se"])):
-            c = S.group_curve(worst, labels, "correct", n_boot=n_boot, alpha=alpha, seed=seed)
-            acc_rows.append(c.assign(arm=g["arm"], family=g["family"], se=se))
-            for attack in (main, "noise"):
-                sub = examples[(examples.attack == attack) & (examples.eps > 0)]
-                if sub.empty or sub.logit_sensitivity.isna().all():
-                    continue
-                c = S.group_curve(sub, labels, "logit_sensitivity", n_boot=n_boot, alpha=alpha, seed=seed)
-                sens_rows.append(c.assign(arm=g["arm"], family=g["family"], se=se, attack=attack))
-    acc_curves = pd.concat(acc_rows, ignore_index=True) if acc_rows else pd.DataFrame(columns=["arm", "family", "se"])
-    sens_curves = (
-        pd.concat(sens_rows, ignore_index=True) if sens_rows else pd.DataFrame(columns=["arm", "family", "se"])
-    )
-    se_labels = [lab for g in groups for lab in g["se"]] or list(models[models.se].label)
-    drift_sites = sites[(sites.metric == "gate_drift") & sites.model.isin(se_labels) & (sites.attack != "noise")]
-    profile = sites[(sites.metric == "amplification") & sites.attack.isin([main, "noise"])].merge(
-        models[["label", "arm", "family", "se"]].rename(columns={"label": "model"}), on="model"
-    )
+def _read_store(run: Path, db: Path, store: ResultsStore) -> RunData:
+    models = _models_table(run, store)
+    examples = store.examples()
+    if examples.empty:
+        raise StoreError(f"{db}: no finished cells to report on")
+    return RunData(
+        run=run, models=models, examples=examples, site_examples=store.probe_table("site_examples"),
+        sites=store.probe_table("sites"), excitations=store.probe_table("excitations"),
+        gallery=store.probe_table("gallery"), checks=store.checks(), cells=store.cells(),
+        classes=json.loads(store.get_meta("classes") or "[]"), dataset=store.get_meta("dataset") or "?",
+        manifest=_read_json(run / "manifest.json"), spec=_read_text(run / "spec.toml"),
+    )  # fmt: skip
 
-    # ---- figures
-    fig_dir = run / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    figs: dict[str, tuple[str, Any]] = {
-        "robust_accuracy": ("Robust accuracy vs eps", plots.robust_accuracy(acc_curves)),
-        "sensitivity": ("Output sensitivity vs eps: attack vs noise", plots.sensitivity(sens_curves)),
-        "gate_drift": ("Gate drift per gate vs eps", plots.gate_drift(drift_sites)),
-        "damping": (
-            f"Damping per gate at eps = {g_eps:g}",
-            plots.damping(damp if damp is not None else pd.DataFrame(columns=["eps"]), g_eps),
-        ),
-        "amplification": (f"Amplification over depth at eps = {g_eps:g}", plots.amplification(profile, g_eps)),
-        "excitations": (
-            "Per-class mean excitations, clean vs adversarial",
-            plots.excitation_heatmaps(
-                _heatmaps(excitations, groups, main, g_eps, classes), _class_names(classes), g_eps
-            ),
-        ),
-        "gallery": (
-            f"Adversarial examples ({main}, eps = {g_eps:g})",
-            plots.gallery(
-                _gallery(gallery_rows, examples, groups, main, g_eps, classes), magnify=0.5 / max(g_eps, 1e-6)
-            ),
-        ),
-        "interventions": ("Gate interventions", plots.interventions(inter)),
+
+def _require_one_norm(run: Path, examples: pd.DataFrame) -> None:
+    """Refuse robust-accuracy attacks of several norms: one message naming each attack's norms."""
+    attacks = examples[examples.attack.isin(names_with_role(examples.attack, "attack"))]
+    if attacks.norm.nunique() <= 1:
+        return
+    norms = attacks.groupby("attack", sort=False).norm.unique()
+    mixed = ", ".join(f"{attack}: {'/'.join(sorted(n))}" for attack, n in norms.items())
+    raise StoreError(f"{run}: this run mixes norms ({mixed}); the report compares one norm at a time")
+
+
+def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
+    """label, family, se, arm, seed of every model in the store (``models.csv`` if the run has one)."""
+    stored = store.models()
+    path = run_dir / "models.csv"
+    if path.exists():
+        table = pd.read_csv(path)
+        if set(MODEL_COLUMNS) <= set(table.columns):
+            table["se"] = table.se.astype(str).str.lower().isin(["true", "1"])
+            return table[table.label.isin(stored.model)].reset_index(drop=True)
+    rows = [_model_row(i, r) for i, r in stored.iterrows()]
+    return pd.DataFrame(rows, columns=MODEL_COLUMNS)
+
+
+def _model_row(i: Any, r: Any) -> dict[str, Any]:
+    """A ``models.csv`` row for a stored model, from its architecture's registry entry."""
+    from .models import model_info
+
+    arch = r["arch"] if isinstance(r["arch"], str) else None
+    try:
+        info = model_info(arch) if arch else None
+    except ModelError:  # foreign architecture names (torchvision:...) are not in the registry
+        info = None
+    m = re.search(r"_s(\d+)$", r["model"])
+    return {
+        "label": r["model"],
+        "family": info.family if info else (arch or r["model"]),
+        "se": bool(info.has_se) if info else False,
+        "arm": "main",
+        "seed": int(m.group(1)) if m else i,
     }
-    images: dict[str, bytes] = {}
-    paths: dict[str, Path] = {}
-    for key, (_title, fig) in figs.items():
-        paths[key] = fig_dir / f"{key}.png"
-        images[key] = _png(fig, paths[key])
-
-    # ---- tables
-    csv = {
-        "stats": run / "stats.csv",
-        "damping": run / "damping.csv",
-        "interventions": run / "interventions.csv",
-        "blocks": run / "blocks.csv",
-    }
-    comparison.to_csv(csv["stats"], index=False)
-    (damp if damp is not None else pd.DataFrame()).to_csv(csv["damping"], index=False)
-    inter.to_csv(csv["interventions"], index=False)
-    sites.drop(columns=["cell_id"], errors="ignore").to_csv(csv["blocks"], index=False)
-
-    manifest = _read_json(run / "manifest.json")
-    spec_text = (run / "spec.toml").read_text(encoding="utf-8") if (run / "spec.toml").exists() else None
-    context = {
-        "run": run, "dataset": dataset, "models": models, "cells": cells, "checks": checks, "groups": groups,
-        "comparison": comparison, "damping": damp, "interventions": inter, "main": main, "eps": eps_all,
-        "gallery_eps": g_eps, "alpha": alpha, "n_boot": n_boot, "manifest": manifest, "spec": spec_text,
-        "titles": {k: v[0] for k, v in figs.items()}, "n_examples": int(examples.idx.nunique()),
-    }  # fmt: skip
-    html_path = run / "report.html"
-    md_path = run / "report.md"
-    _atomic_write(html_path, render_html(context, images))
-    _atomic_write(md_path, render_markdown(context, {k: p.name for k, p in paths.items()}))
-    seconds = time.perf_counter() - t0
-    if log:
-        log(f"report: {html_path} ({seconds:.1f}s)")
-    return ReportResult(html_path, md_path, paths, comparison, checks, main, seconds, csv)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -284,10 +317,165 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def _read_text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.exists() else None
+
+
+# --------------------------------------------------------------------------- stage 2: analyse
+
+
+def analyse(data: RunData, opts: ReportOptions, log: Callable[[str], None] | None = None) -> Analysis:
+    """The statistics (:mod:`robustse.stats`) and the curves the figures draw."""
+    ex, models, site_ex = data.examples, data.models, data.site_examples
+    kw = _resampling(opts)
+    comparison = S.comparison_table(ex, models, site_examples=site_ex, **kw)
+    damp = S.damping_table(site_ex, models, **kw) if not site_ex.empty else None
+    inter = S.intervention_table(ex, models, **kw)
+    groups = S.twin_groups(models)
+    if log:
+        counts = f"{len(comparison)} comparisons, {len(groups)} twin group(s), {opts.n_boot} bootstrap replicates"
+        log(f"statistics: {counts}")
+    eps_all = sorted(e for e in set(ex.eps) if e > 0)
+    main = _main_attack(list(dict.fromkeys(ex.attack)))
+    return Analysis(
+        comparison=comparison, damping=damp, interventions=inter, groups=groups, main=main, eps=eps_all,
+        gallery_eps=_gallery_eps(eps_all, opts.gallery_eps), acc_curves=_accuracy_curves(ex, groups, opts),
+        sens_curves=_sensitivity_curves(ex, groups, main, opts), drift_sites=_drift_sites(data.sites, models, groups),
+        profile=_profile(data.sites, models, main),
+    )  # fmt: skip
+
+
+def _resampling(opts: ReportOptions) -> dict[str, Any]:
+    return {"n_boot": opts.n_boot, "alpha": opts.alpha, "seed": opts.seed}
+
+
+def _gallery_eps(eps_all: list[float], wanted: float | None) -> float:
+    """``wanted`` if the ladder has it, else the middle of the ladder (0 without one)."""
+    if wanted is not None and wanted in eps_all:
+        return wanted
+    return eps_all[len(eps_all) // 2] if eps_all else 0.0
+
+
+def _main_attack(attacks: list[str]) -> str | None:
+    """The attack the headline figures use: PGD if present, else the first attack on the label."""
+    real = names_with_role(attacks, "attack")
+    if "pgd" in real:
+        return "pgd"
+    return real[0] if real else None
+
+
+def _compared(main: str | None, names: Iterable[str]) -> list[str | None]:
+    """The main attack, then the controls among ``names`` (the noise control: same norm and eps)."""
+    return [main, *names_with_role(names, "control")]
+
+
+def _twins(group: dict[str, Any]) -> tuple[tuple[bool, list[str]], ...]:
+    return (False, group["plain"]), (True, group["se"])
+
+
+def _concat(rows: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["arm", "family", "se"])
+
+
+def _accuracy_curves(examples: pd.DataFrame, groups: list[dict[str, Any]], opts: ReportOptions) -> pd.DataFrame:
+    """Worst-case robust accuracy vs eps per twin, mean over seeds with its bootstrap CI."""
+    worst = S.worst_case_examples(examples)
+    return _concat(
+        [
+            S.group_curve(worst, labels, "correct", **_resampling(opts)).assign(arm=g["arm"], family=g["family"], se=se)
+            for g in groups
+            for se, labels in _twins(g)
+        ]
+    )
+
+
+def _sensitivity_curves(
+    examples: pd.DataFrame, groups: list[dict[str, Any]], main: str | None, opts: ReportOptions
+) -> pd.DataFrame:
+    """Logit sensitivity vs eps per twin under the main attack and under the controls."""
+    subs = {}
+    for attack in _compared(main, examples.attack):
+        sub = examples[(examples.attack == attack) & (examples.eps > 0)]
+        if not (sub.empty or sub.logit_sensitivity.isna().all()):
+            subs[attack] = sub
+    rows = [
+        S.group_curve(sub, labels, "logit_sensitivity", **_resampling(opts)).assign(
+            arm=g["arm"], family=g["family"], se=se, attack=attack
+        )
+        for g in groups
+        for se, labels in _twins(g)
+        for attack, sub in subs.items()
+    ]
+    return _concat(rows)
+
+
+def _drift_sites(sites: pd.DataFrame, models: pd.DataFrame, groups: list[dict[str, Any]]) -> pd.DataFrame:
+    """Gate drift of the SE models under every perturbation but the controls."""
+    se_labels = [lab for g in groups for lab in g["se"]] or list(models[models.se].label)
+    controls = names_with_role(sites.attack, "control")
+    return sites[(sites.metric == "gate_drift") & sites.model.isin(se_labels) & ~sites.attack.isin(controls)]
+
+
+def _profile(sites: pd.DataFrame, models: pd.DataFrame, main: str | None) -> pd.DataFrame:
+    """Amplification per block under the main attack and the controls, with each model's twin columns."""
+    amp = sites[(sites.metric == "amplification") & sites.attack.isin(_compared(main, sites.attack))]
+    return amp.merge(models[["label", "arm", "family", "se"]].rename(columns={"label": "model"}), on="model")
+
+
+# --------------------------------------------------------------------------- stage 3: figures and tables
+
+
+def draw_figures(data: RunData, a: Analysis) -> dict[str, ReportFigure]:
+    """Draw every figure and save it as ``figures/<key>.png``."""
+    fig_dir = data.run / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    out = {}
+    for key, (title, fig) in _figures(data, a).items():
+        path = fig_dir / f"{key}.png"
+        out[key] = ReportFigure(title, path, _png(fig, path))
+    return out
+
+
+def _figures(data: RunData, a: Analysis) -> dict[str, tuple[str, Any]]:
+    """key → (caption, matplotlib Figure), in report order."""
+    eps = a.gallery_eps
+    damping = a.damping if a.damping is not None else pd.DataFrame(columns=["eps"])
+    return {
+        "robust_accuracy": ("Robust accuracy vs eps", plots.robust_accuracy(a.acc_curves)),
+        "sensitivity": ("Output sensitivity vs eps: attack vs noise", plots.sensitivity(a.sens_curves)),
+        "gate_drift": ("Gate drift per gate vs eps", plots.gate_drift(a.drift_sites)),
+        "damping": (f"Damping per gate at eps = {eps:g}", plots.damping(damping, eps)),
+        "amplification": (f"Amplification over depth at eps = {eps:g}", plots.amplification(a.profile, eps)),
+        "excitations": ("Per-class mean excitations, clean vs adversarial", _excitations_figure(data, a)),
+        "gallery": (f"Adversarial examples ({a.main}, eps = {eps:g})", _gallery_figure(data, a)),
+        "interventions": ("Gate interventions", plots.interventions(a.interventions)),
+    }
+
+
+def _excitations_figure(data: RunData, a: Analysis) -> Any:
+    maps = _heatmaps(data.excitations, a.groups, a.main, a.gallery_eps, data.classes)
+    return plots.excitation_heatmaps(maps, _class_names(data.classes), a.gallery_eps)
+
+
+def _gallery_figure(data: RunData, a: Analysis) -> Any:
+    items = _gallery(data.gallery, data.examples, a.groups, a.main, a.gallery_eps, data.classes)
+    return plots.gallery(items, magnify=0.5 / max(a.gallery_eps, 1e-6))
+
+
+def _png(fig: Any, path: Path) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    data = buf.getvalue()
+    path.write_bytes(data)
+    return data
+
+
+def _image(blob: bytes, shape: str) -> np.ndarray:
+    img = np.frombuffer(blob, dtype=np.float32).reshape(json.loads(shape))
+    return img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
 
 
 def _class_names(classes: list[str]) -> list[str]:
@@ -298,26 +486,27 @@ def _heatmaps(exc: Any, groups: list[dict[str, Any]], attack: str | None, eps: f
     """(gate, clean (K, C), adversarial (K, C)) for the first and last gate of the first SE group."""
     if exc.empty or not groups or attack is None:
         return []
-    labels = groups[0]["se"]
-    sub = exc[exc.model.isin(labels) & (exc.attack == attack)]
+    sub = exc[exc.model.isin(groups[0]["se"]) & (exc.attack == attack)]
     gates = list(dict.fromkeys(sub.site))
     k = len(classes) if classes else int(sub.label.max()) + 1
     out = []
     for gate in dict.fromkeys([gates[0], gates[-1]] if gates else []):
-        mats = []
-        for e in (0.0, eps):
-            t = sub[(sub.site == gate) & np.isclose(sub.eps, e)]
-            vecs: dict[int, list[np.ndarray]] = {}
-            for _, r in t.iterrows():
-                vecs.setdefault(int(r.label), []).append(np.asarray(json.loads(r["mean"])))
-            width = len(next(iter(vecs.values()))[0]) if vecs else 1
-            m = np.full((k, width), np.nan)
-            for c, vs in vecs.items():
-                if c < k:
-                    m[c] = np.mean(vs, axis=0)
-            mats.append(m)
-        out.append((gate, mats[0], mats[1]))
+        clean, adv = (_class_means(sub[(sub.site == gate) & np.isclose(sub.eps, e)], k) for e in (0.0, eps))
+        out.append((gate, clean, adv))
     return out
+
+
+def _class_means(t: Any, k: int) -> np.ndarray:
+    """(k, channels) mean excitation per class over the models (NaN where a class has none)."""
+    vecs: dict[int, list[np.ndarray]] = {}
+    for _, r in t.iterrows():
+        vecs.setdefault(int(r.label), []).append(np.asarray(json.loads(r["mean"])))
+    width = len(next(iter(vecs.values()))[0]) if vecs else 1
+    m = np.full((k, width), np.nan)
+    for c, vs in vecs.items():
+        if c < k:
+            m[c] = np.mean(vs, axis=0)
+    return m
 
 
 def _gallery(gal: Any, ex: Any, groups: list[dict[str, Any]], attack: str | None, eps: float, classes: list[str]):  # type: ignore[no-untyped-def]
@@ -325,33 +514,63 @@ def _gallery(gal: Any, ex: Any, groups: list[dict[str, Any]], attack: str | None
     if gal.empty or not groups or attack is None:
         return []
     names = _class_names(classes)
-
-    def name(i: int) -> str:
-        return names[i] if 0 <= i < len(names) else str(i)
-
     items = []
     for model in (groups[0]["se"][0], groups[0]["plain"][0]):
         g = gal[(gal.model == model) & (gal.attack == attack)]
         clean = g[g.eps == 0].set_index("idx")
         adv = g[np.isclose(g.eps, eps)].set_index("idx")
         e = ex[(ex.model == model) & (ex.attack == attack) & np.isclose(ex.eps, eps)].set_index("idx")
-        for idx in list(adv.index)[:3]:
-            if idx not in clean.index or idx not in e.index:
-                continue
-            items.append(
-                {
-                    "model": model,
-                    "clean": _image(clean.loc[idx, "image"], clean.loc[idx, "shape"]),
-                    "adv": _image(adv.loc[idx, "image"], adv.loc[idx, "shape"]),
-                    "label": name(int(e.loc[idx, "label"])),
-                    "clean_pred": name(int(e.loc[idx, "clean_pred"])),
-                    "adv_pred": name(int(e.loc[idx, "adv_pred"])),
-                }
-            )
+        items += [_gallery_item(model, clean, adv, e, idx, names) for idx in list(adv.index)[:3]
+                  if idx in clean.index and idx in e.index]  # fmt: skip
     return items
 
 
-# --------------------------------------------------------------------------- rendering
+def _gallery_item(model: str, clean: Any, adv: Any, e: Any, idx: Any, names: list[str]) -> dict[str, Any]:
+    def name(i: int) -> str:
+        return names[i] if 0 <= i < len(names) else str(i)
+
+    return {
+        "model": model,
+        "clean": _image(clean.loc[idx, "image"], clean.loc[idx, "shape"]),
+        "adv": _image(adv.loc[idx, "image"], adv.loc[idx, "shape"]),
+        "label": name(int(e.loc[idx, "label"])),
+        "clean_pred": name(int(e.loc[idx, "clean_pred"])),
+        "adv_pred": name(int(e.loc[idx, "adv_pred"])),
+    }
+
+
+def write_tables(data: RunData, a: Analysis) -> dict[str, Path]:
+    """Write ``stats.csv``, ``damping.csv``, ``interventions.csv`` and ``blocks.csv``."""
+    run = data.run
+    csv = {
+        "stats": run / "stats.csv",
+        "damping": run / "damping.csv",
+        "interventions": run / "interventions.csv",
+        "blocks": run / "blocks.csv",
+    }
+    a.comparison.to_csv(csv["stats"], index=False)
+    (a.damping if a.damping is not None else pd.DataFrame()).to_csv(csv["damping"], index=False)
+    a.interventions.to_csv(csv["interventions"], index=False)
+    data.sites.drop(columns=["cell_id"], errors="ignore").to_csv(csv["blocks"], index=False)
+    return csv
+
+
+def write_pages(context: ReportContext, figures: dict[str, ReportFigure]) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` (each atomically)."""
+    html_path = context.run / "report.html"
+    md_path = context.run / "report.md"
+    _atomic_write(html_path, render_html(context, {k: f.png for k, f in figures.items()}))
+    _atomic_write(md_path, render_markdown(context, {k: f.path.name for k, f in figures.items()}))
+    return html_path, md_path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- stage 4: render
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -365,56 +584,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
 def headline(c: Any, main: str | None) -> Any:
     """The verdict rows: per twin group, the worst-case robust accuracy and the headline
     measurements of the main attack, at every eps (``c``: :func:`robustse.stats.comparison_table`)."""
-    keep = (c.measurement == "robust_accuracy") | (
-        (c.attack == main)
-        & c.measurement.isin(
-            ["log_sensitivity_vs_noise", "logit_sensitivity", "kl", "flip_rate", "amplification_last_block"]
-        )
-    )
+    keep = (c.measurement == "robust_accuracy") | ((c.attack == main) & c.measurement.isin(HEADLINE_MEASURES))
     return c[keep]
-
-
-def _verdict_cell(row: Any) -> str:
-    colour = VERDICT_COLOURS[row.verdict]
-    return (
-        f'<td><span class="chip" style="background:{colour}">{html.escape(row.verdict)}</span><br>'
-        f"<small>{_fmt(row['diff'], 3)} [{_fmt(row.ci_low, 3)}, {_fmt(row.ci_high, 3)}], p<sub>Holm</sub> "
-        f"{_fmt(row.p_holm, 2)}</small></td>"
-    )
-
-
-def _table_html(df: Any, columns: list[str] | None = None, *, digits: int = 4) -> str:
-    if df is None or df.empty:
-        return "<p><em>none</em></p>"
-    cols = columns or list(df.columns)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = []
-    for _, r in df.iterrows():
-        cells = []
-        for col in cols:
-            v = r[col]
-            text = html.escape(_fmt(v, digits))
-            if col in ("verdict", "status"):
-                colour = VERDICT_COLOURS.get(str(v)) or {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}.get(
-                    str(v), "#6e7781"
-                )
-                text = f'<span class="chip" style="background:{colour}">{text}</span>'
-            cells.append(f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;
-color:#1f2328;line-height:1.45;padding:0 1rem}
-h1{margin-bottom:.2rem} h2{border-bottom:1px solid #d0d7de;padding-bottom:.3rem;margin-top:2.2rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0} th,td{border:1px solid #d0d7de;padding:.25rem .5rem;
-text-align:left;vertical-align:top} th{background:#f6f8fa}
-.chip{display:inline-block;color:#fff;border-radius:.8rem;padding:.05rem .55rem;font-size:.8rem;white-space:nowrap}
-figure{margin:1rem 0} figure img{max-width:100%;border:1px solid #d0d7de} figcaption{font-size:.9rem;color:#59636e}
-.summary{background:#f6f8fa;border:1px solid #d0d7de;border-radius:.4rem;padding:.8rem 1rem}
-pre{background:#f6f8fa;padding:.6rem;overflow:auto;font-size:.8rem}
-"""
 
 
 def _check_summary(checks: Any) -> str:
@@ -424,107 +595,155 @@ def _check_summary(checks: Any) -> str:
     return ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("pass", "warn", "fail"))
 
 
-def render_html(context: dict[str, Any], images: dict[str, bytes]) -> str:
-    """The self-contained HTML report (figures inlined)."""
-    c = context
-    head = headline(c["comparison"], c["main"])
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>robustse report: {html.escape(c['run'].name)}</title><style>{CSS}</style></head><body>",
-        f"<h1>Does SE gating damp adversarial perturbations? — <code>{html.escape(c['run'].name)}</code></h1>",
-        f"<p>{html.escape(c['dataset'])}, {c['n_examples']} test examples, models: "
-        f"{html.escape(', '.join(c['models'].label))}. Main attack: <b>{html.escape(str(c['main']))}</b>. "
-        f"Sanity checks: <b>{_check_summary(c['checks'])}</b>.</p>",
-        "<h2>Verdict</h2>",
-        "<div class='summary'><p>SE − plain difference (mean over seeds and examples) with its 95% bootstrap CI "
-        f"(seeds, then examples; {c['n_boot']} replicates) and the Holm-corrected paired sign-flip test across eps. "
-        "<b>SE damps</b>: the CI excludes 0 on the side where SE is less affected (higher robust accuracy; lower "
-        f"sensitivity, KL, flip rate, amplification) and p<sub>Holm</sub> &lt; {c['alpha']:g}; <b>SE amplifies</b>: "
-        "the other side; otherwise <b>no evidence</b>.</p>",
-    ]
-    for g in c["groups"]:
+def _as_context(context: ReportContext | dict[str, Any]) -> ReportContext:
+    """A :class:`ReportContext`, also from the dict callers passed before it existed."""
+    if isinstance(context, ReportContext):
+        return context
+    return ReportContext(**{f.name: context[f.name] for f in fields(ReportContext)})
+
+
+# ---- HTML
+
+
+@dataclass(frozen=True)
+class HtmlTable:
+    """A table for the template: column heads and rows of (text, chip colour or None) cells."""
+
+    columns: list[str]
+    rows: list[list[tuple[str, str | None]]]
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    """One measurement of a twin group: a verdict row (a pandas row or None) per eps."""
+
+    measurement: str
+    attack: str
+    cells: list[Any]
+
+
+@dataclass(frozen=True)
+class VerdictGroup:
+    """The verdict table of one twin group."""
+
+    family: str
+    arm: str
+    n_se: int
+    n_plain: int
+    eps: list[float]
+    rows: list[VerdictRow]
+
+
+def render_html(context: ReportContext | dict[str, Any], images: dict[str, bytes]) -> str:
+    """The self-contained HTML report (figures inlined), from ``templates/report.html.j2``."""
+    return _environment().get_template(TEMPLATE).render(**_html_view(_as_context(context), images))
+
+
+@functools.cache
+def _environment() -> Any:
+    """The Jinja2 environment of the package's templates; values are escaped like :func:`html.escape`."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(
+        loader=PackageLoader("robustse", "templates"), autoescape=True, finalize=_escape, undefined=StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )  # fmt: skip
+    env.filters["fmt"] = _fmt
+    env.filters["g"] = lambda v: f"{v:g}"
+    return env
+
+
+def _escape(value: Any) -> Any:
+    """Escape a value as :func:`html.escape` does (the page predates the template); markup passes."""
+    from markupsafe import Markup
+
+    return value if hasattr(value, "__html__") else Markup(html.escape(str(value)))
+
+
+def _html_view(c: ReportContext, images: dict[str, bytes]) -> dict[str, Any]:
+    """The template's variables."""
+    return {
+        "name": c.run.name, "dataset": c.dataset, "n_examples": c.n_examples, "models": ", ".join(c.models.label),
+        "main": str(c.main), "check_summary": _check_summary(c.checks), "n_boot": c.n_boot, "alpha": c.alpha,
+        "verdicts": _verdict_groups(headline(c.comparison, c.main), c.groups), "has_groups": bool(c.groups),
+        "verdict_colours": VERDICT_COLOURS, "gallery_eps": c.gallery_eps,
+        "figures": [(c.titles[k], base64.b64encode(data).decode("ascii")) for k, data in images.items()],
+        "comparison": _html_table(c.comparison, STATS_COLUMNS), "damping": _html_table(_damping_at(c)),
+        "interventions": _html_table(c.interventions), "checks": _html_table(c.checks, CHECK_COLUMNS),
+        "provenance": _provenance(c), "spec": c.spec,
+    }  # fmt: skip
+
+
+def _verdict_groups(head: Any, groups: list[dict[str, Any]]) -> list[VerdictGroup]:
+    """A verdict table per twin group that has headline rows."""
+    out = []
+    for g in groups:
         rows = head[(head.arm == g["arm"]) & (head.family == g["family"])]
-        if rows.empty:
-            continue
-        eps = sorted(set(rows.eps))
-        parts.append(
-            f"<h3>se_{html.escape(g['family'])} vs {html.escape(g['family'])} — "
-            f"arm <code>{html.escape(g['arm'])}</code>"
-            f" ({len(g['se'])} SE / {len(g['plain'])} plain seeds)</h3>"
-        )
-        parts.append("<table><thead><tr><th>measurement</th><th>attack</th>")
-        parts += [f"<th>eps {e:g}</th>" for e in eps]
-        parts.append("</tr></thead><tbody>")
-        for (measure, attack), r in rows.groupby(["measurement", "attack"], sort=False):
-            parts.append(
-                f"<tr><td>{html.escape(MEASURE_NAMES.get(measure, measure))}</td><td>{html.escape(attack)}</td>"
-            )
-            by_eps = {float(x.eps): x for _, x in r.iterrows()}
-            parts += [_verdict_cell(by_eps[e]) if e in by_eps else "<td>–</td>" for e in eps]
-            parts.append("</tr>")
-        parts.append("</tbody></table>")
-    if not c["groups"]:
-        parts.append("<p><em>No SE/plain twin pair in this run: no verdict (figures and checks below).</em></p>")
-    parts.append("</div><h2>Figures</h2>")
-    for key, data in images.items():
-        b64 = base64.b64encode(data).decode("ascii")
-        title = html.escape(c["titles"][key])
-        parts.append(
-            f"<figure><img src='data:image/png;base64,{b64}' alt='{title}'><figcaption>{title}</figcaption></figure>"
-        )
-    parts.append("<h2>Statistics</h2><h3>SE − plain, every measurement</h3>")
-    parts.append(
-        _table_html(
-            c["comparison"],
-            [
-                "arm",
-                "family",
-                "measurement",
-                "attack",
-                "eps",
-                "se_mean",
-                "plain_mean",
-                "diff",
-                "ci_low",
-                "ci_high",
-                "p",
-                "p_holm",
-                "verdict",
-            ],
-        )  # fmt: skip
-    )
-    parts.append(f"<h3>Damping per gate at eps = {c['gallery_eps']:g} (95% CI; &lt; 1 damps)</h3>")
-    damp = c["damping"]
+        if not rows.empty:
+            eps = sorted(set(rows.eps))
+            n_se, n_plain = len(g["se"]), len(g["plain"])
+            out.append(VerdictGroup(g["family"], g["arm"], n_se, n_plain, eps, _verdict_rows(rows, eps)))
+    return out
+
+
+def _verdict_rows(rows: Any, eps: list[float]) -> list[VerdictRow]:
+    out = []
+    for (measure, attack), r in rows.groupby(["measurement", "attack"], sort=False):
+        by_eps = {float(x.eps): x for _, x in r.iterrows()}
+        out.append(VerdictRow(MEASURE_NAMES.get(measure, measure), attack, [by_eps.get(e) for e in eps]))
+    return out
+
+
+def _damping_at(c: ReportContext) -> Any:
+    """The damping rows at the gallery eps."""
+    damp = c.damping
     if damp is not None and not damp.empty:
-        damp = damp[np.isclose(damp.eps, c["gallery_eps"])]
-    parts.append(_table_html(damp))
-    parts.append("<h3>Gate interventions (intervened − as trained, paired over seeds)</h3>")
-    parts.append(_table_html(c["interventions"]))
-    parts.append("<h2>Sanity checks</h2>")
-    parts.append(_table_html(c["checks"], ["model", "name", "status", "detail"]))
-    parts.append("<h2>Provenance</h2>")
-    m = c["manifest"]
+        damp = damp[np.isclose(damp.eps, c.gallery_eps)]
+    return damp
+
+
+def _html_table(df: Any, columns: list[str] | None = None, *, digits: int = 4) -> HtmlTable | None:
+    """``df``'s ``columns`` formatted for the template's table (None: the table is empty)."""
+    if df is None or df.empty:
+        return None
+    cols = columns or list(df.columns)
+    rows = [[_html_cell(col, r[col], digits) for col in cols] for _, r in df.iterrows()]
+    return HtmlTable([str(col) for col in cols], rows)
+
+
+def _html_cell(column: str, v: Any, digits: int) -> tuple[str, str | None]:
+    """(text, chip colour): verdicts and check statuses are chips."""
+    if column not in ("verdict", "status"):
+        return _fmt(v, digits), None
+    return _fmt(v, digits), VERDICT_COLOURS.get(str(v)) or STATUS_COLOURS.get(str(v), NEUTRAL_COLOUR)
+
+
+def _provenance(c: ReportContext) -> list[tuple[str, str]]:
+    """(key, JSON value) rows of the provenance table."""
+    m = c.manifest
     prov = {
-        "run directory": str(c["run"]),
+        "run directory": str(c.run),
         "git commit": m.get("git_commit"),
         "device": m.get("device"),
         "threads": m.get("threads"),
         "seeds": m.get("seeds"),
         "timings (s)": m.get("timings_seconds"),
         "versions": m.get("versions"),
-        "cells": len(c["cells"]),
-        "bootstrap replicates": c["n_boot"],
-        "alpha": c["alpha"],
+        "cells": len(c.cells),
+        "bootstrap replicates": c.n_boot,
+        "alpha": c.alpha,
     }
-    parts.append("<table><tbody>")
-    parts += [
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v, default=str))}</td></tr>" for k, v in prov.items()
-    ]
-    parts.append("</tbody></table>")
-    if c["spec"]:
-        parts.append(f"<h3>spec.toml</h3><pre>{html.escape(c['spec'])}</pre>")
-    parts.append("</body></html>\n")
-    return "".join(parts)
+    return [(k, json.dumps(v, default=str)) for k, v in prov.items()]
+
+
+# ---- Markdown
+
+
+def render_markdown(context: ReportContext | dict[str, Any], figures: dict[str, str]) -> str:
+    """The Markdown report (figures linked from ``figures/``)."""
+    c = _as_context(context)
+    parts = (_md_verdict(c), _md_figures(c, figures), _md_statistics(c), _md_checks(c), _md_provenance(c))
+    return "".join(line for part in parts for line in part)
 
 
 def _md_table(df: Any, columns: list[str] | None = None) -> str:
@@ -537,40 +756,45 @@ def _md_table(df: Any, columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(context: dict[str, Any], figures: dict[str, str]) -> str:
-    """The Markdown report (figures linked from ``figures/``)."""
-    c = context
+def _md_verdict(c: ReportContext) -> list[str]:
     out = [
-        f"# Does SE gating damp adversarial perturbations? — `{c['run'].name}`\n",
-        f"{c['dataset']}, {c['n_examples']} test examples; main attack **{c['main']}**; sanity checks: "
-        f"**{_check_summary(c['checks'])}**.\n",
+        f"# Does SE gating damp adversarial perturbations? — `{c.run.name}`\n",
+        f"{c.dataset}, {c.n_examples} test examples; main attack **{c.main}**; sanity checks: "
+        f"**{_check_summary(c.checks)}**.\n",
         "## Verdict\n",
-        f"SE − plain with 95% bootstrap CI (seeds, then examples; {c['n_boot']} replicates) and Holm-corrected "
-        f"p (paired sign-flip test across eps); a verdict needs both the CI and p < {c['alpha']:g}.\n",
+        f"SE − plain with 95% bootstrap CI (seeds, then examples; {c.n_boot} replicates) and Holm-corrected "
+        f"p (paired sign-flip test across eps); a verdict needs both the CI and p < {c.alpha:g}.\n",
     ]
-    head = headline(c["comparison"], c["main"])
-    if not head.empty:
-        h = head.assign(
-            effect=[
-                f"{_fmt(d, 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]"
-                for d, lo, hi in zip(head["diff"], head.ci_low, head.ci_high, strict=True)
-            ]
-        )
-        out.append(_md_table(h, ["arm", "family", "measurement", "attack", "eps", "effect", "p_holm", "verdict"]))
-    else:
-        out.append("_No SE/plain twin pair in this run: no verdict._\n")
-    out.append("\n## Figures\n")
-    out += [f"![{c['titles'][k]}](figures/{name})\n" for k, name in figures.items()]
-    out.append("\n## Statistics\n")
-    out.append(_md_table(c["comparison"], ["arm", "family", "measurement", "attack", "eps", "se_mean", "plain_mean",
-                                           "diff", "ci_low", "ci_high", "p_holm", "verdict"]))  # fmt: skip
-    out.append("\nFull tables: `stats.csv`, `damping.csv`, `interventions.csv`, `blocks.csv`, `results.csv`.\n")
-    out.append("\n## Sanity checks\n")
-    out.append(_md_table(c["checks"], ["model", "name", "status", "detail"]))
-    m = c["manifest"]
-    out.append("\n## Provenance\n")
-    out.append(
+    head = headline(c.comparison, c.main)
+    if head.empty:
+        return [*out, "_No SE/plain twin pair in this run: no verdict._\n"]
+    effect = [f"{_fmt(d, 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]" for d, lo, hi in
+              zip(head["diff"], head.ci_low, head.ci_high, strict=True)]  # fmt: skip
+    columns = ["arm", "family", "measurement", "attack", "eps", "effect", "p_holm", "verdict"]
+    return [*out, _md_table(head.assign(effect=effect), columns)]
+
+
+def _md_figures(c: ReportContext, figures: dict[str, str]) -> list[str]:
+    return ["\n## Figures\n", *(f"![{c.titles[k]}](figures/{name})\n" for k, name in figures.items())]
+
+
+def _md_statistics(c: ReportContext) -> list[str]:
+    columns = [col for col in STATS_COLUMNS if col != "p"]
+    return [
+        "\n## Statistics\n",
+        _md_table(c.comparison, columns),
+        "\nFull tables: `stats.csv`, `damping.csv`, `interventions.csv`, `blocks.csv`, `results.csv`.\n",
+    ]
+
+
+def _md_checks(c: ReportContext) -> list[str]:
+    return ["\n## Sanity checks\n", _md_table(c.checks, CHECK_COLUMNS)]
+
+
+def _md_provenance(c: ReportContext) -> list[str]:
+    m = c.manifest
+    return [
+        "\n## Provenance\n",
         f"git commit `{m.get('git_commit')}`, device `{m.get('device')}`, seeds {m.get('seeds')}, "
-        f"timings (s) {json.dumps(m.get('timings_seconds'))}, versions {json.dumps(m.get('versions'))}.\n"
-    )
-    return "".join(out)
+        f"timings (s) {json.dumps(m.get('timings_seconds'))}, versions {json.dumps(m.get('versions'))}.\n",
+    ]

@@ -125,6 +125,38 @@ def test_report_without_a_store_is_a_one_line_error(tmp_path):
     ]
 
 
+def _store_with_cells(path: Path, cells: list[tuple[str, str, float]]) -> None:
+    """A one-model store with one single-example cell per (attack, norm, eps)."""
+    from robustse.store import Cell, ResultsStore
+
+    with ResultsStore(path / "results.db") as store:
+        store.write_model(
+            "m", checkpoint="m", arch="x", n=1, clean_correct=1, zero_grad_fraction=0.0, probability_like=0,
+            train_mode_forwards=0,
+        )  # fmt: skip
+        for attack, norm, eps in cells:
+            store.write_cell(Cell("m", attack, f"{attack}-{norm}", norm, eps, 1, 0, 0.1), [(0, 1, 1, 0, 0, 1.0, -1.0)])
+
+
+def test_report_refuses_a_run_that_mixes_norms(tmp_path):
+    _store_with_cells(tmp_path, [("fgsm", "linf", 0.1), ("pgd", "l2", 0.5), ("pgd", "linf", 0.1)])
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: this run mixes norms (fgsm: linf, pgd: l2/linf); the report compares one norm at a time"
+    ]
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_control_of_another_norm_is_not_a_mix(tmp_path):
+    """Only attacks on the label count: the noise control and the gate probe may use any norm."""
+    from robustse.report import load_run
+
+    _store_with_cells(tmp_path, [("fgsm", "linf", 0.1), ("noise", "l2", 0.5), ("gate", "l2", 0.5)])
+    data = load_run(tmp_path)
+    assert set(data.examples.norm) == {"linf", "l2"}
+
+
 # --------------------------------------------------------------------------- arms
 
 
