@@ -506,7 +506,8 @@ def intervention_table(examples: Any, models: Any, *, n_boot: int = 2000, alpha:
 
     r = Resampler(n_boot=n_boot, n_perm=n_boot, seed=seed)
     rows = []
-    ex = examples[(examples.eps > 0) & (examples.attack.map(attack_role) != "probe").to_numpy(dtype=bool)]  # no plain side
+    probe = (examples.attack.map(attack_role) == "probe").to_numpy(dtype=bool)  # the gate attack: no plain side
+    ex = examples[(examples.eps > 0) & ~probe]
     for g in twin_groups(models):
         sub = ex[ex.model.isin(g["se"])]
         for (attack, eps), t in sub.groupby(["attack", "eps"], sort=True):
