@@ -635,8 +635,9 @@ def drift_cmd(
     plot: Path | None,
     as_json: bool,
 ) -> None:
-    """Per-gate excitation drift, SE input/output drift and damping of CHECKPOINT at one eps,
-    adversarial vs the random-noise control; block amplification for every model."""
+    """Per-gate excitation drift, SE input/output drift, channel gain and adaptive damping of
+    CHECKPOINT at one eps, adversarial vs the random-noise control; block amplification for every
+    model."""
     from .attacks import check_epsilons
     from .config import SweepConfig
     from .data import to_float
@@ -668,12 +669,13 @@ def drift_cmd(
     if gates:
         click.echo(
             f"{'gate':<26} {'pert.':<7} {'gate drift':>10} {'cosine':>8} {'in drift':>9} {'out drift':>9} "
-            f"{'damping':>8}"
+            f"{'ch. gain':>8} {'adapt. damping':>14}"
         )
         for r in gates:
             click.echo(
                 f"{r['site']:<26} {r['perturbation']:<7} {r['gate_drift']:>10.4f} {r['gate_cosine']:>8.5f} "
-                f"{r['input_drift']:>9.4f} {r['output_drift']:>9.4f} {r['damping']:>8.4f}"
+                f"{r['input_drift']:>9.4f} {r['output_drift']:>9.4f} {r['channel_gain']:>8.4f} "
+                f"{r['adaptive_damping']:>14.4f}"
             )
     else:
         click.echo("no SE gates (a plain model): amplification only")

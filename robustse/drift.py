@@ -1,8 +1,9 @@
 """Drift of a perturbation through the network: per example, per gate and per block.
 
-For a batch x and its perturbation x' every gate gets the measurements of README "Metrics" (gate drift as
-relative L2 and cosine distance, input and output drift of its SE block, damping), every block its
-amplification, and the output its sensitivity. :class:`CellProbe` collects them over the batches
+For a batch x and its perturbation x' every gate gets the measurements of README "Metrics" (gate
+drift as relative L2 and cosine distance, input and output drift of its SE block, channel gain,
+and the split of the output change into its static and adaptive (gate-reaction) terms), every
+block its amplification, and the output its sensitivity. :class:`CellProbe` collects them over the batches
 of a sweep cell (aggregates per site, per-example values on a fixed subsample, per-class mean
 excitations, the gate interventions); :func:`measure_drift` summarizes one batch for the CLI.
 """
@@ -20,7 +21,10 @@ from . import metrics as M
 from .attacks import Attack, create_attack
 from .probes import capture, fixed_gates
 
-GATE_METRICS = ("gate_drift", "gate_cosine", "input_drift", "output_drift", "damping")
+GATE_METRICS = (
+    "gate_drift", "gate_cosine", "input_drift", "output_drift", "channel_gain",
+    "adaptive_damping", "adaptive_share", "adaptive_alignment",
+)  # fmt: skip
 BLOCK_METRICS = ("amplification",)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -62,7 +66,11 @@ def site_metrics(
         out["gate", name, "gate_cosine"] = M.gate_cosine_distance(s, s_p)
         inp = out["gate", name, "input_drift"] = M.relative_change(u, u_p)
         outp = out["gate", name, "output_drift"] = M.relative_change(y, y_p)
-        out["gate", name, "damping"] = M.drift_ratio(outp, inp)  # = M.damping, drifts not recomputed
+        out["gate", name, "channel_gain"] = M.drift_ratio(outp, inp)  # = M.channel_gain, drifts not recomputed
+        static, adaptive = M.gate_reaction(u, u_p, s, s_p)
+        out["gate", name, "adaptive_damping"] = M.adaptive_damping(static, adaptive)
+        out["gate", name, "adaptive_share"] = M.adaptive_share(static, adaptive)
+        out["gate", name, "adaptive_alignment"] = M.adaptive_alignment(static, adaptive)
     moved = M.relative_change(x, x_p)  # ‖δ‖/‖x‖, the same for every block
     for name, h in clean.blocks.items():
         out["block", name, "amplification"] = M.drift_ratio(M.relative_change(h, pert.blocks[name]), moved)
@@ -219,10 +227,22 @@ class CellProbe:
         return [(i, json.dumps(list(img.shape)), img.numpy().tobytes()) for i, img in sorted(self.images.items())]
 
 
+# Ratios are averaged as means of logs (geometric means): a halving and a doubling cancel.
+RATIO_METRICS = ("channel_gain", "adaptive_damping", "adaptive_share")
+
+
 def _mean(t: torch.Tensor) -> float:
     """Mean over examples, ignoring NaN (undefined ratios)."""
     t = t[~t.isnan()]
     return float(t.mean()) if t.numel() else float("nan")
+
+
+def _average(metric: str, t: torch.Tensor) -> float:
+    """The mean of ``t`` over examples; for a ratio, the geometric mean (positive values only)."""
+    if metric not in RATIO_METRICS:
+        return _mean(t)
+    t = t[~t.isnan() & (t > 0)]
+    return float(t.log().mean().exp()) if t.numel() else float("nan")
 
 
 def measure_drift(
@@ -254,13 +274,13 @@ def measure_drift(
         }
         by_site: dict[tuple[str, str], dict[str, Any]] = {}
         for (kind, site, metric), v in site_metrics(clean, pert, x, x_p).items():
-            by_site.setdefault((kind, site), {**base, "kind": kind, "site": site})[metric] = _mean(v)
+            by_site.setdefault((kind, site), {**base, "kind": kind, "site": site})[metric] = _average(metric, v)
         rows += list(by_site.values())
     return rows
 
 
 def plot_drift(rows: list[dict[str, Any]], path: str) -> None:
-    """Bar chart per gate: gate drift and damping, attack vs noise (PNG/SVG by extension)."""
+    """Bar chart per gate: gate drift and adaptive damping, attack vs noise (PNG/SVG by extension)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,7 +292,7 @@ def plot_drift(rows: list[dict[str, Any]], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, src, title in (
         (axes[0], "gate_drift", gates, "gate drift ‖s'−s‖/‖s‖"),
-        (axes[1], "damping", gates, "damping (output / input drift)"),
+        (axes[1], "adaptive_damping", gates, "adaptive damping ‖Δy‖ / ‖s⊙Δu‖"),
         (axes[2], "amplification", blocks, "amplification over depth"),
     ):
         sites = list(dict.fromkeys(r["site"] for r in src))
@@ -285,7 +305,7 @@ def plot_drift(rows: list[dict[str, Any]], path: str) -> None:
             [s.replace(".se.gate", "").replace(".se.scale_activation", "") for s in sites], rotation=60, fontsize=7
         )
         ax.set_title(title + ("" if sites else " (none)"))
-        if key == "damping":
+        if key == "adaptive_damping":
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.legend(fontsize=8)
     eps = rows[0]["eps"] if rows else ""

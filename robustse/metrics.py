@@ -3,7 +3,8 @@
 For clean input x, perturbed x' = x + δ and logits f; for an SE block with input u, gate s and
 output y = s ⊙ u (primes for the perturbed pass); for a block output h_l. All norms are L2 over
 everything but the batch dimension. Where a ratio is 0/0 (no perturbation at all) the drift-like
-measures are 0 and the ratio-of-ratios (damping, amplification) is NaN: undefined, not 1.
+measures are 0 and the ratios (channel gain, adaptive damping, amplification) are NaN: undefined,
+not 1.
 """
 
 from __future__ import annotations
@@ -67,12 +68,62 @@ def drift_ratio(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return torch.where(inp == 0, torch.full_like(inp, float("nan")), out / inp)
 
 
-def damping(u: torch.Tensor, u_prime: torch.Tensor, y: torch.Tensor, y_prime: torch.Tensor) -> torch.Tensor:
-    """output_drift / input_drift per example: < 1 means the gate damps the perturbation here.
+def channel_gain(u: torch.Tensor, u_prime: torch.Tensor, y: torch.Tensor, y_prime: torch.Tensor) -> torch.Tensor:
+    """output_drift / input_drift per example for y = s ⊙ u: the gate's *static* channel weighting
+    of the perturbation against the signal (exactly 1 for a gate that is uniform over channels and
+    does not move; any convolution can weight channels too, so this is not the gate's reaction).
 
     NaN where the input did not move (the ratio is undefined, not 1).
     """
     return drift_ratio(relative_change(y, y_prime), relative_change(u, u_prime))
+
+
+damping = channel_gain  # the name this measure had before it was called what it is
+
+
+def _per_channel(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A gate (B, C) shaped to multiply a feature map ``like`` (B, C, ...)."""
+    return s.reshape(s.shape[0], s.shape[1], *([1] * (like.dim() - 2)))
+
+
+def gate_reaction(
+    u: torch.Tensor, u_prime: torch.Tensor, s: torch.Tensor, s_prime: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the SE output change Δy = s′⊙u′ − s⊙u = s⊙Δu + Δs⊙u′ into its static term s⊙Δu (what
+    a gate held at s(x) would pass on) and its adaptive term Δs⊙u′ (the gate's reaction).
+
+    Args:
+        u, u_prime: SE input, clean and perturbed (B, C, H, W).
+        s, s_prime: gate, clean and perturbed (B, C).
+
+    Returns:
+        (static term, adaptive term), both like ``u``.
+    """
+    return _per_channel(s, u) * (u_prime - u), _per_channel(s_prime - s, u) * u_prime
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den per example; NaN where den = 0 (undefined, not 1)."""
+    return torch.where(den == 0, torch.full_like(num, float("nan")), num / den)
+
+
+def adaptive_damping(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
+    """‖Δy‖ / ‖s⊙Δu‖ per example: < 1 when the gate's reaction shrinks the perturbation compared
+    with a gate that stayed at s(x); exactly 1 for a gate that cannot move."""
+    return _ratio(_norm(static + adaptive), _norm(static))
+
+
+def adaptive_share(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
+    """‖Δs⊙u′‖ / ‖s⊙Δu‖ per example: the size of the gate's reaction against the static term."""
+    return _ratio(_norm(adaptive), _norm(static))
+
+
+def adaptive_alignment(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
+    """cos(Δs⊙u′, s⊙Δu) per example: < 0 when the reaction opposes the perturbation; NaN where
+    either term is zero (a gate that did not move has no direction)."""
+    a, b = adaptive.flatten(1), static.flatten(1)
+    den = _norm(a) * _norm(b)
+    return _ratio((a * b).sum(1), den)
 
 
 def amplification(h: torch.Tensor, h_prime: torch.Tensor, x: torch.Tensor, x_prime: torch.Tensor) -> torch.Tensor:

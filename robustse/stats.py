@@ -461,7 +461,7 @@ def group_curve(values: Any, models: list[str], column: str, *, n_boot: int = 20
 
 
 def damping_table(site_examples: Any, models: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):  # type: ignore[no-untyped-def]
-    """Damping per gate with a bootstrap CI, per (arm, SE family, attack, eps > 0).
+    """Channel gain per gate with a bootstrap CI, per (arm, SE family, attack, eps > 0).
 
     ``verdict`` is ``damps`` (CI below 1), ``amplifies`` (CI above 1) or ``neither``.
 
@@ -472,7 +472,7 @@ def damping_table(site_examples: Any, models: Any, *, n_boot: int = 2000, alpha:
 
     r = Resampler(n_boot=n_boot, seed=seed)
     rows = []
-    d = site_examples[(site_examples.metric == "damping") & (site_examples.eps > 0)]
+    d = site_examples[(site_examples.metric == "channel_gain") & (site_examples.eps > 0)]
     for g in twin_groups(models):
         sub = d[d.model.isin(g["se"])]
         for (attack, eps), t in sub.groupby(["attack", "eps"], sort=True):

@@ -157,8 +157,8 @@ def test_drift_command_se_and_plain(tmp_path, trained_small):
     gates = [r for r in rows if r["kind"] == "gate"]
     assert {r["perturbation"] for r in gates} == {"pgd", "noise"} and len(gates) == 2 * 2
     for r in gates:
-        assert r["gate_drift"] > 0 and r["input_drift"] > 0 and r["damping"] > 0
-        assert r["damping"] == pytest.approx(r["output_drift"] / r["input_drift"], rel=0.5)
+        assert r["gate_drift"] > 0 and r["input_drift"] > 0 and r["channel_gain"] > 0
+        assert r["channel_gain"] == pytest.approx(r["output_drift"] / r["input_drift"], rel=0.5)
     pgd = {r["site"]: r for r in rows if r["perturbation"] == "pgd"}
     assert pgd["blocks.0"]["logit_sensitivity"] > 0
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -168,3 +168,33 @@ def test_drift_command_se_and_plain(tmp_path, trained_small):
     assert text.exit_code == 0 and "no SE gates (a plain model)" in text.stdout and "blocks.1" in text.stdout
     bad = CliRunner().invoke(cli, ["drift", str(ckpt), "--eps", "2"], catch_exceptions=False)
     assert bad.exit_code == 2 and "Linf eps 2.0 > 1" in bad.stderr
+
+
+def test_gate_reaction_splits_the_output_change_exactly():
+    u, s = torch.rand(4, 6, 3, 3), torch.rand(4, 6)
+    up, sp = u + 0.1 * torch.randn_like(u), (s + 0.05 * torch.randn_like(s)).clamp(0, 1)
+    static, adaptive = M.gate_reaction(u, up, s, sp)
+    y, yp = s[:, :, None, None] * u, sp[:, :, None, None] * up
+    torch.testing.assert_close(static + adaptive, yp - y)  # Δy = s⊙Δu + Δs⊙u′
+    torch.testing.assert_close(static, s[:, :, None, None] * (up - u))
+
+
+def test_a_gate_that_cannot_move_has_adaptive_damping_exactly_one():
+    u, s = torch.rand(3, 5, 4, 4), torch.rand(3, 5)  # a non-uniform gate: channel gain is not 1
+    up = u + 0.2 * torch.randn_like(u)
+    static, adaptive = M.gate_reaction(u, up, s, s.clone())
+    torch.testing.assert_close(M.adaptive_damping(static, adaptive), torch.ones(3))
+    assert (M.adaptive_share(static, adaptive) == 0).all()
+    assert M.adaptive_alignment(static, adaptive).isnan().all()  # no reaction, no direction
+    assert not torch.allclose(M.channel_gain(u, up, s[:, :, None, None] * u, s[:, :, None, None] * up), torch.ones(3))
+
+
+def test_a_gate_that_closes_against_the_perturbation_damps_adaptively():
+    u = torch.rand(2, 3, 2, 2) + 0.5
+    up = u * 1.5  # the input grows by half along itself
+    s = torch.full((2, 3), 0.8)
+    static, adaptive = M.gate_reaction(u, up, s, s * 0.5)  # the gate closes: y' = 0.4 u′ = 0.6 u
+    # ‖Δy‖ = ‖0.6u − 0.8u‖ = 0.2‖u‖; ‖s⊙Δu‖ = 0.4‖u‖
+    torch.testing.assert_close(M.adaptive_damping(static, adaptive), torch.full((2,), 0.5))
+    torch.testing.assert_close(M.adaptive_share(static, adaptive), torch.full((2,), 1.5))  # 0.6‖u‖ / 0.4‖u‖
+    torch.testing.assert_close(M.adaptive_alignment(static, adaptive), torch.full((2,), -1.0))
