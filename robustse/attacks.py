@@ -80,7 +80,11 @@ class Evaluator:
     predictions go through the copy, and clean and adversarial predictions must both come from it.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, copy_model: bool = True) -> None:
+        self.copied = copy_model
+        if not copy_model:  # the model itself, as it is (hooks and all): e.g. a gate intervention
+            self.model = model.eval()
+            return
         self.model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -106,9 +110,8 @@ class Evaluator:
             (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
         return logits.detach(), grad
 
-    @staticmethod
-    def _layout(x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and self.copied else x
 
 
 def check_epsilons(epsilons: Sequence[float], norm: str) -> tuple[float, ...]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from ._types import INTERVENTIONS
 from .errors import SpecError
 
 T = TypeVar("T")
@@ -165,6 +166,8 @@ class SweepConfig:
         accuracy_only: larger eps attack only the examples that survived smaller ones.
         seed: default seed of the attacks' random starts.
         probes: record sensitivity, gate/block drift and the interventions (off with accuracy_only).
+        interventions: gate interventions attacked white-box as models of their own, beside every
+            SE model (``held_gates``, ``frozen_mean``; needs probes). ``[]`` for none.
         probe_subsample: leading examples whose per-gate/block values are kept for the bootstrap.
         models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
         channels_last: attack the models in channels_last memory layout (faster on CPU; equal to
@@ -182,6 +185,7 @@ class SweepConfig:
     probe_subsample: int = 256
     models: tuple[str, ...] = ()
     channels_last: bool = False
+    interventions: tuple[str, ...] = INTERVENTIONS
 
     def run_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`robustse.sweep.run_sweep` that this table sets."""
@@ -191,6 +195,9 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.probe_subsample < 1:
             raise SpecError(f"sweep.probe_subsample must be >= 1 (got {self.probe_subsample})")
+        unknown = sorted(set(self.interventions) - set(INTERVENTIONS))
+        if unknown:
+            raise SpecError(f"sweep.interventions: unknown {unknown[0]!r} (valid: {', '.join(INTERVENTIONS)})")
         if not self.epsilons:
             raise SpecError("sweep.epsilons must list at least one eps")
         for e in self.epsilons:

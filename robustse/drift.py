@@ -87,12 +87,15 @@ class CellProbe:
             is itself a seeded random subset, so the leading rows are a fixed random sample).
         gallery: how many leading examples keep their adversarial image.
         gate_means: training-set mean excitations for ``frozen_mean`` (None: not evaluated).
+        transfer: evaluate the gate interventions on the model's adversarials (``clean_gates``,
+            ``frozen_mean``); off for a model that is itself an intervention.
     """
 
     n: int
     subsample: int = 256
     gallery: int = 8
     gate_means: dict[str, torch.Tensor] | None = None
+    transfer: bool = True
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     values: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
     class_sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
@@ -104,7 +107,9 @@ class CellProbe:
     def merge(cls, parts: list[CellProbe | None]) -> CellProbe:
         """One probe from those of several ranks, each of which measured some of the examples."""
         real = [p for p in parts if p is not None]
-        out = cls(real[0].n, subsample=real[0].subsample, gallery=real[0].gallery, gate_means=real[0].gate_means)
+        first = real[0]
+        out = cls(first.n, subsample=first.subsample, gallery=first.gallery, gate_means=first.gate_means,
+                  transfer=first.transfer)  # fmt: skip
         for part in real:
             if part.seen is None:
                 continue
@@ -158,7 +163,7 @@ class CellProbe:
             "logit_change": M.logit_change(f, f_p),
             "kl": M.kl(f, f_p),
         }
-        if clean.gates:
+        if clean.gates and self.transfer:
             # clean_gates: x' flows through, every gate keeps s(x) (README "Metrics")
             with fixed_gates(model, clean.gates):
                 f_cg = model(x_p)

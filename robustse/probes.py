@@ -298,3 +298,16 @@ def clean_gates_logits(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -
         model(x)
     with fixed_gates(model, rec.gates):
         return model(x_adv)
+
+
+@contextlib.contextmanager
+def held_gates(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """Inside the block, every gate of ``model`` outputs its value for the clean batch ``x``,
+    whatever input the model is given: the gates cannot react to a perturbation of ``x``.
+
+    Every forward pass inside must be of a batch of ``len(x)`` examples, row for row.
+    """
+    with torch.no_grad(), capture(model) as rec:
+        model(x)
+    with fixed_gates(model, dict(rec.gates)):
+        yield

@@ -35,7 +35,7 @@ import pandas as pd
 
 from . import plots
 from . import stats as S
-from ._types import PathLike
+from ._types import PathLike, split_intervention
 from .attack_roles import names_with_role
 from .errors import ModelError, StoreError
 from .store import ResultsStore
@@ -279,8 +279,13 @@ def _require_one_norm(run: Path, examples: pd.DataFrame) -> None:
 
 
 def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
-    """label, family, se, arm, seed of every model in the store (``models.csv`` if the run has one)."""
+    """label, family, se, arm, seed of every model in the store (``models.csv`` if the run has one).
+
+    Gate interventions (``<label>@held_gates``...) are not models of their own here: they are
+    compared with the model they intervene on.
+    """
     stored = store.models()
+    stored = stored[[split_intervention(m)[1] is None for m in stored.model]]
     path = run_dir / "models.csv"
     if path.exists():
         table = pd.read_csv(path)

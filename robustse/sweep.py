@@ -9,6 +9,7 @@ in flight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -43,10 +44,22 @@ class SweepModel:
     checkpoint: str
     meta: dict[str, Any] = field(default_factory=dict)
     gate_means: dict[str, torch.Tensor] | None = None  # frozen_mean values; default: meta["gate_means"]
+    # a gate intervention attacked white-box (README "Metrics"): entered around every batch ``x``
+    # (clean pass, attack, predictions, probes); None for the model as it is
+    hold: Callable[[torch.Tensor], contextlib.AbstractContextManager[None]] | None = None
 
     def __post_init__(self) -> None:
         if self.gate_means is None and isinstance(self.meta.get("gate_means"), dict):
             self.gate_means = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.meta["gate_means"].items()}
+
+    def batch(self, x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """The context every pass over the clean batch ``x`` (or its perturbations) runs in."""
+        return contextlib.nullcontext() if self.hold is None else self.hold(x)
+
+    def evaluator(self) -> Evaluator:
+        """The prediction path: a channels_last copy, or the model itself for an intervention (its
+        gates are set per batch on the model)."""
+        return Evaluator(self.model) if self.hold is None else Evaluator(self.model, copy_model=False)
 
 
 @dataclass
@@ -269,7 +282,7 @@ class Sweep:
             lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(any(m.training for m in mod.modules())))
         )
         try:
-            ev = Evaluator(sm.model)
+            ev = sm.evaluator()
             clean = self.clean_pass(sm, ev, train_forwards)
             snaps = _SnapCache(_probe_cache_bytes())
             for atk, todo in ladders:
@@ -289,9 +302,7 @@ class Sweep:
 
     def clean_pass(self, sm: SweepModel, ev: Evaluator, train_forwards: list[int]) -> _Clean:
         """Clean predictions and margins of every example; the model's row in the store (rank 0)."""
-        clean, zero_frac, prob_like = _clean_pass(
-            ev, self.x_all, self.y_all, self.opt.batch_size, self.device, self.layout
-        )
+        clean, zero_frac, prob_like = _clean_pass(sm, ev, self.x_all, self.y_all, self.opt.batch_size, self.layout)
         if self.store is not None:
             self.store.write_model(
                 sm.label, weight_hash=self.hashes[sm.label], checkpoint=sm.checkpoint, arch=sm.meta.get("arch"),
@@ -335,7 +346,7 @@ class Sweep:
         pred, adv_margin = prev.pred.clone(), prev.margin.clone()
         stats = PerturbationStats()
         n = len(self.y_all)
-        probe = CellProbe(n, subsample=self.opt.probe_subsample, gate_means=lad.sm.gate_means) if self.probes else None
+        probe = self._probe(lad) if self.probes else None
         for b, i in enumerate(range(0, n, self.opt.batch_size)):
             if self.layout.owns(b):
                 self.attack_batch(lad, (b, i, rung, e), prev.correct, (pred, adv_margin), stats, probe)
@@ -350,12 +361,24 @@ class Sweep:
             self.write_cell(lad, e, (pred, adv_margin, correct), stats, probe, time.perf_counter() - t0)
         return _Rung(correct, pred, adv_margin)
 
+    def _probe(self, lad: _Ladder) -> CellProbe:
+        """A cell's probe: the intact model's also scores the gate interventions on its adversarials."""
+        sm, n = lad.sm, len(self.y_all)
+        return CellProbe(n, subsample=self.opt.probe_subsample, gate_means=sm.gate_means, transfer=sm.hold is None)
+
     def attack_batch(self, lad, where, prev_correct, out, stats, probe) -> None:  # type: ignore[no-untyped-def]
         """Attack one batch; fill its rows of ``out`` = (pred, margin); update ``stats`` and ``probe``.
 
         ``where`` = (batch number, first row, rung, eps): the random stream of the attack is the
         batch's and the rung's.
         """
+        b, i, rung, e = where
+        bs = self.opt.batch_size
+        xb = to_float(self.x_all[i : i + bs])
+        with lad.sm.batch(xb):
+            self._attack_rows(lad, where, prev_correct, out, stats, probe)
+
+    def _attack_rows(self, lad, where, prev_correct, out, stats, probe) -> None:  # type: ignore[no-untyped-def]
         b, i, rung, e = where
         bs = self.opt.batch_size
         xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
@@ -458,8 +481,13 @@ def probe_tables(probe: CellProbe) -> dict[str, Any]:
 
 
 def attack_pairs(models: Sequence[SweepModel], attacks: Sequence[Attack]) -> list[tuple[SweepModel, Attack]]:
-    """Every (model, attack) pair a sweep runs, model by model: the gate attack on models with gates only."""
-    return [(sm, atk) for sm in models for atk in attacks if attack_role(atk.name) != "probe" or find_gates(sm.model)]
+    """Every (model, attack) pair a sweep runs, model by model: the gate attack (a probe) on models
+    with gates only, and not on gate interventions (their gates are held)."""
+    return [(sm, atk) for sm in models for atk in attacks if attack_role(atk.name) != "probe" or _has_free_gates(sm)]
+
+
+def _has_free_gates(sm: SweepModel) -> bool:
+    return sm.hold is None and bool(find_gates(sm.model))
 
 
 def run_sweep(
@@ -520,8 +548,9 @@ def run_sweep(
     return sweep.run()
 
 
-def _clean_pass(ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device, layout: Dist):  # type: ignore[no-untyped-def]
-    """Clean predictions and margins, the zero-gradient fraction and a probabilities test.
+def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, layout: Dist):  # type: ignore[no-untyped-def]
+    """Clean predictions and margins, the zero-gradient fraction and a probabilities test
+    (``x``, ``y``: the evaluation set on the sweep's device).
 
     Predictions come from the same evaluator as the adversarial ones (eps = 0 matches exactly); the
     input gradient for the zero-gradient check comes from the same pass. Batches are sharded
@@ -535,10 +564,11 @@ def _clean_pass(ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, device
     for b, i in enumerate(range(0, n, bs)):
         if not layout.owns(b):
             continue
-        xb, yb = to_float(x[i : i + bs].to(device, non_blocking=True)), y[i : i + bs].to(device, non_blocking=True)
-        logits, grad = ev.logits_and_grad(xb, yb)
+        xb, yb = to_float(x[i : i + bs]), y[i : i + bs]
+        with sm.batch(xb):
+            logits, grad = ev.logits_and_grad(xb, yb)
         zero_grads += int((grad.flatten(1).abs().amax(1) == 0).sum())
-        rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=device), atol=1e-3)
+        rows_sum_one = torch.allclose(logits.sum(1), torch.ones(len(logits), device=logits.device), atol=1e-3)
         prob_like &= bool(rows_sum_one and logits.min() >= 0 and logits.max() <= 1)
         preds[i : i + bs] = logits.argmax(1).cpu()
         margs[i : i + bs] = margin(logits, yb).cpu()
@@ -566,8 +596,9 @@ def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, 
     (a (16, 1, 5, 5) weight counts as contiguous in both layouts, yet its strides steer the kernels).
     """
     converted = []
-    for sm in models:
-        for t in [*sm.model.parameters(), *sm.model.buffers()]:
+    unique = {id(sm.model): sm.model for sm in models}  # an intervention shares its model's weights
+    for model in unique.values():
+        for t in [*model.parameters(), *model.buffers()]:
             if t.dim() == 4:
                 converted.append((t, t.stride()))
                 t.data = t.data.to(memory_format=torch.channels_last)

@@ -3,19 +3,21 @@ attacks, the evaluation set and the training-set gate means → :func:`robustse.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ._types import PathLike
+from ._types import INTERVENTIONS, PathLike, intervention_label
 from .checkpoint import load_checkpoint
 from .config import SweepConfig
 from .data import Dataset, load_dataset
 from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
 from .predict import check_input_fits
-from .probes import find_gates
+from .probes import find_gates, fixed_gates, held_gates
 from .sweep import SweepModel, SweepResult, build_attacks, run_sweep
 from .train import SUBSET_SEED, training_gate_means
 
@@ -52,6 +54,7 @@ def sweep_checkpoints(
         evalset = splits[1].subset(cfg.eval_subset, seed=SUBSET_SEED)
     if cfg.probes and not cfg.accuracy_only:  # frozen_mean is a probe
         fill_gate_means(models, train_split=None if splits is None else splits[0], data_root=data_root, log=log)
+        models += intervention_models(models, cfg.interventions)
     if layout.is_main:
         out = prepare_out_dir(out)
     layout.barrier()
@@ -180,3 +183,32 @@ def sweep_dataset(
     for m in models:
         check_input_fits(m.model, ds, channels=m.meta.get("arch_kwargs", {}).get("in_channels"), who=m.label)
     return ds
+
+
+def intervention_models(models: list[SweepModel], which: Sequence[str] = INTERVENTIONS) -> list[SweepModel]:
+    """The gate interventions of every SE model, as sweep models attacked white-box (README "Metrics").
+
+    ``held_gates``: every gate held at its clean value s(x) while the adversary perturbs x;
+    ``frozen_mean``: gates fixed to the training-set means (models that have them). Each shares its
+    model's weights and is labelled ``<label>@<intervention>``.
+    """
+    out = []
+    for m in models:
+        if not find_gates(m.model):
+            continue
+        if "held_gates" in which:
+            out.append(_intervention(m, "held_gates", functools.partial(held_gates, m.model)))
+        if "frozen_mean" in which and m.gate_means is not None:
+            out.append(_intervention(m, "frozen_mean", functools.partial(_frozen_gates, m.model, m.gate_means)))
+    return out
+
+
+def _frozen_gates(model: torch.nn.Module, means: dict[str, torch.Tensor], x: torch.Tensor) -> Any:
+    """The frozen_mean intervention for a batch ``x``: the same means whatever the batch."""
+    return fixed_gates(model, means)
+
+
+def _intervention(m: SweepModel, what: str, hold: Any) -> SweepModel:
+    """``m`` under a gate intervention: its weights, no transfer interventions of its own."""
+    meta = {k: v for k, v in m.meta.items() if k != "gate_means"} | {"intervention": what}
+    return SweepModel(intervention_label(m.label, what), m.model, m.checkpoint, meta, hold=hold)

@@ -1,0 +1,102 @@
+"""Gate interventions attacked white-box as models of their own: held gates and frozen means."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robustse.attacks import create_attack
+from robustse.checkpoint import load_checkpoint
+from robustse.config import SweepConfig
+from robustse.data import load_dataset, to_float
+from robustse.errors import SpecError
+from robustse.probes import capture, find_gates, fixed_gates, held_gates
+from robustse.store import ResultsStore
+from robustse.sweep import SweepModel, build_attacks, run_sweep
+from robustse.sweep_setup import intervention_models
+
+N = 64
+
+
+@pytest.fixture(scope="module")
+def se_model(trained_small):
+    _, _, _, ckpt = trained_small
+    model, meta = load_checkpoint(ckpt)
+    x = to_float(load_dataset("fashion-mnist", split="test").subset(N, seed=5).x)
+    y = load_dataset("fashion-mnist", split="test").subset(N, seed=5).y
+    return model.eval(), meta, ckpt, x, y
+
+
+def test_held_gates_reproduce_the_clean_logits_and_ignore_the_perturbation(se_model):
+    model, _, _, x, _ = se_model
+    with torch.no_grad():
+        clean = model(x)
+        with held_gates(model, x):
+            torch.testing.assert_close(model(x), clean)  # eps 0: the model itself
+            x_p = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+            with capture(model) as rec:
+                model(x_p)
+    with torch.no_grad(), capture(model) as ref:
+        model(x)
+    for name, s in ref.gates.items():  # the gates kept s(x), not s(x')
+        torch.testing.assert_close(rec.gates[name], s)
+
+
+def test_the_held_model_is_attacked_white_box(se_model):
+    """FGSM on the held model follows the held model's own gradient, not the intact model's."""
+    model, _, _, x, y = se_model
+    fgsm = create_attack("fgsm")
+    with held_gates(model, x):
+        adv_held = fgsm(model, x, y, epsilons=[0.05]).adversarials[0]
+    adv_intact = fgsm(model, x, y, epsilons=[0.05]).adversarials[0]
+    assert not torch.equal(adv_held, adv_intact)
+    with torch.no_grad(), capture(model) as rec:
+        model(x)
+    xg = x.clone().requires_grad_(True)
+    with fixed_gates(model, dict(rec.gates)):
+        loss = torch.nn.functional.cross_entropy(model(xg), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, xg)
+    torch.testing.assert_close(adv_held, (x + 0.05 * grad.sign()).clamp(0, 1))
+
+
+def test_interventions_join_a_sweep_as_models_with_their_own_cells(se_model, tmp_path):
+    model, meta, ckpt, *_ = se_model
+    sm = SweepModel("se", model, str(ckpt), meta)
+    assert sm.gate_means is not None  # trained checkpoints carry training-set means
+    models = [sm, *intervention_models([sm])]
+    assert [m.label for m in models] == ["se", "se@held_gates", "se@frozen_mean"]
+    attacks = build_attacks([{"name": "fgsm"}, {"name": "gate", "steps": 2}], norm="linf", seed=0)
+    evalset = load_dataset("fashion-mnist", split="test").subset(N, seed=5)
+    res = run_sweep(models, attacks, [0.0, 0.05], evalset, tmp_path, batch_size=32, progress=False)
+    store = ResultsStore(tmp_path / "results.db")
+    try:
+        stored = store.models().set_index("model")
+        cells = store.cells()
+        ex = store.examples()
+    finally:
+        store.close()
+    # held gates: clean logits identical, so the same clean accuracy; frozen means: its own
+    assert stored.loc["se@held_gates", "clean_correct"] == stored.loc["se", "clean_correct"]
+    assert set(cells[cells.attack == "gate"].model) == {"se"}  # held gates cannot be moved
+    assert {"fgsm", "noise"} <= set(cells[cells.model == "se@held_gates"].attack)
+    # white-box: the held model's FGSM accuracy is its own, not the transfer number
+    held = ex[(ex.model == "se@held_gates") & (ex.attack == "fgsm") & (ex.eps == 0.05)].sort_values("idx")
+    transfer = ex[(ex.model == "se") & (ex.attack == "fgsm") & (ex.eps == 0.05)].sort_values("idx")
+    x = to_float(evalset.x)
+    with held_gates(model, x):
+        adv = create_attack("fgsm")(model, x, evalset.y, epsilons=[0.05]).adversarials[0]
+        with torch.no_grad():
+            expected = (model(adv).argmax(1) == evalset.y).int().tolist()
+    assert held.correct.tolist() == expected
+    assert held.cg_correct.isna().all() and transfer.cg_correct.notna().all()  # transfer rows: intact model only
+    assert not res.checks or all(c.status != "fail" or c.name != "eps0_equals_clean" for c in res.checks)
+
+
+def test_plain_models_have_no_interventions_and_unknown_ones_are_refused():
+    torch.manual_seed(0)
+    from robustse.models import create_model
+
+    plain = SweepModel("plain", create_model("small_cnn"), "-")
+    assert not find_gates(plain.model) and intervention_models([plain]) == []
+    with pytest.raises(SpecError, match="sweep.interventions: unknown 'clean'"):
+        SweepConfig(interventions=("clean",))
