@@ -134,7 +134,7 @@ def test_unknown_option_lists_valid_ones():
 
 
 def test_list_models_pattern():
-    assert rs.list_models("*resnet*") == ["resnet20", "se_resnet20"]
+    assert rs.list_models("*resnet*") == ["resnet20", "se_resnet20", "static_resnet20"]
 
 
 def test_duplicate_registration_is_refused():

@@ -1,17 +1,29 @@
-"""Model zoo: twin plain/SE families behind one registry, plus torchvision classifiers."""
+"""Model zoo: plain/SE twin families (plus static-gate controls) behind one registry, and torchvision."""
 
-from . import cnn as _cnn  # noqa: F401  (registers cnn, se_cnn, small_cnn, se_small_cnn)
-from . import resnet as _resnet  # noqa: F401  (registers resnet20, se_resnet20)
-from .layers import Block, Classifier, Normalize, SEBlock, se_hidden
-from .registry import ModelInfo, create_model, list_models, model_arch, model_info, register_model
+from . import cnn as _cnn  # noqa: F401  (registers [se_|static_]cnn, [se_|static_]small_cnn)
+from . import resnet as _resnet  # noqa: F401  (registers [se_|static_]resnet20)
+from .layers import Block, Classifier, Normalize, SEBlock, StaticGate, se_hidden
+from .registry import (
+    ModelInfo,
+    ModelKind,
+    create_model,
+    family_members,
+    list_models,
+    model_arch,
+    model_info,
+    register_model,
+)
 
 __all__ = [
     "Block",
     "Classifier",
     "ModelInfo",
+    "ModelKind",
     "Normalize",
     "SEBlock",
+    "StaticGate",
     "create_model",
+    "family_members",
     "list_models",
     "model_arch",
     "model_info",

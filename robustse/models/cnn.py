@@ -1,9 +1,11 @@
-"""VGG-style twin families: ``cnn``/``se_cnn`` and the fast ``small_cnn``/``se_small_cnn``.
+"""VGG-style twin families: ``cnn``/``se_cnn`` and the fast ``small_cnn``/``se_small_cnn``
+(each with its ``static_`` control).
 
-Each stage is ``convs`` × (3x3 conv, BN, ReLU), then an SE block (SE twin only), then 2x2 max
-pooling. ``cnn`` pools after all but its last stage and ends in global average pooling;
-``small_cnn`` pools after both of its stages and averages to a 4x4 grid before the linear head,
-which converges in two or three epochs (Simonyan & Zisserman 2015 for the conv stacks; Hu et al.
+Each stage is ``convs`` × (3x3 conv, BN, ReLU), then an SE site (an SE block in the SE twin, a
+static channel scale in the static control, identity in the plain twin), then 2x2 max pooling.
+``cnn`` pools after all but its last stage and ends in global average pooling; ``small_cnn``
+pools after both of its stages and averages to a 4x4 grid before the linear head, which
+converges in two or three epochs (Simonyan & Zisserman 2015 for the conv stacks; Hu et al.
 2018 for SE).
 """
 
@@ -14,17 +16,17 @@ from typing import Any
 
 from torch import nn
 
-from .layers import Block, Classifier, ConvBNReLU, MaxPool2d, SEBlock, init_weights, make_normalize
+from .layers import Block, Classifier, ConvBNReLU, MaxPool2d, init_weights, make_normalize, make_site
 from .registry import register_twins
 
 
 class VGGStage(Block):
-    """convs × ConvBNReLU → SE (or identity) → max pool (or identity)."""
+    """convs × ConvBNReLU → SE site (SE, static scale or identity) → max pool (or identity)."""
 
     def __init__(self, cin: int, cout: int, *, convs: int, pool: bool, se: dict[str, Any] | None) -> None:
         super().__init__()
         self.convs = nn.Sequential(*[ConvBNReLU(cin if i == 0 else cout, cout) for i in range(convs)])
-        self.se = SEBlock(cout, **se) if se is not None else nn.Identity()
+        self.se = make_site(cout, se)
         self.pool = MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x):  # type: ignore[no-untyped-def]

@@ -1,8 +1,10 @@
-"""Building blocks shared by every model family: Normalize, SEBlock, ConvBNReLU, Block."""
+"""Building blocks shared by every model family: Normalize, SEBlock, StaticGate, ConvBNReLU, Block."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -49,6 +51,31 @@ def se_hidden(channels: int, reduction: int, min_hidden: int = 4) -> int:
     return max(channels // reduction, min_hidden)
 
 
+def side_seed(*salt: int) -> int:
+    """A 63-bit seed derived from the global CPU RNG state and ``salt``, without advancing it.
+
+    The same global state (same ``torch.manual_seed`` and the same draws so far) gives the same
+    seed; a different position in the stream, or different salt, gives an unrelated one.
+    """
+    h = hashlib.sha256(torch.random.get_rng_state().numpy().tobytes())
+    h.update(repr(salt).encode())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def side_stream(*salt: int) -> Iterator[None]:
+    """Run the body on a private CPU RNG stream seeded by :func:`side_seed`; restore the global one.
+
+    Parameters created inside (e.g. ``nn.Linear``'s default init) draw from their own stream, so
+    a model with extra modules leaves every later draw of the global RNG where its twin without
+    them leaves it. Only the CPU generator is forked; CUDA generators are never touched.
+    """
+    seed = side_seed(*salt)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
 class SEBlock(nn.Module):
     """Squeeze-and-Excitation block (Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018).
 
@@ -60,6 +87,10 @@ class SEBlock(nn.Module):
 
     ``gate`` is its own submodule so a forward hook on ``<block>.se.gate`` yields ``s``,
     a forward pre-hook on the SEBlock yields ``u`` and its output is ``y``.
+
+    fc1/fc2 take nn.Linear's default init from a private stream seeded by the global RNG state
+    at construction (:func:`side_stream`) and leave the global RNG untouched, so an SE model and
+    its plain twin built after the same ``torch.manual_seed`` share every other initial value.
 
     Args:
         channels: C.
@@ -88,15 +119,58 @@ class SEBlock(nn.Module):
         hidden = se_hidden(channels, reduction, min_hidden)
         self.channels, self.reduction, self.hidden = channels, reduction, hidden
         self.squeeze = nn.AdaptiveAvgPool2d(1) if squeeze == "avg" else nn.AdaptiveMaxPool2d(1)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, channels)
+        with side_stream(channels, hidden):  # SE-only weights: the global RNG does not move
+            self.fc1 = nn.Linear(channels, hidden)
+            self.act = nn.ReLU()
+            self.fc2 = nn.Linear(hidden, channels)
         self.gate = nn.Sigmoid() if gate == "sigmoid" else nn.Hardsigmoid()
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         z = self.squeeze(u).flatten(1)  # (B, C)
         s = self.gate(self.fc2(self.act(self.fc1(z))))  # (B, C)
         return u * s[:, :, None, None]  # (B, C, H, W)
+
+
+class StaticGate(nn.Module):
+    """Static-gate control: a learned per-channel scale with no input dependence.
+
+    ``y = u * act(logit)[None, :, None, None]`` where ``logit`` is a learnable (C,) parameter and
+    ``act`` is the SE block's gate function (sigmoid by default). ``logit`` starts at 0, so every
+    channel starts scaled by 0.5, as an SE gate does at init (its pre-activation is near 0). It
+    holds the SE block's place in ``static_<family>`` models: same sites, same gate function, but
+    one scale per channel shared by every input. Not an :class:`SEBlock` and has no ``gate``
+    submodule, so :func:`robustse.probes.find_gates` does not report it.
+
+    Args:
+        channels: C.
+        gate: ``sigmoid`` or ``hardsigmoid`` (both give 0.5 at logit 0).
+    """
+
+    def __init__(self, channels: int, *, gate: Gate = "sigmoid") -> None:
+        super().__init__()
+        if gate not in ("sigmoid", "hardsigmoid"):
+            raise ModelError(f"unknown static gate {gate!r} (valid: sigmoid, hardsigmoid)")
+        self.channels = channels
+        self.logit = nn.Parameter(torch.zeros(channels))
+        self.squash = nn.Sigmoid() if gate == "sigmoid" else nn.Hardsigmoid()
+
+    def scale(self) -> torch.Tensor:
+        """The current per-channel scale ``act(logit)``, shape (C,)."""
+        return self.squash(self.logit)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u * self.scale()[None, :, None, None]  # (B, C, H, W)
+
+
+def make_site(channels: int, se: dict[str, Any] | None) -> nn.Module:
+    """The module at an SE site: identity (``se=None``, plain twin), a :class:`StaticGate`
+    (``se={"kind": "static", ...}``) or an :class:`SEBlock` (any other options dict)."""
+    if se is None:
+        return nn.Identity()
+    opts = dict(se)
+    if opts.pop("kind", "se") == "static":
+        return StaticGate(channels, **opts)
+    return SEBlock(channels, **opts)
 
 
 class _ChannelsLastMaxPool(torch.autograd.Function):

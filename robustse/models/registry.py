@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -14,6 +14,8 @@ from ..registry import Registry
 from .layers import Gate, Squeeze
 
 Builder = Callable[..., nn.Module]
+ModelKind = Literal["plain", "se", "static"]
+KIND_PREFIX: dict[ModelKind, str] = {"plain": "", "se": "se_", "static": "static_"}
 
 
 @dataclass(frozen=True)
@@ -23,20 +25,27 @@ class ModelInfo:
     Attributes:
         name: registry name.
         builder: keyword-only function returning the model.
-        family: the twin pair it belongs to (the plain name).
-        has_se: whether it carries SE blocks.
+        family: the group it belongs to (the plain name).
+        kind: ``plain`` (``<family>``), ``se`` (``se_<family>``, SE blocks) or ``static``
+            (``static_<family>``, a learned input-independent channel scale in the SE blocks' places).
         description: one line for ``robustse models``.
     """
 
     name: str
     builder: Builder
     family: str
-    has_se: bool
+    kind: ModelKind
     description: str
 
     @property
+    def has_se(self) -> bool:
+        """Whether it carries SE blocks (input-dependent gates); False for plain and static."""
+        return self.kind == "se"
+
+    @property
     def twin(self) -> str:
-        """The other member of the pair (``resnet20`` ↔ ``se_resnet20``)."""
+        """The plain↔SE counterpart (``resnet20`` ↔ ``se_resnet20``); a static control's twin is
+        the SE model whose gates it replaces."""
         return self.family if self.has_se else f"se_{self.family}"
 
     def options(self) -> dict[str, Any]:
@@ -48,37 +57,31 @@ class ModelInfo:
 _REGISTRY: Registry[ModelInfo] = Registry("architecture", ModelError, hint="or torchvision:<name>")
 
 
+def _kind_of(name: str, family: str) -> ModelKind:
+    for kind, prefix in KIND_PREFIX.items():
+        if name == f"{prefix}{family}":
+            return kind
+    raise ValueError(
+        f"a member of family {family!r} must be named {family!r}, 'se_{family}' or 'static_{family}', not {name!r}"
+    )
+
+
 def register_model(name: str, *, family: str, description: str) -> Callable[[Builder], Builder]:
-    """Register a builder. SE twins are named ``se_<family>``; the plain twin is ``<family>``.
+    """Register a builder. The plain model is ``<family>``, its SE twin ``se_<family>`` and its
+    static-gate control ``static_<family>``; the name fixes :attr:`ModelInfo.kind`.
 
     Raises:
-        ValueError: if ``name`` is already registered (a programming error, not user input).
+        ValueError: if ``name`` is already registered or does not fit ``family`` (programming errors).
     """
 
     def deco(fn: Builder) -> Builder:
-        has_se = name != family
-        if has_se and name != f"se_{family}":
-            raise ValueError(f"SE twin of {family!r} must be named 'se_{family}', not {name!r}")
-        _REGISTRY.add(name, ModelInfo(name, fn, family, has_se, description))
+        _REGISTRY.add(name, ModelInfo(name, fn, family, _kind_of(name, family), description))
         return fn
 
     return deco
 
 
-def register_twins(
-    family: str,
-    build: Callable[..., nn.Module],
-    *,
-    description: str,
-    se_description: str,
-    reduction: int = 16,
-) -> None:
-    """Register ``family`` and ``se_<family>`` from one builder, so the twins differ only in SE.
-
-    ``build(num_classes=, in_channels=, mean=, std=, se=)`` gets ``se=None`` for the plain twin
-    and the SE options dict for the SE twin.
-    """
-
+def _plain_builder(build: Callable[..., nn.Module]) -> Builder:
     def plain(
         *,
         num_classes: int = 10,
@@ -88,26 +91,81 @@ def register_twins(
     ) -> nn.Module:
         return build(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=None)
 
+    return plain
+
+
+def _se_builder(build: Callable[..., nn.Module], default_reduction: int) -> Builder:
     def with_se(
         *,
         num_classes: int = 10,
         in_channels: int = 1,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        reduction: int = reduction,
+        reduction: int = default_reduction,
         squeeze: Squeeze = "avg",
         gate: Gate = "sigmoid",
     ) -> nn.Module:
         se = {"reduction": reduction, "squeeze": squeeze, "gate": gate}
         return build(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=se)
 
-    register_model(family, family=family, description=description)(plain)
-    register_model(f"se_{family}", family=family, description=se_description)(with_se)
+    return with_se
+
+
+def _static_builder(build: Callable[..., nn.Module]) -> Builder:
+    def static(
+        *,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        gate: Gate = "sigmoid",
+    ) -> nn.Module:
+        se = {"kind": "static", "gate": gate}
+        return build(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, se=se)
+
+    return static
+
+
+def register_twins(
+    family: str,
+    build: Callable[..., nn.Module],
+    *,
+    description: str,
+    se_description: str,
+    static_description: str | None = None,
+    reduction: int = 16,
+) -> None:
+    """Register ``family``, ``se_<family>`` and ``static_<family>`` from one builder, so they
+    differ only in what sits at the SE sites.
+
+    ``build(num_classes=, in_channels=, mean=, std=, se=)`` gets ``se=None`` for the plain twin,
+    the SE options dict for the SE twin and ``{"kind": "static", "gate": ...}`` for the static
+    control (see :func:`~robustse.models.layers.make_site`).
+    """
+    static_description = static_description or f"{family} with a learned static channel scale at each SE site"
+    register_model(family, family=family, description=description)(_plain_builder(build))
+    register_model(f"se_{family}", family=family, description=se_description)(_se_builder(build, reduction))
+    register_model(f"static_{family}", family=family, description=static_description)(_static_builder(build))
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a glob pattern, e.g. ``"*resnet*"``."""
     return _REGISTRY.names(pattern)
+
+
+def family_members(family: str) -> dict[ModelKind, str]:
+    """``{kind: name}`` of the registered members of ``family``, e.g.
+    ``{"plain": "resnet20", "se": "se_resnet20", "static": "static_resnet20"}``.
+
+    Raises:
+        ModelError: if no model of that family is registered.
+    """
+    infos = [model_info(n) for n in list_models()]
+    members = {i.kind: i.name for i in infos if i.family == family}
+    if not members:
+        families = sorted({i.family for i in infos})
+        raise ModelError(f"unknown model family {family!r} (valid: {', '.join(families)})")
+    return {k: members[k] for k in KIND_PREFIX if k in members}
 
 
 def model_info(name: str) -> ModelInfo:
@@ -125,7 +183,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Args:
         name: e.g. ``se_resnet20``.
         **kwargs: builder options: ``num_classes``, ``in_channels``, ``mean``, ``std`` and, for SE
-            models, ``reduction``, ``squeeze``, ``gate``.
+            models, ``reduction``, ``squeeze``, ``gate``; for static controls, ``gate``.
 
     Returns:
         The model (train mode, freshly initialized).

@@ -4,7 +4,8 @@ He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition" (CVPR 2016),
 stem, three stages of n basic blocks at widths 16/32/64 (stride 2 entering stages 2 and 3),
 global average pooling, linear head; depth 6n + 2. Shortcuts that change shape use a 1x1
 convolution with batch norm (option B). The SE twin places an SE block on the residual branch
-before the addition with the shortcut, as in SE-ResNet (Hu et al. 2018, Fig. 3).
+before the addition with the shortcut, as in SE-ResNet (Hu et al. 2018, Fig. 3); the static
+control ``static_resnet20`` puts a learned input-independent channel scale there instead.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import Block, Classifier, ConvBNReLU, SEBlock, init_weights, make_normalize
+from .layers import Block, Classifier, ConvBNReLU, init_weights, make_normalize, make_site
 from .registry import register_twins
 
 
 class BasicBlock(Block):
-    """conv-BN-ReLU-conv-BN → SE (SE twin) → + shortcut → ReLU."""
+    """conv-BN-ReLU-conv-BN → SE site (SE, static scale or identity) → + shortcut → ReLU."""
 
     def __init__(self, cin: int, cout: int, *, stride: int, stage: int, se: dict[str, Any] | None) -> None:
         super().__init__()
@@ -30,7 +31,7 @@ class BasicBlock(Block):
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.se = SEBlock(cout, **se) if se is not None else nn.Identity()
+        self.se = make_site(cout, se)
         if stride != 1 or cin != cout:
             self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
