@@ -172,6 +172,7 @@ def models_cmd(pattern: str, as_json: bool) -> None:
             {
                 "name": name,
                 "twin": info.twin,
+                "kind": info.kind,
                 "se": info.has_se,
                 "gates": len(find_gates(model)),
                 "params": params,
@@ -185,9 +186,9 @@ def models_cmd(pattern: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"no architecture matches {pattern!r}")
         return
-    click.echo(f"{'name':<14} {'twin':<14} {'gates':>5} {'params':>9}  description")
+    click.echo(f"{'name':<18} {'twin':<18} {'gates':>5} {'params':>9}  description")
     for r in rows:
-        click.echo(f"{r['name']:<14} {r['twin']:<14} {r['gates']:>5} {r['params']:>9,}  {r['description']}")
+        click.echo(f"{r['name']:<18} {r['twin']:<18} {r['gates']:>5} {r['params']:>9,}  {r['description']}")
     click.echo("External: torchvision:<name> (any torchvision classifier, weights from your checkpoint).")
 
 
@@ -308,10 +309,11 @@ def train_cmd(
     from .train import train_model
 
     se_kwargs = {k: v for k, v in {"reduction": reduction, "squeeze": squeeze, "gate": gate}.items() if v is not None}
-    if se_kwargs and not arch.startswith("torchvision:") and not model_info(arch).has_se:
-        raise ModelError(
-            f"{arch} has no SE blocks: --{next(iter(se_kwargs))} applies to its twin {model_info(arch).twin}"
-        )
+    if se_kwargs and not arch.startswith("torchvision:"):
+        info = model_info(arch)
+        refused = [k for k in se_kwargs if k not in info.options()]
+        if refused:
+            raise ModelError(f"{arch} has no SE blocks: --{refused[0]} applies to its SE twin se_{info.family}")
     data = DataConfig(
         dataset=dataset or "fashion-mnist",
         data_root=str(data_root) if data_root else None,
@@ -520,6 +522,14 @@ def _sweep_summary(result: Any) -> None:
     default=None,
     help="Attack in channels_last memory layout: faster on CPU, equal up to float rounding [default: off].",
 )
+@click.option(
+    "--intervention",
+    "interventions",
+    type=click.Choice(["held_gates", "frozen_mean"]),
+    multiple=True,
+    help="Also attack each SE model with its gates held at their clean values (held_gates) or fixed "
+    "to training-set means (frozen_mean), white-box, as models of their own. Repeatable.",
+)
 @num_classes_option("Classes of foreign ARCH=WEIGHTS models.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
@@ -538,6 +548,7 @@ def sweep_cmd(
     accuracy_only: bool | None,
     probes: bool | None,
     channels_last: bool | None,
+    interventions: tuple[str, ...],
     num_classes: int,
     data_root: Path | None,
     out: Path,
@@ -561,7 +572,7 @@ def sweep_cmd(
         "attacks": tuple(parse_attack(t) for t in attack_texts) or None,
         "epsilons": None if eps_text is None else parse_epsilons(eps_text),
         "norm": norm, "eval_subset": eval_subset, "batch_size": batch_size, "accuracy_only": accuracy_only,
-        "probes": probes, "channels_last": channels_last,
+        "probes": probes, "channels_last": channels_last, "interventions": interventions or None,
     }  # fmt: skip
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     paths = list(checkpoints) or list(cfg.models)

@@ -110,11 +110,14 @@ class ModelsConfig:
         se_options: SE keyword options for the SE twin (``reduction``, ``squeeze``, ``gate``).
         checkpoints: robustse checkpoints (paths or globs) to evaluate instead of training; twins
             and seeds are read from their metadata.
+        static: also train the static-gate control ``static_<family>`` of every pair (a learned
+            per-channel scale in each SE site, no input dependence), with the same seeds.
     """
 
     twins: tuple[str, ...] = ("small_cnn",)
     se_options: dict[str, Any] = field(default_factory=dict)
     checkpoints: tuple[str, ...] = ()
+    static: bool = False
 
     def __post_init__(self) -> None:
         if not self.twins:
@@ -167,7 +170,7 @@ class SweepConfig:
         seed: default seed of the attacks' random starts.
         probes: record sensitivity, gate/block drift and the interventions (off with accuracy_only).
         interventions: gate interventions attacked white-box as models of their own, beside every
-            SE model (``held_gates``, ``frozen_mean``; needs probes). ``[]`` for none.
+            SE model: ``held_gates``, ``frozen_mean`` (needs probes; none by default).
         probe_subsample: leading examples whose per-gate/block values are kept for the bootstrap.
         models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
         channels_last: attack the models in channels_last memory layout (faster on CPU; equal to
@@ -185,7 +188,7 @@ class SweepConfig:
     probe_subsample: int = 256
     models: tuple[str, ...] = ()
     channels_last: bool = False
-    interventions: tuple[str, ...] = INTERVENTIONS
+    interventions: tuple[str, ...] = ()
 
     def run_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`robustse.sweep.run_sweep` that this table sets."""

@@ -24,7 +24,7 @@ from .config import ArmConfig, ExperimentSpec, dump_toml, load_spec
 from .data import Dataset
 from .distributed import SINGLE, Dist
 from .errors import SpecError
-from .models import model_info
+from .models import family_members, model_info
 from .provenance import run_provenance
 from .stats import wilson_interval
 from .sweep import SweepResult
@@ -48,6 +48,7 @@ class ModelRow:
     eval_examples: int
     train_seconds: float
     checkpoint: str
+    kind: str = "plain"  # plain, se or static (the static-gate control)
 
 
 @dataclass
@@ -63,16 +64,17 @@ class ExperimentResult:
 
 
 def twin_names(spec: ExperimentSpec) -> list[str]:
-    """Every architecture the spec trains: each listed plain model followed by its SE twin."""
+    """Every architecture the spec trains: each listed plain model, its SE twin and, with
+    ``models.static``, its static-gate control."""
     names = []
     for plain in spec.models.twins:
         info = model_info(plain)
-        if info.has_se:
+        if info.kind != "plain":
             raise SpecError(
                 f"models.twins lists {plain!r}: name the plain twin ({info.family!r}); its SE twin is added"
             )
-        model_info(info.twin)  # the SE twin must exist
-        names += [plain, info.twin]
+        members = family_members(info.family)  # the SE twin (and static control) must exist
+        names += [plain, members["se"]] + ([members["static"]] if spec.models.static else [])
     return names
 
 
@@ -95,7 +97,7 @@ def plan_models(spec: ExperimentSpec) -> list[PlannedModel]:
     for seed in spec.seeds:
         for arm in spec.arms:
             for name in names:
-                if not arm.plain and not model_info(name).has_se:
+                if not arm.plain and not model_info(name).has_se:  # SE-only arm: no plain twin, no control
                     continue
                 label = f"{name}_{arm.name}_s{seed}" if many else f"{name}_s{seed}"
                 plan.append(PlannedModel(label, name, arm, seed))
@@ -198,7 +200,7 @@ class _Run:
         trained = train_model(
             pm.arch, out=self.out / "models" / f"{pm.label}.safetensors", data=spec.data,
             train=spec.arm_train(pm.arm), seed=pm.seed,
-            model_kwargs=spec.arm_se_options(pm.arm) if model_info(pm.arch).has_se else {},
+            model_kwargs=_model_kwargs(spec, pm),
             device=self.device, progress=self.progress, log=self.log, splits=splits, layout=self.layout,
         )  # fmt: skip
         row = _model_row(pm.label, pm.arch, pm.arm.name, pm.seed, trained.meta, trained.checkpoint)
@@ -235,6 +237,14 @@ class _Run:
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+def _model_kwargs(spec: ExperimentSpec, pm: PlannedModel) -> dict[str, Any]:
+    """Builder options of a planned model: the arm's SE options for SE twins, its gate function
+    for a static control, none for a plain twin."""
+    kind = model_info(pm.arch).kind
+    options = spec.arm_se_options(pm.arm) if kind != "plain" else {}
+    return options if kind == "se" else {k: v for k, v in options.items() if k == "gate"}
+
+
 def _model_row(label: str, arch: str, arm: str, seed: int, meta: dict[str, Any], checkpoint: PathLike) -> ModelRow:
     info = model_info(arch)
     n = int(meta.get("eval_examples") or 0)
@@ -242,7 +252,7 @@ def _model_row(label: str, arch: str, arm: str, seed: int, meta: dict[str, Any],
     lo, hi = wilson_interval(round(acc * n), n) if n else (float("nan"), float("nan"))
     return ModelRow(
         label, arch, info.family, info.has_se, arm, seed, acc, lo, hi, n,
-        float(meta.get("train_seconds") or 0.0), str(checkpoint),
+        float(meta.get("train_seconds") or 0.0), str(checkpoint), info.kind,
     )  # fmt: skip
 
 

@@ -55,7 +55,7 @@ HEADLINE_MEASURES = ["log_sensitivity_vs_noise", "logit_sensitivity", "kl", "fli
 STATS_COLUMNS = ["arm", "family", "measurement", "attack", "eps", "se_mean", "plain_mean", "diff", "ci_low", "ci_high",
                  "p", "p_holm", "verdict"]  # fmt: skip
 CHECK_COLUMNS = ["model", "name", "status", "detail"]
-MODEL_COLUMNS = ["label", "family", "se", "arm", "seed"]
+MODEL_COLUMNS = ["label", "family", "se", "arm", "seed", "kind"]
 TEMPLATE = "report.html.j2"
 
 
@@ -289,8 +289,10 @@ def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
     path = run_dir / "models.csv"
     if path.exists():
         table = pd.read_csv(path)
-        if set(MODEL_COLUMNS) <= set(table.columns):
+        if set(MODEL_COLUMNS[:-1]) <= set(table.columns):
             table["se"] = table.se.astype(str).str.lower().isin(["true", "1"])
+            if "kind" not in table:  # written before the static control existed
+                table["kind"] = np.where(table.se, "se", "plain")
             return table[table.label.isin(stored.model)].reset_index(drop=True)
     rows = [_model_row(i, r) for i, r in stored.iterrows()]
     return pd.DataFrame(rows, columns=MODEL_COLUMNS)
@@ -312,6 +314,7 @@ def _model_row(i: Any, r: Any) -> dict[str, Any]:
         "se": bool(info.has_se) if info else False,
         "arm": "main",
         "seed": int(m.group(1)) if m else i,
+        "kind": info.kind if info else "plain",
     }
 
 

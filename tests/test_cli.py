@@ -62,8 +62,9 @@ def test_models_lists_the_registry():
     for name in rs.list_models():
         assert name in res.stdout
     rows = json.loads(run("models", "*resnet*", "--json").stdout)
-    assert [r["name"] for r in rows] == ["resnet20", "se_resnet20"]
+    assert [r["name"] for r in rows] == ["resnet20", "se_resnet20", "static_resnet20"]
     assert rows[1]["gates"] == 9 and rows[0]["gates"] == 0 and rows[1]["twin"] == "resnet20"
+    assert rows[2]["gates"] == 0 and rows[2]["kind"] == "static"  # a learned scale, not a gate
 
 
 def test_inspect_name_shows_gates():

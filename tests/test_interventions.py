@@ -100,3 +100,21 @@ def test_plain_models_have_no_interventions_and_unknown_ones_are_refused():
     assert not find_gates(plain.model) and intervention_models([plain]) == []
     with pytest.raises(SpecError, match="sweep.interventions: unknown 'clean'"):
         SweepConfig(interventions=("clean",))
+
+
+def test_cli_sweep_attacks_the_held_gates_model_when_asked(trained_small, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from robustse.cli import cli
+
+    _, _, _, ckpt = trained_small
+    args = ["--quiet", "sweep", str(ckpt), "--out", str(tmp_path), "--eps", "0,0.05", "--attack", "fgsm"]
+    res = CliRunner().invoke(cli, [*args, "--eval-subset", "64", "--intervention", "held_gates", "--json"])
+    assert res.exit_code == 0, res.output
+    robust = json.loads(res.stdout)["robust"]
+    label = ckpt.name.removesuffix(".safetensors")
+    assert {r["model"] for r in robust} == {label, f"{label}@held_gates"}
+    at0 = {r["model"]: r["correct"] for r in robust if r["eps"] == 0}
+    assert at0[label] == at0[f"{label}@held_gates"]  # held gates: the same clean predictions

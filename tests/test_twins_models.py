@@ -186,3 +186,23 @@ def test_static_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_experiments_plan_the_static_control_beside_each_pair_with_the_same_seeds():
+    from robustse.config import ArmConfig, ExperimentSpec, ModelsConfig
+    from robustse.errors import SpecError
+    from robustse.pipeline import _model_kwargs, plan_models
+
+    spec = ExperimentSpec(
+        seeds=(0, 1),
+        models=ModelsConfig(twins=("small_cnn",), static=True, se_options={"reduction": 4, "gate": "hardsigmoid"}),
+        arms=(ArmConfig(name="std"), ArmConfig(name="r2", se_options={"reduction": 2}, plain=False)),
+    )
+    plan = plan_models(spec)
+    assert [p.label for p in plan if p.seed == 1] == [
+        "small_cnn_std_s1", "se_small_cnn_std_s1", "static_small_cnn_std_s1", "se_small_cnn_r2_s1",
+    ]  # fmt: skip  (an SE-only arm trains neither plain twin nor control)
+    static = next(p for p in plan if p.arch == "static_small_cnn")
+    assert _model_kwargs(spec, static) == {"gate": "hardsigmoid"}  # the gate function, not r
+    with pytest.raises(SpecError, match="name the plain twin"):
+        plan_models(ExperimentSpec(models=ModelsConfig(twins=("static_small_cnn",))))
