@@ -312,7 +312,7 @@ def worst_case_examples(examples: Any) -> Any:
     return ex.groupby(keys, as_index=False).correct.min()
 
 
-def _with_noise_ratio(ex: Any) -> Any:
+def with_noise_ratio(ex: Any) -> Any:
     """Add ``log_sensitivity_vs_noise`` = ln(sensitivity under the attack / under the noise
     control) for the same model, example and eps: how much more the output moves along the
     adversarial direction than along a random one of the same size. Unlike raw sensitivity it
@@ -357,12 +357,12 @@ def comparison_table(
     r = Resampler(n_boot=n_boot, n_perm=n_boot, seed=seed)
     ex = examples[examples.eps > 0].copy()
     ex["flip_rate"] = (ex.adv_pred != ex.clean_pred).astype(float)
-    ex = _with_noise_ratio(ex)
+    ex = with_noise_ratio(ex)
     worst = worst_case_examples(ex)
-    last_block = _last_block(site_examples)
+    last_block = last_block_amplification(site_examples)
     rows: list[dict[str, Any]] = []
     for g in twin_groups(models):
-        for job in _comparison_jobs(g, ex, worst, last_block):
+        for job in comparison_jobs(g, ex, worst, last_block):
             rows += _compare_over_eps(g, job, r, alpha)
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
@@ -383,7 +383,7 @@ class _Job(NamedTuple):
     higher_is_damping: bool
 
 
-def _last_block(site_examples: Any) -> Any:
+def last_block_amplification(site_examples: Any) -> Any:
     """Per-example amplification at the last block (sites are stored in forward order), or None."""
     if site_examples is None or site_examples.empty:
         return None
@@ -393,7 +393,7 @@ def _last_block(site_examples: Any) -> Any:
     return blocks[blocks.site == list(dict.fromkeys(blocks.site))[-1]]
 
 
-def _comparison_jobs(g: dict[str, Any], ex: Any, worst: Any, last_block: Any) -> list[_Job]:
+def comparison_jobs(g: dict[str, Any], ex: Any, worst: Any, last_block: Any) -> list[_Job]:
     """What to compare for one twin group: the worst case, then each attack's output measures."""
     labels = g["se"] + g["plain"]
     jobs = [_Job("robust_accuracy", "worst case", worst, "correct", True)]
