@@ -15,9 +15,9 @@ N = 400
 def _models(seeds=(0, 1, 2, 3, 4, 5), static=True):
     rows = []
     for s in seeds:
-        rows += [("small_cnn_s%d" % s, "plain"), ("se_small_cnn_s%d" % s, "se")]
+        rows += [(f"small_cnn_s{s}", "plain"), (f"se_small_cnn_s{s}", "se")]
         if static:
-            rows.append(("static_small_cnn_s%d" % s, "static"))
+            rows.append((f"static_small_cnn_s{s}", "static"))
     return pd.DataFrame(
         [{"label": lab, "family": "small_cnn", "se": kind == "se", "arm": "main",
           "seed": int(lab.rsplit("_s", 1)[1]), "kind": kind} for lab, kind in rows]

@@ -11,6 +11,7 @@ import torch
 import robustse as rs
 from robustse.checkpoint import load_checkpoint
 from robustse.data import load_dataset, to_float
+from robustse.drift import GATE_METRICS
 from robustse.errors import AttackError
 from robustse.probes import capture, find_blocks, find_gates, fixed_gates, gate_means
 from robustse.store import ResultsStore
@@ -92,7 +93,7 @@ def test_site_aggregates_and_subsample(probed):
     sites = store.probe_table("sites")
     n_gates, n_blocks = len(find_gates(se)), len(find_blocks(se))
     se_fgsm = sites[(sites.model == "se") & (sites.attack == "fgsm")]
-    assert len(se_fgsm) == 2 * (5 * n_gates + n_blocks)
+    assert len(se_fgsm) == 2 * (len(GATE_METRICS) * n_gates + n_blocks)
     pl = sites[sites.model == "plain"]
     assert set(pl.kind) == {"block"} and len(pl[(pl.attack == "fgsm") & (pl.eps == 0)]) == len(find_blocks(plain))
     zero = se_fgsm[(se_fgsm.eps == 0) & (se_fgsm.metric == "gate_drift")]
@@ -101,7 +102,7 @@ def test_site_aggregates_and_subsample(probed):
     assert (drift["mean"] > 0).all() and (drift.q05 <= drift.q50).all() and (drift.q50 <= drift.q95).all()
     sub = store.probe_table("site_examples")
     cell = sub[(sub.model == "se") & (sub.attack == "fgsm") & (sub.eps == 0.05)]
-    assert len(cell) == 50 * (5 * n_gates + n_blocks) and cell.idx.max() == 49
+    assert len(cell) == 50 * (len(GATE_METRICS) * n_gates + n_blocks) and cell.idx.max() == 49
     # the subsample's values are the first 50 of the values aggregated
     amp = cell[cell.metric == "amplification"].groupby("site").value.mean()
     assert (amp > 0).all()
