@@ -200,7 +200,10 @@ def test_experiments_plan_the_static_control_beside_each_pair_with_the_same_seed
     )
     plan = plan_models(spec)
     assert [p.label for p in plan if p.seed == 1] == [
-        "small_cnn_std_s1", "se_small_cnn_std_s1", "static_small_cnn_std_s1", "se_small_cnn_r2_s1",
+        "small_cnn_std_s1",
+        "se_small_cnn_std_s1",
+        "static_small_cnn_std_s1",
+        "se_small_cnn_r2_s1",
     ]  # fmt: skip  (an SE-only arm trains neither plain twin nor control)
     static = next(p for p in plan if p.arch == "static_small_cnn")
     assert _model_kwargs(spec, static) == {"gate": "hardsigmoid"}  # the gate function, not r
