@@ -736,18 +736,21 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
 
 
 def _verdict_summary(rep: Any) -> None:
-    """The verdict table of a report, one line per measurement and eps."""
+    """The report's Answer and its verdict table, one line per measurement and eps."""
     from .report import headline
 
+    for sentence in rep.answer:
+        click.echo(sentence)
     c = headline(rep.comparison, rep.main_attack)
     if c.empty:
-        click.echo("verdict: no SE/plain twin pair to compare")
+        click.echo("verdict: no SE model with a same-seed baseline to compare")
     else:
-        click.echo("verdict (SE − plain, 95% CI, Holm-corrected p; every measurement in the report):")
+        click.echo("verdict (SE − baseline over seed pairs, 95% CI, Holm-adjusted p; every measurement in the report):")
         for _, r in c.iterrows():
             click.echo(
-                f"  {r.arm:<8} {r.family:<12} {r.measurement:<25} {r.attack:<10} eps={r.eps:<6g} "
-                f"{r['diff']:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] p={r.p_holm:.3g}  {r.verdict}"
+                f"  {r.arm:<8} {r.family:<12} vs {r.baseline:<7} {r.endpoint:<9} {r.measurement:<25} {r.attack:<10} "
+                f"eps={r.eps:<6g} {r['diff']:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] p={r.p_adjusted:.3g} "
+                f"pairs={r.n_pairs}  {r.verdict}"
             )
     click.echo(f"report: {rep.html} and {rep.markdown.name}")
 

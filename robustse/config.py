@@ -153,6 +153,11 @@ class ArmConfig:
             )
 
 
+# The measurements the report compares between twins (README "Statistics and the verdict").
+MEASUREMENTS = (
+    "robust_accuracy", "logit_sensitivity", "kl", "flip_rate", "log_sensitivity_vs_noise", "amplification_last_block",
+)  # fmt: skip
+
 DEFAULT_ATTACKS: tuple[dict[str, Any], ...] = ({"name": "fgsm"}, {"name": "pgd", "steps": 10}, {"name": "noise"})
 
 
@@ -226,18 +231,30 @@ class ReportConfig:
         gallery_eps: eps of the adversarial-example gallery and the excitation heatmaps
             (default: the middle of the ladder).
         seed: seed of the bootstrap and permutation draws.
+        primary: the primary endpoint (default: worst-case robust accuracy), Holm-corrected across
+            its eps; every other measurement is secondary (exploratory).
+        margins: equivalence margins per measurement, over the defaults (``robust_accuracy`` and
+            ``flip_rate`` 0.01, ``log_sensitivity_vs_noise`` 0.05).
     """
 
     bootstrap: int = 2000
     alpha: float = 0.05
     gallery_eps: float | None = None
     seed: int = 0
+    primary: str = "robust_accuracy"
+    margins: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bootstrap < 100:
             raise SpecError(f"report.bootstrap must be >= 100 (got {self.bootstrap})")
         if not 0 < self.alpha < 0.5:
             raise SpecError(f"report.alpha must be in (0, 0.5) (got {self.alpha})")
+        if self.primary not in MEASUREMENTS:
+            raise SpecError(f"report.primary: unknown measurement {self.primary!r} (valid: {', '.join(MEASUREMENTS)})")
+        for name, m in self.margins.items():
+            if name not in MEASUREMENTS or not isinstance(m, (int, float)) or isinstance(m, bool) or not m > 0:
+                valid = ", ".join(MEASUREMENTS)
+                raise SpecError(f"report.margins: {name} = {m!r} (want a measurement of {valid} and a number > 0)")
 
 
 @dataclass(frozen=True)

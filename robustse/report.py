@@ -33,14 +33,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import inference as I
 from . import plots
 from . import stats as S
 from ._types import PathLike, split_intervention
-from .attack_roles import names_with_role
+from .attack_roles import attack_role, names_with_role
 from .errors import ModelError, StoreError
 from .store import ResultsStore
 
-VERDICT_COLOURS = {"SE damps": "#1a7f37", "SE amplifies": "#cf222e", "no evidence": "#6e7781"}
+VERDICT_COLOURS = {
+    "SE damps": "#1a7f37", "SE amplifies": "#cf222e", "equivalent": "#0969da", "inconclusive": "#6e7781",
+    "too few seeds": "#8c959f", "no evidence": "#6e7781", "reaction hurts": "#cf222e", "reaction helps": "#1a7f37",
+    "attack damped more": "#1a7f37", "noise damped more": "#cf222e",
+}  # fmt: skip
 STATUS_COLOURS = {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}
 NEUTRAL_COLOUR = "#6e7781"
 MEASURE_NAMES = {
@@ -51,9 +56,11 @@ MEASURE_NAMES = {
     "amplification_last_block": "amplification (last block)",
     "log_sensitivity_vs_noise": "ln(sensitivity / noise's)",
 }
-HEADLINE_MEASURES = ["log_sensitivity_vs_noise", "logit_sensitivity", "kl", "flip_rate", "amplification_last_block"]
-STATS_COLUMNS = ["arm", "family", "measurement", "attack", "eps", "se_mean", "plain_mean", "diff", "ci_low", "ci_high",
-                 "p", "p_holm", "verdict"]  # fmt: skip
+# Secondary measures shown beside the primary endpoint; scale-dependent ones (logit sensitivity,
+# KL) and ratios (log sensitivity vs noise) are never headlines.
+HEADLINE_MEASURES = ["flip_rate", "amplification_last_block"]
+STATS_COLUMNS = ["arm", "family", "baseline", "endpoint", "measurement", "attack", "eps", "se_mean", "base_mean",
+                 "diff", "ci_low", "ci_high", "p_adjusted", "verdict", "n_pairs"]  # fmt: skip
 CHECK_COLUMNS = ["model", "name", "status", "detail"]
 MODEL_COLUMNS = ["label", "family", "se", "arm", "seed", "kind"]
 TEMPLATE = "report.html.j2"
@@ -71,16 +78,20 @@ class ReportResult:
     main_attack: str | None = None
     seconds: float = 0.0
     csv: dict[str, Path] = field(default_factory=dict)
+    answer: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """The ``[report]`` options of a run (bootstrap replicates, alpha, gallery eps, resampling seed)."""
+    """The ``[report]`` options of a run (bootstrap replicates, alpha, gallery eps, resampling seed,
+    primary endpoint, equivalence margins)."""
 
     n_boot: int
     alpha: float
     gallery_eps: float | None
     seed: int
+    primary: str = I.PRIMARY
+    margins: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,13 +117,16 @@ class RunData:
 class Analysis:
     """Stage 2 (:func:`analyse`): the statistics tables and the curves behind the figures."""
 
-    comparison: pd.DataFrame
+    comparison: pd.DataFrame  # the seed-level verdict table (robustse.inference.verdict_table)
     damping: pd.DataFrame | None
     interventions: pd.DataFrame
     groups: list[dict[str, Any]]
     main: str | None
     eps: list[float]
     gallery_eps: float
+    gate_effects: pd.DataFrame
+    adaptive: pd.DataFrame
+    answer: list[str]
     acc_curves: pd.DataFrame
     sens_curves: pd.DataFrame
     drift_sites: pd.DataFrame
@@ -150,6 +164,10 @@ class ReportContext:
     spec: str | None
     titles: dict[str, str]
     n_examples: int
+    answer: list[str] = field(default_factory=list)
+    gate_effects: Any = None
+    adaptive: Any = None
+    primary: str = I.PRIMARY
 
     @classmethod
     def of(cls, data: RunData, a: Analysis, opts: ReportOptions, figures: dict[str, ReportFigure]) -> ReportContext:
@@ -159,7 +177,8 @@ class ReportContext:
             groups=a.groups, comparison=a.comparison, damping=a.damping, interventions=a.interventions, main=a.main,
             eps=a.eps, gallery_eps=a.gallery_eps, alpha=opts.alpha, n_boot=opts.n_boot, manifest=data.manifest,
             spec=data.spec, titles={k: f.title for k, f in figures.items()},
-            n_examples=int(data.examples.idx.nunique()),
+            n_examples=int(data.examples.idx.nunique()), answer=a.answer, gate_effects=a.gate_effects,
+            adaptive=a.adaptive, primary=opts.primary,
         )  # fmt: skip
 
 
@@ -203,7 +222,9 @@ def build_report(
     if log:
         log(f"report: {html_path} ({seconds:.1f}s)")
     paths = {k: f.path for k, f in figures.items()}
-    return ReportResult(html_path, md_path, paths, analysis.comparison, data.checks, analysis.main, seconds, csv)
+    return ReportResult(
+        html_path, md_path, paths, analysis.comparison, data.checks, analysis.main, seconds, csv, analysis.answer
+    )
 
 
 # --------------------------------------------------------------------------- options
@@ -218,7 +239,8 @@ def _report_config(run_dir: Path) -> ReportOptions:
     if spec.exists():
         with contextlib.suppress(Exception):  # a spec from another version still leaves a reportable store
             defaults = load_spec(spec).report
-    return ReportOptions(defaults.bootstrap, defaults.alpha, defaults.gallery_eps, defaults.seed)
+    d = defaults
+    return ReportOptions(d.bootstrap, d.alpha, d.gallery_eps, d.seed, d.primary, dict(d.margins))
 
 
 def _resolve_options(
@@ -231,6 +253,8 @@ def _resolve_options(
         alpha=alpha or cfg.alpha,
         gallery_eps=cfg.gallery_eps if gallery_eps is None else gallery_eps,
         seed=cfg.seed if seed is None else seed,
+        primary=cfg.primary,
+        margins=cfg.margins,
     )
 
 
@@ -336,18 +360,24 @@ def analyse(data: RunData, opts: ReportOptions, log: Callable[[str], None] | Non
     """The statistics (:mod:`robustse.stats`) and the curves the figures draw."""
     ex, models, site_ex = data.examples, data.models, data.site_examples
     kw = _resampling(opts)
-    comparison = S.comparison_table(ex, models, site_examples=site_ex, **kw)
+    comparison = I.verdict_table(
+        ex, models, site_examples=site_ex, alpha=opts.alpha, primary=opts.primary, margins=opts.margins
+    )
     damp = S.damping_table(site_ex, models, **kw) if not site_ex.empty else None
     inter = S.intervention_table(ex, models, **kw)
     groups = S.twin_groups(models)
     if log:
-        counts = f"{len(comparison)} comparisons, {len(groups)} twin group(s), {opts.n_boot} bootstrap replicates"
-        log(f"statistics: {counts}")
+        log(f"statistics: {len(comparison)} seed-pair comparisons, {len(groups)} twin group(s)")
     eps_all = sorted(e for e in set(ex.eps) if e > 0)
     main = _main_attack(list(dict.fromkeys(ex.attack)))
+    g_eps = _gallery_eps(eps_all, opts.gallery_eps)
+    effects = I.gate_effect_table(ex, models, alpha=opts.alpha)
+    adaptive = I.adaptive_damping_table(site_ex, models, alpha=opts.alpha)
+    answer = I.answer(comparison, effects, adaptive, eps=g_eps, primary=opts.primary, main=main)
     return Analysis(
         comparison=comparison, damping=damp, interventions=inter, groups=groups, main=main, eps=eps_all,
-        gallery_eps=_gallery_eps(eps_all, opts.gallery_eps), acc_curves=_accuracy_curves(ex, groups, opts),
+        gallery_eps=g_eps, gate_effects=effects, adaptive=adaptive, answer=answer,
+        acc_curves=_accuracy_curves(ex, groups, opts),
         sens_curves=_sensitivity_curves(ex, groups, main, opts), drift_sites=_drift_sites(data.sites, models, groups),
         profile=_profile(data.sites, models, main),
     )  # fmt: skip
@@ -548,15 +578,20 @@ def _gallery_item(model: str, clean: Any, adv: Any, e: Any, idx: Any, names: lis
 
 
 def write_tables(data: RunData, a: Analysis) -> dict[str, Path]:
-    """Write ``stats.csv``, ``damping.csv``, ``interventions.csv`` and ``blocks.csv``."""
+    """Write ``stats.csv`` (the seed-level verdicts), ``gate_effects.csv``, ``adaptive_damping.csv``,
+    ``damping.csv`` (channel gain), ``interventions.csv`` (transfer) and ``blocks.csv``."""
     run = data.run
     csv = {
         "stats": run / "stats.csv",
+        "gate_effects": run / "gate_effects.csv",
+        "adaptive_damping": run / "adaptive_damping.csv",
         "damping": run / "damping.csv",
         "interventions": run / "interventions.csv",
         "blocks": run / "blocks.csv",
     }
     a.comparison.to_csv(csv["stats"], index=False)
+    a.gate_effects.to_csv(csv["gate_effects"], index=False)
+    a.adaptive.to_csv(csv["adaptive_damping"], index=False)
     (a.damping if a.damping is not None else pd.DataFrame()).to_csv(csv["damping"], index=False)
     a.interventions.to_csv(csv["interventions"], index=False)
     data.sites.drop(columns=["cell_id"], errors="ignore").to_csv(csv["blocks"], index=False)
@@ -590,9 +625,9 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def headline(c: Any, main: str | None) -> Any:
-    """The verdict rows: per twin group, the worst-case robust accuracy and the headline
-    measurements of the main attack, at every eps (``c``: :func:`robustse.stats.comparison_table`)."""
-    keep = (c.measurement == "robust_accuracy") | ((c.attack == main) & c.measurement.isin(HEADLINE_MEASURES))
+    """The verdict rows: per comparison group, the primary endpoint and the headline secondary
+    measurements of the main attack, at every eps (``c``: :func:`robustse.inference.verdict_table`)."""
+    keep = (c.endpoint == "primary") | ((c.attack == main) & c.measurement.isin(HEADLINE_MEASURES))
     return c[keep]
 
 
@@ -632,12 +667,12 @@ class VerdictRow:
 
 @dataclass(frozen=True)
 class VerdictGroup:
-    """The verdict table of one twin group."""
+    """The verdict table of one comparison: SE vs its plain twins or vs the static controls."""
 
     family: str
     arm: str
-    n_se: int
-    n_plain: int
+    baseline: str
+    n_pairs: int
     eps: list[float]
     rows: list[VerdictRow]
 
@@ -673,7 +708,10 @@ def _html_view(c: ReportContext, images: dict[str, bytes]) -> dict[str, Any]:
     return {
         "name": c.run.name, "dataset": c.dataset, "n_examples": c.n_examples, "models": ", ".join(c.models.label),
         "main": str(c.main), "check_summary": _check_summary(c.checks), "n_boot": c.n_boot, "alpha": c.alpha,
-        "verdicts": _verdict_groups(headline(c.comparison, c.main), c.groups), "has_groups": bool(c.groups),
+        "verdicts": _verdict_groups(headline(c.comparison, c.main)), "has_groups": not c.comparison.empty,
+        "answer": c.answer, "primary": MEASURE_NAMES.get(c.primary, c.primary),
+        "gate_effects": _html_table(c.gate_effects), "adaptive": _html_table(c.adaptive),
+        "sensitivity_parts": _html_table(sensitivity_parts(c.comparison, c.main)),
         "verdict_colours": VERDICT_COLOURS, "gallery_eps": c.gallery_eps,
         "figures": [(c.titles[k], base64.b64encode(data).decode("ascii")) for k, data in images.items()],
         "comparison": _html_table(c.comparison, STATS_COLUMNS), "damping": _html_table(_damping_at(c)),
@@ -682,24 +720,37 @@ def _html_view(c: ReportContext, images: dict[str, bytes]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _verdict_groups(head: Any, groups: list[dict[str, Any]]) -> list[VerdictGroup]:
-    """A verdict table per twin group that has headline rows."""
+def _verdict_groups(head: Any) -> list[VerdictGroup]:
+    """A verdict table per (arm, family, baseline) with headline rows."""
     out = []
-    for g in groups:
-        rows = head[(head.arm == g["arm"]) & (head.family == g["family"])]
-        if not rows.empty:
-            eps = sorted(set(rows.eps))
-            n_se, n_plain = len(g["se"]), len(g["plain"])
-            out.append(VerdictGroup(g["family"], g["arm"], n_se, n_plain, eps, _verdict_rows(rows, eps)))
+    for (arm, family, baseline), rows in head.groupby(["arm", "family", "baseline"], sort=False):
+        eps = sorted(set(rows.eps))
+        n_pairs = int(rows.n_pairs.max())
+        out.append(VerdictGroup(family, arm, baseline, n_pairs, eps, _verdict_rows(rows, eps)))
     return out
 
 
 def _verdict_rows(rows: Any, eps: list[float]) -> list[VerdictRow]:
     out = []
-    for (measure, attack), r in rows.groupby(["measurement", "attack"], sort=False):
+    for (measure, attack, endpoint), r in rows.groupby(["measurement", "attack", "endpoint"], sort=False):
         by_eps = {float(x.eps): x for _, x in r.iterrows()}
-        out.append(VerdictRow(MEASURE_NAMES.get(measure, measure), attack, [by_eps.get(e) for e in eps]))
+        name = MEASURE_NAMES.get(measure, measure) + (" (primary)" if endpoint == "primary" else " (exploratory)")
+        out.append(VerdictRow(name, attack, [by_eps.get(e) for e in eps]))
     return out
+
+
+def sensitivity_parts(c: Any, main: str | None) -> Any:
+    """Logit sensitivity under the main attack and under the noise control, SE and baseline side
+    by side per eps: the numerator and denominator of ``log_sensitivity_vs_noise``."""
+    rows = c[(c.measurement == "logit_sensitivity") & (c.endpoint == "secondary")]
+    parts = []
+    for name, attack in (("attack", main), ("noise", None)):
+        sel = rows[rows.attack == attack] if attack else rows[rows.attack.map(attack_role) == "control"]
+        keep = sel[["arm", "family", "baseline", "eps", "se_mean", "base_mean"]]
+        parts.append(keep.rename(columns={"se_mean": f"se_{name}", "base_mean": f"base_{name}"}))
+    if any(p.empty for p in parts):
+        return None
+    return parts[0].merge(parts[1], on=["arm", "family", "baseline", "eps"])
 
 
 def _damping_at(c: ReportContext) -> Any:
@@ -769,16 +820,21 @@ def _md_verdict(c: ReportContext) -> list[str]:
         f"# Does SE gating damp adversarial perturbations? — `{c.run.name}`\n",
         f"{c.dataset}, {c.n_examples} test examples; main attack **{c.main}**; sanity checks: "
         f"**{_check_summary(c.checks)}**.\n",
+        "## Answer\n",
+        *(f"{sentence}\n\n" for sentence in c.answer),
         "## Verdict\n",
-        f"SE − plain with 95% bootstrap CI (seeds, then examples; {c.n_boot} replicates) and Holm-corrected "
-        f"p (paired sign-flip test across eps); a verdict needs both the CI and p < {c.alpha:g}.\n",
+        "SE − baseline (plain twin, or static-gate control) over seed pairs: t interval with seed-pair and "
+        f"example-sampling variance; Holm within the primary endpoint ({c.primary}) and within the exploratory "
+        f"rest; a direction needs the adjusted p < {c.alpha:g}, `equivalent` two one-sided tests within the "
+        "margin, fewer than 5 pairs give `too few seeds`.\n",
     ]
     head = headline(c.comparison, c.main)
     if head.empty:
-        return [*out, "_No SE/plain twin pair in this run: no verdict._\n"]
+        return [*out, "_No SE model with a same-seed baseline in this run: no verdict._\n"]
     effect = [f"{_fmt(d, 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]" for d, lo, hi in
               zip(head["diff"], head.ci_low, head.ci_high, strict=True)]  # fmt: skip
-    columns = ["arm", "family", "measurement", "attack", "eps", "effect", "p_holm", "verdict"]
+    columns = ["arm", "family", "baseline", "endpoint", "measurement", "attack", "eps", "effect", "p_adjusted",
+               "n_pairs", "verdict"]  # fmt: skip
     return [*out, _md_table(head.assign(effect=effect), columns)]
 
 
@@ -791,7 +847,12 @@ def _md_statistics(c: ReportContext) -> list[str]:
     return [
         "\n## Statistics\n",
         _md_table(c.comparison, columns),
-        "\nFull tables: `stats.csv`, `damping.csv`, `interventions.csv`, `blocks.csv`, `results.csv`.\n",
+        "\n### The gates' causal effect (intervention − adaptive, white-box)\n",
+        _md_table(c.gate_effects),
+        "\n### Adaptive damping, attack vs noise\n",
+        _md_table(c.adaptive),
+        "\nFull tables: `stats.csv`, `gate_effects.csv`, `adaptive_damping.csv`, `damping.csv` (channel gain), "
+        "`interventions.csv` (transfer), `blocks.csv`, `results.csv`.\n",
     ]
 
 
