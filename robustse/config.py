@@ -156,6 +156,7 @@ class ArmConfig:
 # The measurements the report compares between twins (README "Statistics and the verdict").
 MEASUREMENTS = (
     "robust_accuracy", "logit_sensitivity", "kl", "flip_rate", "log_sensitivity_vs_noise", "amplification_last_block",
+    "logit_sensitivity_calibrated", "kl_calibrated",
 )  # fmt: skip
 
 DEFAULT_ATTACKS: tuple[dict[str, Any], ...] = ({"name": "fgsm"}, {"name": "pgd", "steps": 10}, {"name": "noise"})

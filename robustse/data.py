@@ -90,6 +90,15 @@ class Dataset:
         idx = torch.randperm(len(self), generator=gen)[:n].sort().values
         return Dataset(self.name, self.split, self.x[idx], self.y[idx], self.classes)
 
+    def held_out(self, n: int | None, *, seed: int = 0, size: int = 2000) -> Dataset | None:
+        """Up to ``size`` examples that ``subset(n, seed=seed)`` leaves out (original order kept);
+        None when that subset is the whole split."""
+        if n is None or n >= len(self):
+            return None
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=gen)[n : n + size].sort().values
+        return Dataset(self.name, self.split, self.x[idx], self.y[idx], self.classes)
+
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the pixels in [0, 1] (for the model's Normalize layer)."""
         x = self.x.to(torch.float64) / 255.0

@@ -89,6 +89,8 @@ class CellProbe:
         gate_means: training-set mean excitations for ``frozen_mean`` (None: not evaluated).
         transfer: evaluate the gate interventions on the model's adversarials (``clean_gates``,
             ``frozen_mean``); off for a model that is itself an intervention.
+        temperature: the model's calibration temperature T: KL and logit sensitivity are also
+            recorded on logits / T (None: not recorded).
     """
 
     n: int
@@ -96,6 +98,7 @@ class CellProbe:
     gallery: int = 8
     gate_means: dict[str, torch.Tensor] | None = None
     transfer: bool = True
+    temperature: float | None = None
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     values: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
     class_sums: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
@@ -109,7 +112,7 @@ class CellProbe:
         real = [p for p in parts if p is not None]
         first = real[0]
         out = cls(first.n, subsample=first.subsample, gallery=first.gallery, gate_means=first.gate_means,
-                  transfer=first.transfer)  # fmt: skip
+                  transfer=first.transfer, temperature=first.temperature)  # fmt: skip
         for part in real:
             if part.seen is None:
                 continue
@@ -163,6 +166,10 @@ class CellProbe:
             "logit_change": M.logit_change(f, f_p),
             "kl": M.kl(f, f_p),
         }
+        if self.temperature is not None:  # calibrated logits: the overall logit scale divided out
+            t = self.temperature
+            cols["kl_calibrated"] = M.kl(f / t, f_p / t)
+            cols["logit_sensitivity_calibrated"] = cols["logit_sensitivity"] / t
         if clean.gates and self.transfer:
             # clean_gates: x' flows through, every gate keeps s(x) (README "Metrics")
             with fixed_gates(model, clean.gates):

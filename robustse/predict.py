@@ -27,6 +27,31 @@ def predict(
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
 
 
+@torch.no_grad()
+def logits_of(
+    model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Logits (N, K) of ``model`` (put in eval mode) on all of ``ds``, on the CPU."""
+    model.eval()
+    out = [model(to_float(ds.x[i : i + batch_size].to(device))).cpu() for i in range(0, len(ds), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The temperature T minimising the negative log-likelihood of ``softmax(logits / T)`` on
+    held-out examples (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017); T is
+    searched in [e^-4, e^4]. Dividing logits by T fixes their overall scale, so measures computed
+    on calibrated logits compare networks whose logits differ only in scale."""
+    from scipy.optimize import minimize_scalar
+
+    z, t = logits.double(), y.long()
+
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(z / float(torch.tensor(log_t).exp()), t))
+
+    return float(torch.tensor(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x).exp())
+
+
 def evaluate_accuracy(
     model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
 ) -> float:

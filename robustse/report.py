@@ -55,6 +55,8 @@ MEASURE_NAMES = {
     "flip_rate": "flip rate",
     "amplification_last_block": "amplification (last block)",
     "log_sensitivity_vs_noise": "ln(sensitivity / noise's)",
+    "logit_sensitivity_calibrated": "logit sensitivity (calibrated)",
+    "kl_calibrated": "KL divergence (calibrated)",
 }
 # Secondary measures shown beside the primary endpoint; scale-dependent ones (logit sensitivity,
 # KL) and ratios (log sensitivity vs noise) are never headlines.

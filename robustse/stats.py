@@ -263,6 +263,8 @@ OUTPUT_MEASURES = {
     "logit_sensitivity": "‖f(x') − f(x)‖ / ‖δ‖",
     "kl": "KL(softmax f(x) ‖ softmax f(x'))",
     "flip_rate": "argmax f(x') ≠ argmax f(x)",
+    "logit_sensitivity_calibrated": "‖f(x')/T − f(x)/T‖ / ‖δ‖ (T fitted on held-out NLL)",
+    "kl_calibrated": "KL(softmax f(x)/T ‖ softmax f(x')/T)",
 }
 # Measured perturbations that are not attacks on the label (never in robust accuracy): the noise
 # control and the gate attack (roles in :mod:`robustse.attack_roles`).

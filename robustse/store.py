@@ -20,7 +20,7 @@ from typing import Any
 from ._types import PathLike
 from .errors import StoreError
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS examples (
     logit_sensitivity REAL, logit_change REAL, kl REAL,
     cg_correct INTEGER, cg_sensitivity REAL,
     fm_correct INTEGER, fm_sensitivity REAL,
+    kl_calibrated REAL, logit_sensitivity_calibrated REAL,
     PRIMARY KEY (cell_id, idx)
 );
 CREATE TABLE IF NOT EXISTS sites (
@@ -119,7 +120,8 @@ class Cell:
 
 EXAMPLE_COLUMNS = ("idx", "label", "clean_pred", "adv_pred", "correct", "clean_margin", "adv_margin")
 PROBE_COLUMNS = (
-    "logit_sensitivity", "logit_change", "kl", "cg_correct", "cg_sensitivity", "fm_correct", "fm_sensitivity"
+    "logit_sensitivity", "logit_change", "kl", "cg_correct", "cg_sensitivity", "fm_correct", "fm_sensitivity",
+    "kl_calibrated", "logit_sensitivity_calibrated",
 )  # fmt: skip
 PROBE_TABLES = {"sites": 12, "site_examples": 5, "excitations": 5, "gallery": 4}  # table: columns with cell_id
 

@@ -47,6 +47,8 @@ class SweepModel:
     # a gate intervention attacked white-box (README "Metrics"): entered around every batch ``x``
     # (clean pass, attack, predictions, probes); None for the model as it is
     hold: Callable[[torch.Tensor], contextlib.AbstractContextManager[None]] | None = None
+    # logits divided by this give calibrated measures (fitted on held-out examples); None: not fitted
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.gate_means is None and isinstance(self.meta.get("gate_means"), dict):
@@ -364,7 +366,10 @@ class Sweep:
     def _probe(self, lad: _Ladder) -> CellProbe:
         """A cell's probe: the intact model's also scores the gate interventions on its adversarials."""
         sm, n = lad.sm, len(self.y_all)
-        return CellProbe(n, subsample=self.opt.probe_subsample, gate_means=sm.gate_means, transfer=sm.hold is None)
+        return CellProbe(
+            n, subsample=self.opt.probe_subsample, gate_means=sm.gate_means, transfer=sm.hold is None,
+            temperature=sm.temperature,
+        )  # fmt: skip
 
     def attack_batch(self, lad, where, prev_correct, out, stats, probe) -> None:  # type: ignore[no-untyped-def]
         """Attack one batch; fill its rows of ``out`` = (pred, margin); update ``stats`` and ``probe``.

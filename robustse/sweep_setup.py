@@ -16,7 +16,7 @@ from .config import SweepConfig
 from .data import Dataset, load_dataset
 from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
-from .predict import check_input_fits
+from .predict import check_input_fits, fit_temperature, logits_of
 from .probes import find_gates, fixed_gates, held_gates
 from .sweep import SweepModel, SweepResult, build_attacks, run_sweep
 from .train import SUBSET_SEED, training_gate_means
@@ -48,12 +48,11 @@ def sweep_checkpoints(
     """
     models = load_sweep_models(paths, device=device, num_classes=num_classes)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
-    if splits is None:
-        evalset = sweep_dataset(models, cfg, data_root=data_root)
-    else:
-        evalset = splits[1].subset(cfg.eval_subset, seed=SUBSET_SEED)
-    if cfg.probes and not cfg.accuracy_only:  # frozen_mean is a probe
+    test = load_test_split(models, data_root=data_root) if splits is None else splits[1]
+    evalset = evaluation_set(models, test, cfg)
+    if cfg.probes and not cfg.accuracy_only:  # frozen_mean, calibration and interventions are probes
         fill_gate_means(models, train_split=None if splits is None else splits[0], data_root=data_root, log=log)
+        fit_temperatures(models, test.held_out(cfg.eval_subset, seed=SUBSET_SEED), device=device, log=log)
         models += intervention_models(models, cfg.interventions)
     if layout.is_main:
         out = prepare_out_dir(out)
@@ -175,14 +174,48 @@ def sweep_dataset(
     Raises:
         DataError: the models were trained on different datasets, or images do not fit them.
     """
+    return evaluation_set(models, load_test_split(models, data_root=data_root, download=download), cfg)
+
+
+def load_test_split(models: list[SweepModel], *, data_root: PathLike | None = None, download: bool = False) -> Dataset:
+    """The test split of the models' common dataset.
+
+    Raises:
+        DataError: the models were trained on different datasets.
+    """
     names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
     if len(names) != 1:
         raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
-    name = str(names.pop())
-    ds = load_dataset(name, split="test", root=data_root, download=download).subset(cfg.eval_subset, seed=SUBSET_SEED)
+    return load_dataset(str(names.pop()), split="test", root=data_root, download=download)
+
+
+def evaluation_set(models: list[SweepModel], test: Dataset, cfg: SweepConfig) -> Dataset:
+    """The seeded evaluation subset of ``test``, checked to fit every model.
+
+    Raises:
+        DataError: images that do not fit a model.
+    """
+    ds = test.subset(cfg.eval_subset, seed=SUBSET_SEED)
     for m in models:
         check_input_fits(m.model, ds, channels=m.meta.get("arch_kwargs", {}).get("in_channels"), who=m.label)
     return ds
+
+
+def fit_temperatures(
+    models: list[SweepModel],
+    held_out: Dataset | None,
+    *,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Fit each model's calibration temperature on ``held_out`` test examples (not in the
+    evaluation set, never trained on); without any, calibrated measures are not recorded."""
+    if held_out is None:
+        if log:
+            log("the evaluation set is the whole test split: no held-out examples to calibrate logits on")
+        return
+    for m in models:
+        m.temperature = fit_temperature(logits_of(m.model, held_out, device=device), held_out.y)
 
 
 def intervention_models(models: list[SweepModel], which: Sequence[str] = INTERVENTIONS) -> list[SweepModel]:
@@ -211,4 +244,5 @@ def _frozen_gates(model: torch.nn.Module, means: dict[str, torch.Tensor], x: tor
 def _intervention(m: SweepModel, what: str, hold: Any) -> SweepModel:
     """``m`` under a gate intervention: its weights, no transfer interventions of its own."""
     meta = {k: v for k, v in m.meta.items() if k != "gate_means"} | {"intervention": what}
-    return SweepModel(intervention_label(m.label, what), m.model, m.checkpoint, meta, hold=hold)
+    label = intervention_label(m.label, what)
+    return SweepModel(label, m.model, m.checkpoint, meta, hold=hold, temperature=m.temperature)
