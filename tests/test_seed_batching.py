@@ -47,8 +47,8 @@ def splits(real_fmnist):
 
 @pytest.mark.parametrize("arch", ["small_cnn", "se_small_cnn"])
 def test_batched_members_match_training_each_seed_alone(arch, real_fmnist, tmp_path):
-    seeds, data, cfg = [0, 1, 2], DataConfig(train_subset=2048, eval_subset=500), TrainConfig(epochs=2, augment=False,
-                                                                                                batch_size=64)  # fmt: skip
+    seeds, data = [0, 1, 2], DataConfig(train_subset=2048, eval_subset=500)
+    cfg = TrainConfig(epochs=2, augment=False, batch_size=64)
     splits = load_splits(data)
     alone = [
         train_model(arch, out=tmp_path / f"a{s}.safetensors", data=data, train=cfg, seed=s, splits=splits,
