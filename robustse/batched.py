@@ -130,6 +130,7 @@ class StackedModel(nn.Module):
     def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
         self.k = len(members)
+        self.channels_last = False
         self.net = copy.deepcopy(members[0])
         _stack_into(self.net, members)
         self._member_keys = {k: v.shape for k, v in members[0].state_dict().items()}
@@ -142,8 +143,15 @@ class StackedModel(nn.Module):
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, K, classes) from the members' inputs (K, B, C, H, W)."""
         k, b = x.shape[0], x.shape[1]
-        out = self.net(x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:]))
-        return out.view(b, self.k, -1)
+        inputs = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.net(inputs).view(b, self.k, -1)
+
+    def to_channels_last(self) -> StackedModel:
+        """Weights and inputs in channels_last layout (grouped convolutions run faster so on CPU)."""
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)  # type: ignore[return-value]
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s state dict (copies), with the keys and shapes of a model built alone."""
