@@ -192,7 +192,25 @@ class _Run:
         """The spec's given checkpoints, or every planned model trained (or reused)."""
         if self.spec.models.checkpoints:
             return _given_models(self.spec.models.checkpoints)
-        return [self.train(pm, splits) for pm in plan_models(self.spec)]
+        plan = plan_models(self.spec)
+        if not self.spec.models.batch_seeds or self.layout.active:
+            return [self.train(pm, splits) for pm in plan]
+        trained: dict[str, Any] = {}
+        for group in _seed_groups(plan):
+            trained.update(zip([pm.label for pm in group], self.train_group(group, splits), strict=True))
+        return [self.row(pm, trained[pm.label]) for pm in plan]
+
+    def train_group(self, group: list[PlannedModel], splits: tuple[Dataset, Dataset]) -> list[Any]:
+        """The seeds of one architecture and arm, trained as one stacked network."""
+        from .train_batched import train_seeds
+
+        pm, spec = group[0], self.spec
+        return train_seeds(
+            pm.arch, outs=[self.out / "models" / f"{p.label}.safetensors" for p in group],
+            seeds=[p.seed for p in group], data=spec.data, train=spec.arm_train(pm.arm),
+            model_kwargs=_model_kwargs(spec, pm), device=self.device, progress=self.progress, log=self.log,
+            splits=splits,
+        )  # fmt: skip
 
     def train(self, pm: PlannedModel, splits: tuple[Dataset, Dataset]) -> ModelRow:
         """Train one planned model (resuming or reusing its checkpoint) and describe it."""
@@ -203,6 +221,10 @@ class _Run:
             model_kwargs=_model_kwargs(spec, pm),
             device=self.device, progress=self.progress, log=self.log, splits=splits, layout=self.layout,
         )  # fmt: skip
+        return self.row(pm, trained)
+
+    def row(self, pm: PlannedModel, trained: Any) -> ModelRow:
+        """The models.csv row of a trained model (and its log line)."""
         row = _model_row(pm.label, pm.arch, pm.arm.name, pm.seed, trained.meta, trained.checkpoint)
         if self.log and self.layout.is_main:
             self.log(f"{pm.label}: clean accuracy {row.clean_accuracy:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}]")
@@ -235,6 +257,14 @@ class _Run:
             "models": [asdict(r) for r in self.result.rows],
         }
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _seed_groups(plan: list[PlannedModel]) -> list[list[PlannedModel]]:
+    """The planned models grouped by architecture and arm (the seeds of one configuration)."""
+    groups: dict[tuple[str, str], list[PlannedModel]] = {}
+    for pm in plan:
+        groups.setdefault((pm.arch, pm.arm.name), []).append(pm)
+    return list(groups.values())
 
 
 def _model_kwargs(spec: ExperimentSpec, pm: PlannedModel) -> dict[str, Any]:
