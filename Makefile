@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # machines they install from local disk); override TORCH= to use another build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup data browser demo test lint bench clean
+.PHONY: setup data browser demo test lint bench gpu-check clean
 
 $(BIN)/robustse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ bench: setup
 	$(BIN)/python benchmarks/attack_engine.py
 	$(BIN)/python benchmarks/capture_overhead.py
 	$(BIN)/python benchmarks/sweep_throughput.py
+
+# On a machine with a GPU: the CUDA tests, then the throughput benchmarks on the GPU, one summary.
+gpu-check: setup
+	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+	$(BIN)/python -m pytest -q -m cuda tests/test_cuda.py
+	$(BIN)/python benchmarks/seed_batching.py --device cuda --ks 1,6,12
+	$(BIN)/python benchmarks/sweep_throughput.py --device cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

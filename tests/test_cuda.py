@@ -1,0 +1,67 @@
+"""CUDA readiness, checked when a GPU is present (skipped otherwise): a sweep on CUDA agrees with the
+CPU, batched training learns on CUDA, and a one-node torchrun NCCL sweep equals one process.
+`make gpu-check` runs these and the throughput benchmarks with --device cuda."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robustse.store import ResultsStore
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+]
+
+
+def _sweep(args: list[str], *, nproc: int = 1, device: str = "cpu") -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    cli = ["-m", "robustse.cli", "--quiet", "--device", device, "sweep", *args]
+    cmd = [sys.executable, *cli]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+
+
+def test_sweep_on_cuda_agrees_with_cpu(trained_small, tmp_path):
+    _, _, _, ckpt = trained_small
+    args = [str(ckpt), "--attack", "fgsm", "--attack", "pgd(steps=5)", "--eps", "0,0.02,0.05", "--eval-subset", "500"]
+    runs = {d: _sweep([*args, "--out", str(tmp_path / d)], device=d) for d in ("cpu", "cuda")}
+    for d, r in runs.items():
+        assert r.returncode == 0, (d, r.stderr[-3000:])
+    with ResultsStore(tmp_path / "cpu" / "results.db") as a, ResultsStore(tmp_path / "cuda" / "results.db") as b:
+        ca, cb = a.cells().set_index(["attack", "eps"]), b.cells().set_index(["attack", "eps"])
+        acc = (ca.correct / ca.n - cb.correct / cb.n).abs()
+        assert (acc <= 0.005).all(), acc  # within 0.5 pp at every cell
+        eps = cb.reset_index().eps.to_numpy()
+        assert (cb.max_linf.to_numpy() <= eps + 1e-6).all()  # adversarials inside the ball
+        assert (cb.min_pixel >= 0).all() and (cb.max_pixel <= 1).all()
+
+
+def test_batched_training_learns_on_cuda(real_fmnist, tmp_path):
+    from robustse.config import DataConfig, TrainConfig
+    from robustse.train_batched import train_seeds
+
+    outs = [tmp_path / f"m{s}.safetensors" for s in range(3)]
+    res = train_seeds(
+        "se_small_cnn", outs=outs, seeds=[0, 1, 2], data=DataConfig(train_subset=4096, eval_subset=1000),
+        train=TrainConfig(epochs=2, augment=False), device="cuda", progress=False,
+    )  # fmt: skip
+    assert all(r.meta["clean_accuracy"] > 0.75 for r in res), [r.meta["clean_accuracy"] for r in res]
+    assert all(o.exists() for o in outs)
+
+
+def test_torchrun_nccl_sweep_equals_one_process(trained_small, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs one GPU per process: fewer than 2 here")
+    _, _, _, ckpt = trained_small
+    args = [str(ckpt), "--attack", "fgsm", "--eps", "0,0.03", "--eval-subset", "200", "--batch-size", "50"]
+    one = _sweep([*args, "--out", str(tmp_path / "one")], device="cuda")
+    two = _sweep([*args, "--out", str(tmp_path / "two")], nproc=2, device="cuda")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    with ResultsStore(tmp_path / "one" / "results.db") as a, ResultsStore(tmp_path / "two" / "results.db") as b:
+        assert a.examples().drop(columns="cell_id").equals(b.examples().drop(columns="cell_id"))
