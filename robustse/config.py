@@ -113,14 +113,16 @@ class ModelsConfig:
         static: also train the static-gate control ``static_<family>`` of every pair (a learned
             per-channel scale in each SE site, no input dependence), with the same seeds.
         batch_seeds: train the seeds of each architecture as one stacked network (README
-            "Performance": seed batching; per-seed checkpoints as usual). Single process only.
+            "Performance": seed batching; per-seed checkpoints as usual; single process only).
+            Default (unset): on a GPU only — on a 2-core CPU the grouped convolutions are slower
+            than one model at a time (measured).
     """
 
     twins: tuple[str, ...] = ("small_cnn",)
     se_options: dict[str, Any] = field(default_factory=dict)
     checkpoints: tuple[str, ...] = ()
     static: bool = False
-    batch_seeds: bool = True
+    batch_seeds: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.twins:

@@ -193,12 +193,19 @@ class _Run:
         if self.spec.models.checkpoints:
             return _given_models(self.spec.models.checkpoints)
         plan = plan_models(self.spec)
-        if not self.spec.models.batch_seeds or self.layout.active:
+        if not self._batch_seeds():
             return [self.train(pm, splits) for pm in plan]
         trained: dict[str, Any] = {}
         for group in _seed_groups(plan):
             trained.update(zip([pm.label for pm in group], self.train_group(group, splits), strict=True))
         return [self.row(pm, trained[pm.label]) for pm in plan]
+
+    def _batch_seeds(self) -> bool:
+        """Seed batching: as the spec says, else on a GPU only; never under torchrun."""
+        wanted = self.spec.models.batch_seeds
+        if wanted is None:
+            wanted = torch.device(self.device).type == "cuda"
+        return wanted and not self.layout.active
 
     def train_group(self, group: list[PlannedModel], splits: tuple[Dataset, Dataset]) -> list[Any]:
         """The seeds of one architecture and arm, trained as one stacked network."""
