@@ -154,7 +154,7 @@ def _adjust(table: pd.DataFrame, primary: str) -> pd.DataFrame:
 
 GATE_EFFECT_COLUMNS = [
     "arm", "family", "intervention", "eps", "intervention_mean", "adaptive_mean", "diff", "ci_low", "ci_high",
-    "p", "p_adjusted", "verdict", "n_pairs", "n_examples",
+    "p", "p_adjusted", "verdict", "n_pairs", "n_examples", "intervention_clean", "adaptive_clean",
 ]  # fmt: skip
 # held − adaptive robust accuracy: > 0 means the gates' reaction to the perturbation hurts
 REACTION = {"a damps": "reaction hurts", "a amplifies": "reaction helps"}
@@ -168,6 +168,7 @@ def gate_effect_table(
     across the eps of each intervention. Verdicts: ``reaction hurts`` (the intervention is more
     robust), ``reaction helps``, ``equivalent``, ``inconclusive``, ``too few seeds``."""
     worst = S.worst_case_examples(examples[examples.eps > 0])
+    clean = examples[examples.eps == 0].groupby("model").correct.mean()  # its own clean accuracy
     present = set(worst.model)
     rows: list[dict[str, Any]] = []
     for g in pair_groups(models):
@@ -177,8 +178,16 @@ def gate_effect_table(
         for what in ("held_gates", "frozen_mean"):
             pairs = [(intervention_label(s, what), s) for s in se if intervention_label(s, what) in present]
             if pairs:
-                rows += _effect_rows(g, what, pairs, worst, alpha, margin)
+                extra = {"intervention_clean": _mean_of(clean, [p[0] for p in pairs]),
+                         "adaptive_clean": _mean_of(clean, [p[1] for p in pairs])}  # fmt: skip
+                rows += [r | extra for r in _effect_rows(g, what, pairs, worst, alpha, margin)]
     return pd.DataFrame(rows, columns=GATE_EFFECT_COLUMNS)
+
+
+def _mean_of(values: pd.Series, labels: list[str]) -> float:
+    """The mean of ``values`` over the models ``labels`` that have one (NaN if none)."""
+    present = values.reindex(labels).dropna()
+    return float(present.mean()) if len(present) else float("nan")
 
 
 def _effect_rows(g, what, pairs, worst, alpha, margin) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]

@@ -93,6 +93,7 @@ def test_gate_effect_compares_each_intervention_with_its_own_model():
     effect = I.gate_effect_table(_examples(labels, acc, rng), models)
     assert set(effect.intervention) == {"held_gates"} and (effect.verdict == "reaction hurts").all()
     assert ((effect["diff"] > 0.06) & (effect["diff"] < 0.14)).all() and (effect.n_pairs == 6).all()
+    assert effect.intervention_clean.iloc[0] == pytest.approx(0.6, abs=0.03)  # its own clean accuracy
 
 
 def test_adaptive_damping_attack_vs_noise():
