@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--families", nargs="*", default=None, help="plain names (default: every twin family)")
     args = p.parse_args()
     device = resolve_device(args.device)
-    families = args.families or [n for n in rs.list_models() if not model_info(n).has_se]
+    families = args.families or [n for n in rs.list_models() if model_info(n).kind == "plain"]
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 1, 28, 28, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
