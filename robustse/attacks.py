@@ -219,6 +219,10 @@ class Attack:
     # AutoAttack cell at one eps. Not part of the attack's identity in the results store.
     only_eps: tuple[float, ...] | None = None
     name: str = field(default="attack", init=False)
+    # K models attacked at once (a stacked network, robustse.batched): x holds K copies of the
+    # batch, model by model, and random draws are made once and shared, as K separate calls would.
+    _members: int = field(default=1, init=False, repr=False)
+    _member_rows: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -246,6 +250,7 @@ class Attack:
         accuracy_only: bool = False,
         grad0: torch.Tensor | None = None,
         stream: int = 0,
+        members: int = 1,
     ) -> AttackResult:
         """Attack ``x`` (floats in [0, 1], (B, C, H, W)) with labels ``y`` at every eps.
 
@@ -258,6 +263,9 @@ class Attack:
                 ``result.correct``.
             grad0: the input gradient at ``x`` from :meth:`clean_gradient`, to reuse across calls.
             stream: mixed into the seed, so separate calls (batches, cells) draw independent starts.
+            members: ``x`` is K = ``members`` copies of one batch, one per member of a stacked
+                model (:func:`robustse.batched.member_rows`); each member gets the random start
+                it would get alone (default 1: an ordinary model).
 
         Returns:
             :class:`AttackResult`.
@@ -269,6 +277,9 @@ class Attack:
         if x.min() < 0 or x.max() > 1:
             raise AttackError(f"inputs must lie in [0, 1] (got [{float(x.min()):.3g}, {float(x.max()):.3g}])")
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + stream)
+        if members > 1 and (accuracy_only or not self._tiles_draws()):
+            raise AttackError(f"{self.name} cannot attack a stacked model (members > 1)")
+        self._members, self._member_rows = members, x.shape[0] // members
         with eval_mode(model):
             if accuracy_only:
                 return self._accuracy_only(model, x, y, eps, gen, grad0)
@@ -330,6 +341,24 @@ class Attack:
     def _shares_first_gradient(self) -> bool:
         """Whether the first step's gradient is the same for every eps (no random start)."""
         return False
+
+    def _tiles_draws(self) -> bool:
+        """Whether this attack can run on K members at once (its random draws are tiled)."""
+        return False
+
+    def _draw(self, fn, x: torch.Tensor, eps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """``fn(x, eps, gen)`` (a random start or noise) drawn once for all members: rows are
+        (E, K, B) = eps × member × example, and every member gets member 0's draws, which are
+        the draws a call on that member alone makes (its rows are the same clean batch)."""
+        k = self._members
+        if k == 1:
+            return fn(x, eps, gen)
+        b, rest = self._member_rows, x.shape[1:]
+        blocks = x.shape[0] // (k * b)
+        x0 = x.view(blocks, k, b, *rest)[:, 0].reshape(-1, *rest)
+        e0 = eps.view(blocks, k, b, *eps.shape[1:])[:, 0].reshape(-1, *eps.shape[1:])
+        first = fn(x0, e0, gen)
+        return first.view(blocks, 1, b, *rest).expand(blocks, k, b, *rest).reshape(x.shape)
 
     def _accuracy_only(
         self,
@@ -430,6 +459,9 @@ class PGD(Attack):
     def _shares_first_gradient(self) -> bool:
         return not self.random_start
 
+    def _tiles_draws(self) -> bool:
+        return True
+
     def _perturb(self, model, x, y, eps, gen, *, batch, grad0=None, early_stop=False):  # type: ignore[no-untyped-def]
         ops = _NORM_OPS[self.norm]
         alpha = self._alpha(eps)
@@ -437,7 +469,7 @@ class PGD(Attack):
         best, best_score = x, None
         for _ in range(self.restarts):
             if self.random_start:
-                adv = ops.random_start(x, eps, gen)
+                adv = self._draw(ops.random_start, x, eps, gen)
                 first = 0
             else:
                 if grad0 is None:
@@ -542,6 +574,9 @@ class GateAttack(PGD):
         self.name = "gate"
         self._clean: dict[str, torch.Tensor] = {}
 
+    def _tiles_draws(self) -> bool:
+        return False  # its drift norm would mix the members' gates
+
     def _perturb(self, model, x, y, eps, gen, *, batch, grad0=None, early_stop=False):  # type: ignore[no-untyped-def]
         from .probes import capture, find_gates
 
@@ -578,8 +613,11 @@ class Noise(Attack):
         super().__post_init__()
         self.name = "noise"
 
+    def _tiles_draws(self) -> bool:
+        return True
+
     def _perturb(self, model, x, y, eps, gen, *, batch, grad0=None, early_stop=False):  # type: ignore[no-untyped-def]
-        return _NORM_OPS[self.norm].noise(x, eps, gen)
+        return self._draw(_NORM_OPS[self.norm].noise, x, eps, gen)
 
 
 @dataclass

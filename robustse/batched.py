@@ -175,3 +175,23 @@ def stack_models(members: Sequence[nn.Module]) -> StackedModel:
     if not members:
         raise ModelError("no models to stack")
     return StackedModel(members)
+
+
+class MemberRows(nn.Module):
+    """A stacked model seen as one model over K·B rows: rows k·B … (k+1)·B − 1 go to member k
+    (their logits come back in the same rows). With ``members=K``, the attack engine attacks
+    every member at once (:meth:`robustse.attacks.Attack.__call__`)."""
+
+    def __init__(self, stacked: StackedModel) -> None:
+        super().__init__()
+        self.stacked = stacked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.stacked.k
+        logits = self.stacked.member_logits(x.view(k, x.shape[0] // k, *x.shape[1:]))  # (B, K, classes)
+        return logits.transpose(0, 1).reshape(x.shape[0], -1)
+
+
+def member_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """K copies of the batch ``x``, member by member: the input of :class:`MemberRows`."""
+    return x.repeat(k, *([1] * (x.dim() - 1)))

@@ -523,6 +523,11 @@ def _sweep_summary(result: Any) -> None:
     help="Attack in channels_last memory layout: faster on CPU, equal up to float rounding [default: off].",
 )
 @click.option(
+    "--seed-batching/--no-seed-batching",
+    default=None,
+    help="Attack the seeds of one architecture at once through one stacked network [default: on a GPU only].",
+)
+@click.option(
     "--intervention",
     "interventions",
     type=click.Choice(["held_gates", "frozen_mean"]),
@@ -548,6 +553,7 @@ def sweep_cmd(
     accuracy_only: bool | None,
     probes: bool | None,
     channels_last: bool | None,
+    seed_batching: bool | None,
     interventions: tuple[str, ...],
     num_classes: int,
     data_root: Path | None,
@@ -573,6 +579,7 @@ def sweep_cmd(
         "epsilons": None if eps_text is None else parse_epsilons(eps_text),
         "norm": norm, "eval_subset": eval_subset, "batch_size": batch_size, "accuracy_only": accuracy_only,
         "probes": probes, "channels_last": channels_last, "interventions": interventions or None,
+        "seed_batching": seed_batching,
     }  # fmt: skip
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     paths = list(checkpoints) or list(cfg.models)

@@ -182,6 +182,8 @@ class SweepConfig:
         probes: record sensitivity, gate/block drift and the interventions (off with accuracy_only).
         interventions: gate interventions attacked white-box as models of their own, beside every
             SE model: ``held_gates``, ``frozen_mean`` (needs probes; none by default).
+        seed_batching: attack the seeds of one architecture at once through one stacked network
+            (default: on a GPU only; see :func:`robustse.sweep.run_sweep`).
         probe_subsample: leading examples whose per-gate/block values are kept for the bootstrap.
         models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
         channels_last: attack the models in channels_last memory layout (faster on CPU; equal to
@@ -200,10 +202,11 @@ class SweepConfig:
     models: tuple[str, ...] = ()
     channels_last: bool = False
     interventions: tuple[str, ...] = ()
+    seed_batching: bool | None = None
 
     def run_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`robustse.sweep.run_sweep` that this table sets."""
-        keys = ("batch_size", "accuracy_only", "probes", "probe_subsample", "channels_last")
+        keys = ("batch_size", "accuracy_only", "probes", "probe_subsample", "channels_last", "seed_batching")
         return {k: getattr(self, k) for k in keys}
 
     def __post_init__(self) -> None:

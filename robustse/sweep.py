@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from .attack_roles import attack_role
 from .attacks import Attack, Evaluator, create_attack
+from .batched import MemberRows, member_rows, stack_models
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
 from .data import Dataset, to_float
 from .distributed import SINGLE, Dist
 from .drift import CellProbe, snapshot_bytes
-from .errors import DataError, SpecError
+from .errors import DataError, ModelError, SpecError
 from .metrics import margin
 from .probes import find_gates
 from .stats import wilson_interval, worst_case_examples
@@ -160,6 +161,7 @@ class SweepOptions:
     probe_subsample: int = 256
     channels_last: bool = False
     progress: bool = True
+    seed_batching: bool | None = None  # attack the seeds of one architecture at once; None: on a GPU
 
 
 @dataclass
@@ -194,6 +196,34 @@ class _SnapCache(dict):  # type: ignore[type-arg]
     def __init__(self, budget: int) -> None:
         super().__init__()
         self.budget = budget
+
+
+@dataclass
+class _Opened:
+    """A model being attacked (:meth:`Sweep._open`): evaluator, clean pass, probe cache, the
+    training-mode forward counter and its hook."""
+
+    sm: SweepModel
+    ev: Evaluator
+    clean: _Clean
+    snaps: _SnapCache
+    train_forwards: list[int]
+    hook: Any
+
+    def ladder(self, sweep: Sweep, atk: Attack, todo: list[float]) -> _Ladder:
+        """The ladder of ``atk`` on this model with the rungs ``todo`` left."""
+        key = attack_key(atk.describe())
+        return _Ladder(self.sm, atk, key, sweep.ladders[id(atk)], todo, self.ev, self.clean, self.snaps)
+
+
+def _architecture(sm: SweepModel) -> str:
+    """What must agree for models to be stacked: architecture and builder options."""
+    return json.dumps([sm.meta.get("arch"), sm.meta.get("arch_kwargs")], sort_keys=True, default=str)
+
+
+def _same(todos: list[Any]) -> bool:
+    """Whether every member has the same rungs left (and has this attack at all)."""
+    return all(t is not None and t == todos[0] for t in todos)
 
 
 class Sweep:
@@ -243,8 +273,12 @@ class Sweep:
         try:
             plan = list(zip(pairs, self.prepare(pairs), strict=True))
             self._start(plan)
-            for sm in self.models:
-                self.run_model(sm, [(atk, todo) for (m, atk), todo in plan if m is sm])
+            for group in self._groups():
+                ladders = [[(atk, todo) for (m, atk), todo in plan if m is sm] for sm in group]
+                if len(group) > 1:
+                    self.run_group(group, ladders)
+                else:
+                    self.run_model(group[0], ladders[0])
             self.bar.close()
             return self.finish()
         finally:
@@ -278,22 +312,108 @@ class Sweep:
         """The clean pass of one model, then each of its attack ladders that has rungs left."""
         if not ladders:
             return
+        opened = self._open(sm)
+        try:
+            for atk, todo in ladders:
+                if todo:
+                    self.run_ladder(opened.ladder(self, atk, todo))
+                    self._model_done(sm, atk, todo, opened.train_forwards)
+        finally:
+            opened.hook.remove()
+
+    def _open(self, sm: SweepModel) -> _Opened:
+        """A model ready to attack: on the device, in eval mode, counting training-mode forwards,
+        with its evaluator and its clean pass done."""
         sm.model.to(self.device).eval()
         train_forwards = [0]  # forwards in training mode (a sanity check counts them)
         hook = sm.model.register_forward_pre_hook(
             lambda mod, inp, c=train_forwards: c.__setitem__(0, c[0] + int(any(m.training for m in mod.modules())))
         )
+        ev = sm.evaluator()
+        clean = self.clean_pass(sm, ev, train_forwards)
+        return _Opened(sm, ev, clean, _SnapCache(_probe_cache_bytes()), train_forwards, hook)
+
+    # ------------------------------------------------------------------- seeds attacked at once
+
+    def _groups(self) -> list[list[SweepModel]]:
+        """The models in sweep order, those of one architecture and options together when seed
+        batching is on (gate interventions always alone)."""
+        batch = self.opt.seed_batching
+        if batch is None:
+            batch = self.device.type == "cuda"
+        if not batch or self.layout.active:
+            return [[sm] for sm in self.models]
+        groups: dict[Any, list[SweepModel]] = {}
+        for sm in self.models:
+            key = id(sm) if sm.hold is not None else _architecture(sm)
+            groups.setdefault(key, []).append(sm)
+        return list(groups.values())
+
+    def run_group(self, members: list[SweepModel], ladders: list[list[tuple[Attack, list[float]]]]) -> None:
+        """K ≥ 2 models of one architecture: each one's clean pass, then per attack its ladders,
+        attacked all at once through one stacked network where the attack allows (README
+        "Performance": seed batching) and one by one otherwise."""
         try:
-            ev = sm.evaluator()
-            clean = self.clean_pass(sm, ev, train_forwards)
-            snaps = _SnapCache(_probe_cache_bytes())
-            for atk, todo in ladders:
-                if todo:
-                    key = attack_key(atk.describe())
-                    self.run_ladder(_Ladder(sm, atk, key, self.ladders[id(atk)], todo, ev, clean, snaps))
-                    self._model_done(sm, atk, todo, train_forwards)
+            stacked = MemberRows(stack_models([sm.model.to(self.device) for sm in members]).eval())
+        except ModelError:  # a module the stacked network cannot hold: one model at a time
+            for sm, mine in zip(members, ladders, strict=True):
+                self.run_model(sm, mine)
+            return
+        opened = [self._open(sm) for sm in members]
+        try:
+            for atk in self.attacks:
+                todos = [dict((id(a), t) for a, t in mine).get(id(atk)) for mine in ladders]
+                lads = [o.ladder(self, atk, t) for o, t in zip(opened, todos, strict=True) if t]
+                self._run_ladders(lads, stacked, together=len(lads) == len(members) and _same(todos))
+                for o, todo in zip(opened, todos, strict=True):
+                    if todo:
+                        self._model_done(o.sm, atk, todo, o.train_forwards)
         finally:
-            hook.remove()
+            for o in opened:
+                o.hook.remove()
+
+    def _run_ladders(self, lads: list[_Ladder], stacked: MemberRows, *, together: bool) -> None:
+        can = together and len(lads) > 1 and lads[0].atk._tiles_draws() and not self.opt.accuracy_only
+        if not can:
+            for lad in lads:
+                self.run_ladder(lad)
+            return
+        grads: dict[int, torch.Tensor | None] = {}
+        for rung, e in enumerate(lads[0].eps):
+            if e in lads[0].todo:
+                self._run_rungs_together(lads, stacked, (rung, e), grads)
+        self.computed += sum(len(lad.todo) for lad in lads)
+
+    def _run_rungs_together(self, lads, stacked, rung_eps, grads) -> None:  # type: ignore[no-untyped-def]
+        """One rung of K ladders: every batch attacked for all members at once, then each member's
+        adversarials predicted, measured and written as its own cell."""
+        (rung, e), n, t0 = rung_eps, len(self.y_all), time.perf_counter()
+        outs = [(lad.clean.pred.clone(), lad.clean.margin.clone()) for lad in lads]  # every row is attacked
+        tallies = [(PerturbationStats(), self._probe(lad) if self.probes else None) for lad in lads]
+        for b, i in enumerate(range(0, n, self.opt.batch_size)):
+            where = (b, i, rung, e)
+            advs = self._adversarials_together(lads, stacked, where, grads)
+            rows = torch.arange(len(advs[0]))
+            for lad, adv, out, tally in zip(lads, advs, outs, tallies, strict=True):
+                self._score_rows(lad, where, (rows, adv), out, tally)
+            self.bar.update(len(lads))
+        seconds = (time.perf_counter() - t0) / len(lads)  # the rung's time, shared by its cells
+        for lad, (pred, adv_margin), (stats, probe) in zip(lads, outs, tallies, strict=True):
+            if self.store is not None:
+                correct = pred == self.y_all.cpu()
+                self.write_cell(lad, e, (pred, adv_margin, correct), stats, probe, seconds)
+
+    def _adversarials_together(self, lads, stacked, where, grads) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        """Each member's adversarials of one batch, from one attack call on the stacked network
+        (each member gets its own gradients and the random draws it would get alone)."""
+        b, i, rung, e = where
+        k, bs, atk = len(lads), self.opt.batch_size, lads[0].atk
+        xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
+        xs, ys = member_rows(xb, k), yb.repeat(k)
+        if b not in grads:
+            grads[b] = atk.clean_gradient(stacked, xs, ys)
+        res = atk(stacked, xs, ys, epsilons=[e], grad0=grads[b], stream=b * 1009 + rung, members=k)
+        return list(res.adversarials[0].view(k, len(yb), *xb.shape[1:]))
 
     def _model_done(self, sm: SweepModel, atk: Attack, todo: list[float], train_forwards: list[int]) -> None:
         forwards = int(self.layout.all_sum(train_forwards[0]))
@@ -398,7 +518,15 @@ class Sweep:
             lad.sm.model, xb[sub], yb[sub], epsilons=[e], accuracy_only=self.opt.accuracy_only,
             grad0=None if g is None else g[sub], stream=b * 1009 + rung,
         )  # fmt: skip
-        adv, idx = res.adversarials[0], i + rows
+        self._score_rows(lad, where, (rows, res.adversarials[0]), out, (stats, probe))
+
+    def _score_rows(self, lad, where, attacked, out, tallies) -> None:  # type: ignore[no-untyped-def]
+        """Predict the adversarials ``attacked`` = (rows, adv) of one batch; fill ``out`` =
+        (pred, margin) at those rows; update ``tallies`` = (stats, probe)."""
+        (b, i, _, e), (rows, adv), (stats, probe) = where, attacked, tallies
+        bs = self.opt.batch_size
+        xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
+        sub, idx = rows.to(self.device), i + rows
         if e == 0 and torch.equal(adv, xb[sub]):  # the clean input itself: its clean pass stands
             finite = _fill_rows(out, idx, lad.clean.pred[idx], lad.clean.margin[idx], lad.clean.finite[idx])
         else:
@@ -512,6 +640,7 @@ def run_sweep(
     layout: Dist = SINGLE,
     debug: Callable[[str], None] | None = None,
     channels_last: bool = False,
+    seed_batching: bool | None = None,
 ) -> SweepResult:
     """Run every (model, attack, eps) cell not yet in ``out_dir/results.db``; then check and summarize.
 
@@ -538,6 +667,11 @@ def run_sweep(
             the project's 2-core CPU, PGD 1.15-1.25x faster; adversarials then equal torchattacks'
             on the channels_last model, and differ from the default layout's in a few pixels.
             Part of the store's identity: a store holds one layout's results.
+        seed_batching: attack the models of one architecture (the seeds of a family member) at
+            once through one stacked network (:mod:`robustse.batched`): FGSM, PGD and the noise
+            control; each model gets its own gradients and the random starts it gets alone, so its
+            cells equal one-at-a-time cells up to float rounding. None (default): on a GPU only
+            (slower than one at a time on a 2-core CPU). Never under torchrun.
 
     Returns:
         :class:`SweepResult` (on ranks other than 0: no tables, ``cells`` and ``robust`` None).
@@ -546,7 +680,7 @@ def run_sweep(
         >>> run_sweep([SweepModel("m", model, "m.safetensors")], [create_attack("fgsm")],
         ...           [0, 0.03], ds, Path("reports/sweep"))  # doctest: +SKIP
     """
-    options = SweepOptions(batch_size, accuracy_only, probes, probe_subsample, channels_last, progress)
+    options = SweepOptions(batch_size, accuracy_only, probes, probe_subsample, channels_last, progress, seed_batching)
     sweep = Sweep(
         models, attacks, epsilons, dataset, out_dir, options, device=device, layout=layout, log=log, debug=debug
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,65 @@ def test_experiments_train_seed_groups_batched_when_asked(real_fmnist, tmp_path)
     assert sum("epoch 2/2" in line for line in lines) == 6
     again = run_experiment(spec, tmp_path / "run", progress=False)  # finished checkpoints are reused
     assert [r.clean_accuracy for r in again.rows] == [r.clean_accuracy for r in res.rows]
+
+
+@pytest.fixture(scope="module")
+def three_seeds(real_fmnist, tmp_path_factory):
+    """Three se_small_cnn seeds and a plain small_cnn seed, briefly trained, as checkpoints."""
+    out = tmp_path_factory.mktemp("seeds")
+    data, cfg = DataConfig(train_subset=2048, eval_subset=200), TrainConfig(epochs=1, augment=False, batch_size=64)
+    paths = []
+    for arch, seed in [("se_small_cnn", 0), ("se_small_cnn", 1), ("small_cnn", 0), ("se_small_cnn", 2)]:
+        path = out / f"{arch}_s{seed}.safetensors"
+        train_model(arch, out=path, data=data, train=cfg, seed=seed, progress=False)
+        paths.append(str(path))
+    return paths
+
+
+def _stores(paths, tmp_path, **options):
+    from robustse.config import SweepConfig
+    from robustse.store import ResultsStore
+    from robustse.sweep_setup import sweep_checkpoints
+
+    attacks = ({"name": "fgsm"}, {"name": "pgd", "steps": 3}, {"name": "pgd", "norm": "l2", "steps": 3},
+               {"name": "gate", "steps": 2}, {"name": "noise"})  # fmt: skip
+    out = {}
+    for flag in (False, True):
+        cfg = SweepConfig(epsilons=(0.0, 0.03), attacks=attacks, eval_subset=96, batch_size=40, probe_subsample=16,
+                          seed_batching=flag, **options)  # fmt: skip
+        run = tmp_path / str(flag)
+        res = sweep_checkpoints(paths, cfg, run, progress=False)
+        with ResultsStore(run / "results.db") as store:
+            out[flag] = (res, store.examples(), store.probe_table("sites"), store.cells())
+    return out
+
+
+def test_batched_sweep_rows_equal_one_model_at_a_time(three_seeds, tmp_path, monkeypatch):
+    from robustse.sweep import Sweep
+
+    calls: list[int] = []
+    together = Sweep._adversarials_together
+
+    def counted(self, lads, *args):  # type: ignore[no-untyped-def]
+        calls.append(len(lads))
+        return together(self, lads, *args)
+
+    monkeypatch.setattr(Sweep, "_adversarials_together", counted)
+    out = _stores(three_seeds, tmp_path)
+    # the three SE seeds went together (FGSM, PGD, PGD-L2, 2 noise controls; 2 eps; 3 batches each);
+    # the gate attack and the lone plain model one at a time
+    assert calls and set(calls) == {3} and len(calls) == 5 * 2 * 3
+    (_, ea, sa, ca), (res, eb, sb, cb) = out[False], out[True]
+    key = ["model", "attack_key", "eps", "idx"]
+    ea, eb = ea.sort_values(key).reset_index(drop=True), eb.sort_values(key).reset_index(drop=True)
+    assert len(ea) == len(eb) == 96 * (3 * 6 * 2 + 5 * 2)  # 3 SE models x 6 attacks (noise per norm), plain x 5
+    for col in ("label", "clean_pred", "adv_pred", "correct"):  # the same predictions, row for row
+        assert ea[col].tolist() == eb[col].tolist(), col
+    for col in ("adv_margin", "logit_sensitivity", "kl", "cg_sensitivity"):  # to float rounding
+        np.testing.assert_allclose(eb[col].to_numpy(float), ea[col].to_numpy(float), rtol=1e-3, atol=1e-4)
+    sk = ["model", "attack_key", "eps", "site", "metric"]
+    sa, sb = sa.sort_values(sk).reset_index(drop=True), sb.sort_values(sk).reset_index(drop=True)
+    np.testing.assert_allclose(sb["mean"].to_numpy(float), sa["mean"].to_numpy(float), rtol=1e-3, atol=1e-5)
+    cols = ["model", "attack_key", "eps", "correct", "status"]
+    assert ca.sort_values(cols)[cols].values.tolist() == cb.sort_values(cols)[cols].values.tolist()
+    assert all(c.status != "fail" for c in res.checks)
