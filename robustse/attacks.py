@@ -279,6 +279,10 @@ class Attack:
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + stream)
         if members > 1 and (accuracy_only or not self._tiles_draws()):
             raise AttackError(f"{self.name} cannot attack a stacked model (members > 1)")
+        if members < 1 or x.shape[0] % members:
+            raise AttackError(f"{x.shape[0]} rows cannot hold {members} members' batches")
+        if members > 1 and sum(e > 0 for e in eps) > 1:  # draws must follow a lone member's order
+            raise AttackError("a stacked model is attacked one eps at a time")
         self._members, self._member_rows = members, x.shape[0] // members
         with eval_mode(model):
             if accuracy_only:
@@ -290,15 +294,18 @@ class Attack:
                 advs[i] = adv
             return AttackResult(eps, [a for a in advs if a is not None])
 
-    def clean_gradient(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    def clean_gradient(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, members: int = 1
+    ) -> torch.Tensor | None:
         """The input gradient at ``x`` if this attack's first step uses it for every eps, else None.
 
         Pass it back as ``grad0`` to reuse it across calls (a sweep's FGSM cells share one).
+        ``members``: as for :meth:`__call__` (the loss is divided by one member's batch).
         """
         if not self._shares_first_gradient():
             return None
         with eval_mode(model):
-            grad, _ = _input_grad(model, x, y, x.shape[0])
+            grad, _ = _input_grad(model, x, y, x.shape[0] // members)
         return grad
 
     def _ladder(
@@ -333,7 +340,14 @@ class Attack:
             reps = (len(chunk),) + (1,) * (x.dim() - 1)
             g = grad0.repeat(reps) if grad0 is not None else None
             adv = self._perturb(
-                model, x.repeat(reps), y.repeat(len(chunk)), e, gen, batch=b, grad0=g, early_stop=early_stop
+                model,
+                x.repeat(reps),
+                y.repeat(len(chunk)),
+                e,
+                gen,
+                batch=b // self._members,
+                grad0=g,
+                early_stop=early_stop,
             )
             out.extend(adv.split(b))
         return out

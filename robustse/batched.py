@@ -25,9 +25,16 @@ from .models.layers import Normalize
 
 # Leaves that act on each channel (or position) alone: they work unchanged on stacked channels.
 CHANNELWISE = (
-    nn.ReLU, nn.Sigmoid, nn.Hardsigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout,
-)  # fmt: skip
+    nn.ReLU,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.Identity,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+)  # fmt: skip  (not Dropout: its masks would be drawn once for all members)
 
 
 class StackedLinear(nn.Module):

@@ -66,6 +66,17 @@ def pair_groups(models: pd.DataFrame) -> list[dict[str, Any]]:
     return groups
 
 
+def se_groups(models: pd.DataFrame) -> list[dict[str, Any]]:
+    """The SE models per (arm, family), baseline or not: ``[{"arm", "family", "se": [labels]}]``
+    (what the gates' own effect and adaptive damping are measured over)."""
+    models = models.assign(_kind=_kinds(models))
+    se = models[models._kind == "se"]
+    return [
+        {"arm": arm, "family": family, "se": list(rows.label)}
+        for (arm, family), rows in se.groupby(["arm", "family"], sort=False)
+    ]
+
+
 def _baselines(models: pd.DataFrame, arms: list[str], arm: str, family: str, kind: str) -> pd.DataFrame:
     rows = models[(models.family == family) & (models._kind == kind)]
     own = rows[rows.arm == arm]
@@ -171,10 +182,8 @@ def gate_effect_table(
     clean = examples[examples.eps == 0].groupby("model").correct.mean()  # its own clean accuracy
     present = set(worst.model)
     rows: list[dict[str, Any]] = []
-    for g in pair_groups(models):
-        if g["baseline"] != "plain":
-            continue
-        se = list(dict.fromkeys(p[0] for p in g["pairs"]))
+    for g in se_groups(models):
+        se = g["se"]
         for what in ("held_gates", "frozen_mean"):
             pairs = [(intervention_label(s, what), s) for s in se if intervention_label(s, what) in present]
             if pairs:
@@ -229,10 +238,8 @@ def adaptive_damping_table(
     rows: list[dict[str, Any]] = []
     if log is None:
         return pd.DataFrame(rows, columns=ADAPTIVE_COLUMNS)
-    for g in pair_groups(models):
-        if g["baseline"] == "plain":
-            se = list(dict.fromkeys(p[0] for p in g["pairs"]))
-            rows += _adaptive_rows(g, log[log.model.isin(se)], se, alpha)
+    for g in se_groups(models):
+        rows += _adaptive_rows(g, log[log.model.isin(g["se"])], g["se"], alpha)
     return pd.DataFrame(rows, columns=ADAPTIVE_COLUMNS)
 
 

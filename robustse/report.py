@@ -644,7 +644,7 @@ def _as_context(context: ReportContext | dict[str, Any]) -> ReportContext:
     """A :class:`ReportContext`, also from the dict callers passed before it existed."""
     if isinstance(context, ReportContext):
         return context
-    return ReportContext(**{f.name: context[f.name] for f in fields(ReportContext)})
+    return ReportContext(**{f.name: context[f.name] for f in fields(ReportContext) if f.name in context})
 
 
 # ---- HTML

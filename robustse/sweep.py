@@ -221,6 +221,21 @@ def _architecture(sm: SweepModel) -> str:
     return json.dumps([sm.meta.get("arch"), sm.meta.get("arch_kwargs")], sort_keys=True, default=str)
 
 
+def _stackable(sm: SweepModel) -> bool:
+    """Only robustse's own architectures are stacked: a foreign model may mix channels (a
+    concatenation, a channel shuffle) in ways the stacked network cannot keep apart."""
+    from .models import model_info
+
+    arch = sm.meta.get("arch")
+    if not isinstance(arch, str) or ":" in arch:
+        return False
+    try:
+        model_info(arch)
+    except ModelError:
+        return False
+    return True
+
+
 def _same(todos: list[Any]) -> bool:
     """Whether every member has the same rungs left (and has this attack at all)."""
     return all(t is not None and t == todos[0] for t in todos)
@@ -321,7 +336,7 @@ class Sweep:
         finally:
             opened.hook.remove()
 
-    def _open(self, sm: SweepModel) -> _Opened:
+    def _open(self, sm: SweepModel, *, share: int = 1) -> _Opened:
         """A model ready to attack: on the device, in eval mode, counting training-mode forwards,
         with its evaluator and its clean pass done."""
         sm.model.to(self.device).eval()
@@ -331,7 +346,8 @@ class Sweep:
         )
         ev = sm.evaluator()
         clean = self.clean_pass(sm, ev, train_forwards)
-        return _Opened(sm, ev, clean, _SnapCache(_probe_cache_bytes()), train_forwards, hook)
+        # models open together share the probe cache's memory budget
+        return _Opened(sm, ev, clean, _SnapCache(_probe_cache_bytes() // share), train_forwards, hook)
 
     # ------------------------------------------------------------------- seeds attacked at once
 
@@ -345,7 +361,7 @@ class Sweep:
             return [[sm] for sm in self.models]
         groups: dict[Any, list[SweepModel]] = {}
         for sm in self.models:
-            key = id(sm) if sm.hold is not None else _architecture(sm)
+            key = _architecture(sm) if sm.hold is None and _stackable(sm) else id(sm)
             groups.setdefault(key, []).append(sm)
         return list(groups.values())
 
@@ -359,7 +375,7 @@ class Sweep:
             for sm, mine in zip(members, ladders, strict=True):
                 self.run_model(sm, mine)
             return
-        opened = [self._open(sm) for sm in members]
+        opened = [self._open(sm, share=len(members)) for sm in members]
         try:
             for atk in self.attacks:
                 todos = [dict((id(a), t) for a, t in mine).get(id(atk)) for mine in ladders]
@@ -411,7 +427,7 @@ class Sweep:
         xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
         xs, ys = member_rows(xb, k), yb.repeat(k)
         if b not in grads:
-            grads[b] = atk.clean_gradient(stacked, xs, ys)
+            grads[b] = atk.clean_gradient(stacked, xs, ys, members=k)
         res = atk(stacked, xs, ys, epsilons=[e], grad0=grads[b], stream=b * 1009 + rung, members=k)
         return list(res.adversarials[0].view(k, len(yb), *xb.shape[1:]))
 
@@ -616,11 +632,15 @@ def probe_tables(probe: CellProbe) -> dict[str, Any]:
 def attack_pairs(models: Sequence[SweepModel], attacks: Sequence[Attack]) -> list[tuple[SweepModel, Attack]]:
     """Every (model, attack) pair a sweep runs, model by model: the gate attack (a probe) on models
     with gates only, and not on gate interventions (their gates are held)."""
-    return [(sm, atk) for sm in models for atk in attacks if attack_role(atk.name) != "probe" or _has_free_gates(sm)]
+    return [(sm, atk) for sm in models for atk in attacks if _runs_on(sm, atk)]
 
 
-def _has_free_gates(sm: SweepModel) -> bool:
-    return sm.hold is None and bool(find_gates(sm.model))
+def _runs_on(sm: SweepModel, atk: Attack) -> bool:
+    """The gate attack needs gates that can move; a gate intervention (gates pinned per batch)
+    runs the engine's own attacks only (torchattacks attacks re-run on subsets of rows)."""
+    if sm.hold is not None:
+        return attack_role(atk.name) != "probe" and not atk.name.startswith("torchattacks:")
+    return attack_role(atk.name) != "probe" or bool(find_gates(sm.model))
 
 
 def run_sweep(

@@ -112,3 +112,13 @@ def test_adaptive_damping_attack_vs_noise():
     assert row.attack == "pgd" and row.verdict == "attack damped more"
     assert row.ratio == pytest.approx(0.9, abs=0.02) and row.ci_low < 0.9 < row.ci_high < 1
     assert row.noise_damping == pytest.approx(1.0, abs=0.02)
+
+
+def test_gate_effects_need_no_plain_twins():
+    """SE checkpoints swept alone (no baselines) still get the gates' effect measured."""
+    rng = np.random.default_rng(5)
+    models = _models(static=False)
+    models = models[models.kind == "se"]
+    labels = [*models.label, *[f"{s}@held_gates" for s in models.label]]
+    effect = I.gate_effect_table(_examples(labels, lambda *_: 0.6, rng), models)
+    assert set(effect.intervention) == {"held_gates"} and (effect.n_pairs == 6).all()

@@ -118,3 +118,16 @@ def test_cli_sweep_attacks_the_held_gates_model_when_asked(trained_small, tmp_pa
     assert {r["model"] for r in robust} == {label, f"{label}@held_gates"}
     at0 = {r["model"]: r["correct"] for r in robust if r["eps"] == 0}
     assert at0[label] == at0[f"{label}@held_gates"]  # held gates: the same clean predictions
+
+
+def test_interventions_run_the_engines_own_attacks_only(se_model):
+    from robustse.sweep import attack_pairs
+
+    model, meta, ckpt, *_ = se_model
+    sm = SweepModel("se", model, str(ckpt), meta)
+    attacks = build_attacks([{"name": "fgsm"}, {"name": "gate"}, {"name": "torchattacks:APGD", "steps": 2}],
+                            norm="linf", seed=0)  # fmt: skip
+    pairs = {(m.label, a.name) for m, a in attack_pairs([sm, *intervention_models([sm])], attacks)}
+    assert ("se", "torchattacks:APGD") in pairs and ("se", "gate") in pairs
+    for what in ("held_gates", "frozen_mean"):  # pinned gates: no gate attack, no re-running subsets of rows
+        assert {a for m, a in pairs if m == f"se@{what}"} == {"fgsm", "noise"}

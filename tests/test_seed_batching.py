@@ -205,3 +205,28 @@ def test_batched_sweep_rows_equal_one_model_at_a_time(three_seeds, tmp_path, mon
     cols = ["model", "attack_key", "eps", "correct", "status"]
     assert ca.sort_values(cols)[cols].values.tolist() == cb.sort_values(cols)[cols].values.tolist()
     assert all(c.status != "fail" for c in res.checks)
+
+
+def test_stacked_attacks_equal_attacks_on_each_member_alone():
+    from robustse.attacks import create_attack
+    from robustse.batched import MemberRows, member_rows
+    from robustse.errors import AttackError
+
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(rs.create_model("se_small_cnn", mean=[0.3], std=[0.35]).eval())
+    rows = MemberRows(stack_models(members).eval())
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    attacks = (create_attack("pgd", steps=3), create_attack("pgd", norm="l2", steps=3, restarts=2),
+               create_attack("fgsm"), create_attack("noise", norm="l2"))  # fmt: skip
+    for atk in attacks:
+        eps = 0.05 if atk.norm == "linf" else 1.0
+        (together,) = atk(rows, member_rows(x, 2), y.repeat(2), epsilons=[eps], stream=3, members=2).adversarials
+        for k, m in enumerate(members):
+            (alone,) = atk(m, x, y, epsilons=[eps], stream=3).adversarials
+            torch.testing.assert_close(together[16 * k : 16 * (k + 1)], alone, rtol=0, atol=1e-5)
+    with pytest.raises(AttackError, match="one eps at a time"):  # a lone member draws its eps together
+        create_attack("pgd")(rows, member_rows(x, 2), y.repeat(2), epsilons=[0.03, 0.1], members=2)
+    with pytest.raises(AttackError, match="cannot attack a stacked model"):
+        create_attack("gate")(rows, member_rows(x, 2), y.repeat(2), epsilons=[0.03], members=2)
