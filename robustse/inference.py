@@ -38,13 +38,6 @@ VERDICT_COLUMNS = [
 # --------------------------------------------------------------------------- seed pairs
 
 
-def _kinds(models: pd.DataFrame) -> pd.Series:
-    """plain / se / static per model (``kind`` column, or ``se`` for tables written before it)."""
-    if "kind" in models:
-        return models.kind.astype(str)
-    return pd.Series(np.where(models.se.astype(bool), "se", "plain"), index=models.index)
-
-
 def pair_groups(models: pd.DataFrame) -> list[dict[str, Any]]:
     """Seed pairs to compare: per (arm, family) the SE models against their plain twins and, where
     trained, against the static controls with the same seed (an arm without its own baselines
@@ -53,7 +46,7 @@ def pair_groups(models: pd.DataFrame) -> list[dict[str, Any]]:
     Returns:
         ``[{"arm", "family", "baseline": "plain" | "static", "pairs": [(se label, base label)]}]``.
     """
-    models = models.assign(_kind=_kinds(models))
+    models = models.assign(_kind=S.model_kinds(models))
     arms = list(dict.fromkeys(models.arm))
     groups = []
     for arm in arms:
@@ -69,7 +62,7 @@ def pair_groups(models: pd.DataFrame) -> list[dict[str, Any]]:
 def se_groups(models: pd.DataFrame) -> list[dict[str, Any]]:
     """The SE models per (arm, family), baseline or not: ``[{"arm", "family", "se": [labels]}]``
     (what the gates' own effect and adaptive damping are measured over)."""
-    models = models.assign(_kind=_kinds(models))
+    models = models.assign(_kind=S.model_kinds(models))
     se = models[models._kind == "se"]
     return [
         {"arm": arm, "family": family, "se": list(rows.label)}

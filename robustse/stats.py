@@ -271,6 +271,15 @@ OUTPUT_MEASURES = {
 CONTROLS = tuple(name for name in ROLES if not is_attack(name))
 
 
+def model_kinds(models: Any) -> Any:
+    """plain / se / static per model: the ``kind`` column, or ``se`` for tables written before it."""
+    import pandas as pd
+
+    if "kind" in models:
+        return models.kind.astype(str)
+    return pd.Series(np.where(models.se.astype(bool), "se", "plain"), index=models.index)
+
+
 def twin_groups(models: Any) -> list[dict[str, Any]]:
     """SE-vs-plain comparisons of an experiment: one per (arm, family).
 
@@ -283,17 +292,18 @@ def twin_groups(models: Any) -> list[dict[str, Any]]:
         ``[{"arm", "family", "se": [labels], "plain": [labels], "plain_arm"}]`` in table order.
     """
     groups = []
+    models = models.assign(_kind=model_kinds(models))  # static controls are neither SE nor plain
     arms = list(dict.fromkeys(models.arm))
     for arm in arms:
         for family in dict.fromkeys(models[models.arm == arm].family):
             rows = models[(models.arm == arm) & (models.family == family)]
-            se = list(rows[rows.se.astype(bool)].label)
+            se = list(rows[rows._kind == "se"].label)
             plain_arm = arm
-            plain = list(rows[~rows.se.astype(bool)].label)
+            plain = list(rows[rows._kind == "plain"].label)
             if not plain:
                 plain_arm = arms[0]
                 base = models[(models.arm == plain_arm) & (models.family == family)]
-                plain = list(base[~base.se.astype(bool)].label)
+                plain = list(base[base._kind == "plain"].label)
             if se and plain:
                 groups.append({"arm": arm, "family": family, "se": se, "plain": plain, "plain_arm": plain_arm})
     return groups

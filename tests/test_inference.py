@@ -122,3 +122,11 @@ def test_gate_effects_need_no_plain_twins():
     labels = [*models.label, *[f"{s}@held_gates" for s in models.label]]
     effect = I.gate_effect_table(_examples(labels, lambda *_: 0.6, rng), models)
     assert set(effect.intervention) == {"held_gates"} and (effect.n_pairs == 6).all()
+
+
+def test_static_controls_are_not_counted_as_plain_twins():
+    from robustse import stats as S
+
+    (g,) = S.twin_groups(_models(seeds=(0, 1)))  # the report's curves and descriptive tables
+    assert sorted(g["plain"]) == ["small_cnn_s0", "small_cnn_s1"]
+    assert sorted(g["se"]) == ["se_small_cnn_s0", "se_small_cnn_s1"]
