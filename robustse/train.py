@@ -431,16 +431,21 @@ class _Run:
         with torch.autocast(job.device.type, dtype=self.amp_dtype, enabled=job.cfg.amp):
             logits = self.net(x)
             loss = F.cross_entropy(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"{job.arch} seed {job.seed}: loss became {loss.item()} at epoch {epoch + 1} (lower --lr?)"
-            )
+        self.check_loss(loss, epoch)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
         tally.add(loss, logits, y)
+
+    def check_loss(self, loss: torch.Tensor, epoch: int) -> None:
+        """A non-finite loss stops the run with one line naming the model, seed and epoch."""
+        if not torch.isfinite(loss):
+            job = self.job
+            raise TrainingError(
+                f"{job.arch} seed {job.seed}: loss became {loss.item()} at epoch {epoch + 1} (lower --lr?)"
+            )
 
     # ------------------------------------------------------------------ evaluation and the end
 

@@ -24,7 +24,6 @@ from .batched import StackedModel, stack_models
 from .config import DataConfig, TrainConfig
 from .data import Dataset
 from .distributed import SINGLE
-from .errors import TrainingError
 from .train import (
     TrainResult,
     _epoch_line,
@@ -153,11 +152,7 @@ class _Batch:
         logits = self.stacked.member_logits(torch.stack([x for x, _ in batches]))  # (B, K, classes)
         losses = [F.cross_entropy(logits[:, k], y) for k, (_, y) in enumerate(batches)]
         for run, loss in zip(self.runs, losses, strict=True):
-            if not torch.isfinite(loss):
-                job = run.job
-                raise TrainingError(
-                    f"{job.arch} seed {job.seed}: loss became {loss.item()} at epoch {epoch + 1} (lower --lr?)"
-                )
+            run.check_loss(loss, epoch)
         self.opt.zero_grad(set_to_none=True)
         torch.stack(losses).sum().backward()  # each member's gradient is its own loss's
         self.opt.step()
