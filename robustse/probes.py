@@ -1,10 +1,11 @@
 """Probes on channel gates and blocks: discovery, and capture of excitations during forward passes.
 
-A *gate* is the module whose output is the excitation vector ``s`` of an SE-style block:
-``<block>.se.gate`` in robustse's own :class:`~robustse.models.SEBlock`, and
-``scale_activation`` in ``torchvision.ops.SqueezeExcitation`` (RegNetY, EfficientNet,
-MobileNetV3), and ``gate`` in timm's SE modules (``SEModule``, ``EffectiveSEModule``,
-``SqueezeExcite``) when timm is installed. A model with no gates is a valid plain model.
+A *gate* is the module whose output is the excitation vector ``s`` of a channel-gating block
+(README "Models": "Channel gates found"): ``<block>.se.gate`` in robustse's own
+:class:`~robustse.models.SEBlock`, ``scale_activation`` in ``torchvision.ops.SqueezeExcitation``
+(RegNetY, EfficientNet, MobileNetV3), and, when timm is installed, the gate of timm's channel
+gates listed in ``_TIMM_GATES`` (SE in its current and legacy naming, effective SE, ECA/CECA,
+CBAM's channel attention, HGNet's ESE). A model with no gates is a valid plain model.
 """
 
 from __future__ import annotations
@@ -41,16 +42,25 @@ def _gate_of(module: nn.Module) -> tuple[str, nn.Module] | None:
         assert isinstance(act, nn.Module)
         return "scale_activation", act
     cls = type(module)
-    # timm's SE modules, matched by class so timm stays an optional import; all apply `gate`
-    # (a module) to the squeezed input and scale the input by its output.
-    if cls.__module__.startswith("timm.") and cls.__name__ in _TIMM_SE:
-        gate = getattr(module, "gate", None)
-        if isinstance(gate, nn.Module):
-            return "gate", gate
-    return None
+    # timm's channel gates, matched by exact class so timm stays an optional import; each applies
+    # its gate module to a squeezed descriptor and scales its (B, C, H, W) input by the output.
+    attr = _TIMM_GATES.get((cls.__module__, cls.__name__))
+    gate = getattr(module, attr, None) if attr else None
+    return (attr, gate) if attr and isinstance(gate, nn.Module) else None
 
 
-_TIMM_SE = ("SEModule", "EffectiveSEModule", "SqueezeExcite")
+# (module, class) → the attribute holding the gate. Not listed: LightChannelAttn (applies
+# F.sigmoid inline, so there is no module to record) and SqueezeExciteCl (channels-last input).
+_TIMM_GATES = {
+    ("timm.layers.squeeze_excite", "SEModule"): "gate",
+    ("timm.layers.squeeze_excite", "EffectiveSEModule"): "gate",
+    ("timm.models._efficientnet_blocks", "SqueezeExcite"): "gate",
+    ("timm.models.senet", "SEModule"): "sigmoid",  # the legacy SENet ports (legacy_seresnet*, legacy_senet154)
+    ("timm.layers.eca", "EcaModule"): "gate",
+    ("timm.layers.eca", "CecaModule"): "gate",
+    ("timm.layers.cbam", "ChannelAttn"): "gate",
+    ("timm.models.hgnet", "EseModule"): "sigmoid",
+}
 
 
 def _se_modules(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
@@ -81,8 +91,12 @@ def find_gates(model: nn.Module) -> dict[str, nn.Module]:
 
 # --------------------------------------------------------------------------- blocks and capture
 
-# Residual/stage blocks of common torchvision families, for models without robustse's Block marker.
-_EXTERNAL_BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "ResBottleneckBlock")
+# Residual/stage blocks of common torchvision and timm families, for models without robustse's Block marker.
+_EXTERNAL_BLOCKS = (
+    "BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "ResBottleneckBlock",  # torchvision (and timm)
+    "SEResNetBlock", "SEBottleneck", "SEResNetBottleneck", "SEResNeXtBottleneck",  # timm's legacy SENet ports
+    "DepthwiseSeparableConv", "EdgeResidual", "OsaBlock", "HighPerfGpuBlock",  # timm EfficientNet, VoVNet, HGNet
+)
 
 
 def find_blocks(model: nn.Module) -> dict[str, nn.Module]:

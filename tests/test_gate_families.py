@@ -1,0 +1,82 @@
+"""Gate discovery for every channel gate timm and torchvision ship (README "Models": "Channel gates found").
+
+Each case builds a real network of the family (random weights), counts the gating modules of the
+family's class independently of robustse, and checks that :func:`find_gates` finds exactly those
+gates, that :func:`capture` records each gate as (B, C) with values in [0, 1], that the gate's
+output is what scales the block's input, and that :func:`fixed_gates` really steers the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from robustse.probes import capture, find_blocks, find_gates, fixed_gates
+
+timm = pytest.importorskip("timm")
+
+# (timm model, create_model kwargs, (module, class) of the gating block, count in the paper/timm config)
+TIMM_CASES = [
+    ("seresnet18", {}, ("timm.layers.squeeze_excite", "SEModule"), 8),
+    ("legacy_seresnet18", {}, ("timm.models.senet", "SEModule"), 8),  # the SENet paper's port: `sigmoid`
+    ("legacy_seresnext26_32x4d", {}, ("timm.models.senet", "SEModule"), 8),
+    ("ese_vovnet19b_dw", {}, ("timm.layers.squeeze_excite", "EffectiveSEModule"), 4),
+    ("mobilenetv3_small_100", {}, ("timm.models._efficientnet_blocks", "SqueezeExcite"), 9),
+    ("ecaresnet26t", {}, ("timm.layers.eca", "EcaModule"), 8),
+    ("resnet18", {"block_args": {"attn_layer": "ceca"}}, ("timm.layers.eca", "CecaModule"), 8),
+    ("resnet18", {"block_args": {"attn_layer": "cbam"}}, ("timm.layers.cbam", "ChannelAttn"), 8),
+    ("hgnet_tiny", {}, ("timm.models.hgnet", "EseModule"), 5),
+]
+
+TORCHVISION_CASES = [("mobilenet_v3_small", 9), ("regnet_y_400mf", 16)]
+
+
+def _count(model: torch.nn.Module, module: str, cls_name: str) -> int:
+    cls = getattr(importlib.import_module(module), cls_name)
+    return sum(type(m) is cls for m in model.modules())
+
+
+def _check_gates_record_and_steer(model: torch.nn.Module, gates: dict[str, torch.nn.Module]) -> None:
+    for m in model.modules():  # timm zero-initialises each block's last BN: the branch (and its gate) would be mute
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            torch.nn.init.ones_(m.weight)
+    model.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad(), capture(model) as rec:
+        out = model(x)
+    assert list(rec.gates) == list(gates)
+    for name, s in rec.gates.items():
+        u = rec.gate_inputs[name]
+        assert s.shape == (2, u.shape[1]) and float(s.min()) >= 0 and float(s.max()) <= 1
+        assert torch.allclose(rec.gate_outputs[name], u * s[:, :, None, None], atol=1e-6)
+    with torch.no_grad(), fixed_gates(model, {name: torch.zeros(s.shape[1]) for name, s in rec.gates.items()}):
+        closed = model(x)
+    assert not torch.equal(closed, out)  # the hooked modules are the gates the network uses (else bit-identical)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "gate_class", "expected"), TIMM_CASES, ids=lambda v: str(v)[:40])
+def test_timm_channel_gates_are_found(name, kwargs, gate_class, expected):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+    gates = find_gates(model)
+    assert len(gates) == _count(model, *gate_class) == expected
+    assert find_blocks(model)  # the depth profile has blocks to read
+    _check_gates_record_and_steer(model, gates)
+
+
+@pytest.mark.parametrize(("name", "expected"), TORCHVISION_CASES)
+def test_torchvision_squeeze_excitation_gates_are_found(name, expected):
+    import torchvision.models as tvm
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(0)
+    model = tvm.get_model(name, weights=None, num_classes=5)
+    gates = find_gates(model)
+    assert len(gates) == sum(isinstance(m, SqueezeExcitation) for m in model.modules()) == expected
+    _check_gates_record_and_steer(model, gates)
+
+
+def test_plain_timm_resnet_has_no_gates():
+    assert find_gates(timm.create_model("resnet18", pretrained=False, num_classes=5)) == {}
