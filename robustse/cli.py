@@ -122,10 +122,32 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
 # --------------------------------------------------------------------------- shared options
 
 
+class DatasetName(click.ParamType):
+    """A registered dataset name or ``imagefolder:<DIR>``."""
+
+    name = "dataset"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from .data import list_datasets
+
+        text = str(value)
+        if text in list_datasets() or (text.startswith("imagefolder:") and len(text) > len("imagefolder:")):
+            return text
+        self.fail(f"{text!r} is not one of {', '.join(list_datasets())} or imagefolder:DIR", param, ctx)
+
+
+def dataset_option(fn: Any) -> Any:
+    """--dataset NAME|imagefolder:DIR."""
+    return click.option(
+        "--dataset",
+        type=DatasetName(),
+        default=None,
+        help="Dataset: a registered name or imagefolder:DIR (default: fashion-mnist, or the checkpoint's).",
+    )(fn)
+
+
 def data_options(fn: Any) -> Any:
     """--dataset, --data-root, --download, --eval-subset."""
-    from .data import list_datasets
-
     fn = click.option(
         "--eval-subset",
         type=click.IntRange(min=1),
@@ -139,17 +161,14 @@ def data_options(fn: Any) -> Any:
         default=None,
         help="Folder with the dataset files (default: $ROBUSTSE_DATA, system locations).",
     )(fn)
+    return dataset_option(fn)
+
+
+def num_classes_option(help: str, default: int | None = 10) -> Any:
+    """--num-classes with a command-specific help line."""
     return click.option(
-        "--dataset",
-        type=click.Choice(list_datasets()),
-        default=None,
-        help="Dataset (default: fashion-mnist, or the checkpoint's).",
-    )(fn)
-
-
-def num_classes_option(help: str) -> Any:
-    """--num-classes (default 10) with a command-specific help line."""
-    return click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help=help)
+        "--num-classes", type=click.IntRange(min=1), default=default, show_default=default is not None, help=help
+    )
 
 
 # --------------------------------------------------------------------------- commands
@@ -309,7 +328,7 @@ def train_cmd(
     from .train import train_model
 
     se_kwargs = {k: v for k, v in {"reduction": reduction, "squeeze": squeeze, "gate": gate}.items() if v is not None}
-    if se_kwargs and not arch.startswith("torchvision:"):
+    if se_kwargs and ":" not in arch:  # torchvision:/timm: models take no SE options
         info = model_info(arch)
         refused = [k for k in se_kwargs if k not in info.options()]
         if refused:
@@ -382,7 +401,7 @@ def eval_cmd(
 ) -> None:
     """Clean test accuracy of CHECKPOINT, with a 95% Wilson interval."""
     from .checkpoint import load_checkpoint
-    from .data import load_dataset
+    from .data import load_split
     from .errors import DataError
     from .predict import check_input_fits, predict
     from .train import SUBSET_SEED
@@ -390,7 +409,9 @@ def eval_cmd(
     device = obj.device
     model, meta = load_checkpoint(checkpoint, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device)
     name = dataset or meta.get("dataset") or "fashion-mnist"
-    ds = load_dataset(name, split="test", root=data_root, download=download).subset(eval_subset, seed=SUBSET_SEED)
+    preprocess = getattr(model, "preprocess", None)
+    test = load_split(name, split="test", root=data_root, download=download, preprocess=preprocess)
+    ds = test.subset(eval_subset, seed=SUBSET_SEED)
     if len(ds) == 0:
         raise DataError(f"{name}: the test split is empty")
     check_input_fits(model, ds, device=device, channels=meta.get("arch_kwargs", {}).get("in_channels"))
@@ -535,7 +556,8 @@ def _sweep_summary(result: Any) -> None:
     help="Also attack each SE model with its gates held at their clean values (held_gates) or fixed "
     "to training-set means (frozen_mean), white-box, as models of their own. Repeatable.",
 )
-@num_classes_option("Classes of foreign ARCH=WEIGHTS models.")
+@num_classes_option("Classes of foreign ARCH=WEIGHTS models [default: the dataset's, or 10].", default=None)
+@dataset_option
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
 @click.option("--strict", is_flag=True, help="Exit 1 if a sanity check fails.")
@@ -555,7 +577,8 @@ def sweep_cmd(
     channels_last: bool | None,
     seed_batching: bool | None,
     interventions: tuple[str, ...],
-    num_classes: int,
+    num_classes: int | None,
+    dataset: str | None,
     data_root: Path | None,
     out: Path,
     strict: bool,
@@ -564,7 +587,8 @@ def sweep_cmd(
     """Attack CHECKPOINTS with every attack at every eps; resumable (rerun to continue).
 
     A CHECKPOINT is a robustse .safetensors file, a glob of them, or ARCH=WEIGHTS for foreign
-    weights of a registry architecture (e.g. resnet20=weights.pth, loaded with weights_only).
+    weights of a registry, torchvision or timm architecture (e.g. resnet20=weights.pth,
+    timm:seresnet50=w.safetensors; .pt/.pth are loaded with weights_only).
 
     Records per example the label, clean and adversarial prediction, correctness and margins in
     OUT/results.db (SQLite) and OUT/results.csv, then runs the sanity checks.
@@ -587,7 +611,7 @@ def sweep_cmd(
         raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
     layout, device = obj.distributed()
     result = sweep_checkpoints(
-        paths, cfg, out, data_root=data_root, num_classes=num_classes, device=device,
+        paths, cfg, out, data_root=data_root, num_classes=num_classes, dataset=dataset, device=device,
         progress=not obj.quiet, log=obj.log, debug=obj.debug, layout=layout,
     )  # fmt: skip
     if layout.is_main:
@@ -638,6 +662,8 @@ def _report_sweep(result: Any, *, as_json: bool, strict: bool) -> None:
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True)
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
 @click.option("--eval-subset", type=click.IntRange(min=1), default=500, show_default=True)
+@dataset_option
+@num_classes_option("Classes of a foreign ARCH=WEIGHTS model [default: the dataset's, or 10].", default=None)
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a figure (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -649,6 +675,8 @@ def drift_cmd(
     eps: float,
     norm: str,
     eval_subset: int,
+    dataset: str | None,
+    num_classes: int | None,
     data_root: Path | None,
     plot: Path | None,
     as_json: bool,
@@ -661,12 +689,11 @@ def drift_cmd(
     from .data import to_float
     from .drift import measure_drift, plot_drift
     from .sweep import build_attacks
-    from .sweep_setup import load_sweep_models, sweep_dataset
+    from .sweep_setup import load_drift_input
 
     check_epsilons([eps], norm)
     device = obj.device
-    (sm,) = load_sweep_models([checkpoint], device=device)
-    ds = sweep_dataset([sm], SweepConfig(eval_subset=eval_subset), data_root=data_root)
+    sm, ds = load_drift_input(checkpoint, SweepConfig(eval_subset=eval_subset), dataset, num_classes, data_root, device)
     (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=obj.seed, noise=False)
     x, y = to_float(ds.x.to(device)), ds.y.to(device)
     rows = measure_drift(sm.model, x, y, attack=attack, eps=eps)

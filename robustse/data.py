@@ -4,6 +4,9 @@ Every dataset loads to a :class:`Dataset` with ``x`` uint8 of shape (N, C, H, W)
 ``y`` int64 of shape (N,). Pixels are converted to floats in [0, 1] per batch by the
 consumer (:func:`to_float`); normalization lives inside the model.
 
+``imagefolder:<DIR>`` names a folder of full-size images in class sub-folders, decoded only
+where a command selects them (:mod:`robustse.folder`).
+
 ``fashion-mnist`` is the embedded default: it is read directly from the four standard
 IDX ``.gz`` files (Debian package ``dataset-fashion-mnist``, ``$ROBUSTSE_DATA`` or
 ``--data-root``). ``mnist``, ``cifar10`` and ``svhn`` go through torchvision from local
@@ -18,13 +21,17 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from .errors import DataError
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .folder import ImageFolder
+    from .models.external import Preprocess
 
 Split = Literal["train", "test"]
 
@@ -180,10 +187,35 @@ def load_dataset(
         >>> ds.x.shape, ds.classes[0]  # doctest: +SKIP
         (torch.Size([10000, 1, 28, 28]), 'T-shirt/top')
     """
-    info = dataset_info(name)
+    split_or_listing = load_split(name, split=split, root=root, download=download)
+    return split_or_listing if isinstance(split_or_listing, Dataset) else split_or_listing.subset(None)
+
+
+def load_split(
+    name: str,
+    *,
+    split: Split = "test",
+    root: str | Path | None = None,
+    download: bool = False,
+    preprocess: Preprocess | None = None,
+) -> Dataset | ImageFolder:
+    """A registered dataset's split in memory, or the listing of an ``imagefolder:<DIR>`` split
+    (:mod:`robustse.folder`), whose ``subset``/``held_out`` decode only the images they select.
+
+    Args:
+        name, split, root, download: as for :func:`load_dataset`.
+        preprocess: how an image folder's images are resized and cropped (the model's).
+
+    Raises:
+        DataError: as for :func:`load_dataset`, and a bad image folder.
+    """
+    from .folder import is_image_folder, load_image_folder
+
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r} (valid: train, test)")
-    return info.builder(split, Path(root) if root is not None else None, download)
+    if is_image_folder(name):
+        return load_image_folder(name, split, preprocess)
+    return dataset_info(name).builder(split, Path(root) if root is not None else None, download)
 
 
 # --------------------------------------------------------------------------- IDX files

@@ -69,10 +69,10 @@ def check_input_fits(
 ) -> None:
     """Fail early, with one line, when the images of ``ds`` do not fit ``model``.
 
-    Two checks: the images' channel count against ``channels`` (what the model takes, e.g. a
+    Three checks: the images' channel count against ``channels`` (what the model takes, e.g. a
     checkpoint's ``arch_kwargs["in_channels"]``; skipped when None), then one forward pass on two
-    examples, which catches every other channel or size mismatch. The model's train/eval mode
-    is restored afterwards.
+    examples, which catches every other channel or size mismatch, and whose logits must number
+    the dataset's classes. The model's train/eval mode is restored afterwards.
 
     Args:
         model: the model.
@@ -92,10 +92,12 @@ def check_input_fits(
     try:
         with torch.no_grad():
             model.eval()
-            model(to_float(ds.x[:2].to(device)))
+            outputs = model(to_float(ds.x[:2].to(device))).shape[-1]
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         shape = tuple(ds.x.shape[1:])
         raise InputMismatchError(f"{ds.name} images {shape} do not fit {who} ({first})") from None
     finally:
         model.train(was_training)
+    if outputs != ds.num_classes:
+        raise InputMismatchError(f"{ds.name} has {ds.num_classes} classes but {who} outputs {outputs}")

@@ -93,9 +93,20 @@ def find_gates(model: nn.Module) -> dict[str, nn.Module]:
 
 # Residual/stage blocks of common torchvision and timm families, for models without robustse's Block marker.
 _EXTERNAL_BLOCKS = (
-    "BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "ResBottleneckBlock",  # torchvision (and timm)
-    "SEResNetBlock", "SEBottleneck", "SEResNetBottleneck", "SEResNeXtBottleneck",  # timm's legacy SENet ports
-    "DepthwiseSeparableConv", "EdgeResidual", "OsaBlock", "HighPerfGpuBlock",  # timm EfficientNet, VoVNet, HGNet
+    "BasicBlock",
+    "Bottleneck",
+    "InvertedResidual",
+    "MBConv",
+    "FusedMBConv",
+    "ResBottleneckBlock",  # torchvision
+    "SEResNetBlock",
+    "SEBottleneck",
+    "SEResNetBottleneck",
+    "SEResNeXtBottleneck",  # timm's legacy SENet ports
+    "DepthwiseSeparableConv",
+    "EdgeResidual",
+    "OsaBlock",
+    "HighPerfGpuBlock",  # timm EfficientNet, VoVNet, HGNet
 )
 
 

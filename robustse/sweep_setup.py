@@ -13,9 +13,11 @@ import torch
 from ._types import INTERVENTIONS, PathLike, intervention_label
 from .checkpoint import load_checkpoint
 from .config import SweepConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, load_split
 from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
+from .folder import ImageFolder
+from .models.external import Preprocess
 from .predict import check_input_fits, fit_temperature, logits_of
 from .probes import find_gates, fixed_gates, held_gates
 from .sweep import SweepModel, SweepResult, build_attacks, run_sweep
@@ -29,7 +31,8 @@ def sweep_checkpoints(
     *,
     splits: tuple[Dataset, Dataset] | None = None,
     data_root: PathLike | None = None,
-    num_classes: int = 10,
+    num_classes: int | None = None,
+    dataset: str | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -43,15 +46,19 @@ def sweep_checkpoints(
         cfg: the ``[sweep]`` table (attacks, eps ladder, evaluation subset, options).
         splits: the (train, test) splits the models were trained on, when the caller holds them
             (an experiment); otherwise the models' dataset is loaded from ``data_root``.
-        num_classes: classes of foreign ``ARCH=WEIGHTS`` models.
+        num_classes: classes of foreign ``ARCH=WEIGHTS`` models (default: the dataset's, or 10).
+        dataset: evaluate on this dataset (e.g. ``imagefolder:DIR``) instead of the models' own.
         device, progress, log, debug, layout: as for :func:`robustse.sweep.run_sweep`.
     """
-    models = load_sweep_models(paths, device=device, num_classes=num_classes)
+    given = load_split(dataset, root=data_root) if dataset and splits is None else None
+    classes = num_classes or (given.num_classes if given is not None else 10)
+    models = load_sweep_models(paths, device=device, num_classes=classes)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
-    test = load_test_split(models, data_root=data_root) if splits is None else splits[1]
+    test = splits[1] if splits is not None else load_test_split(models, data_root=data_root, given=given)
     evalset = evaluation_set(models, test, cfg)
     if cfg.probes and not cfg.accuracy_only:  # frozen_mean, calibration and interventions are probes
-        fill_gate_means(models, train_split=None if splits is None else splits[0], data_root=data_root, log=log)
+        train = None if splits is None else splits[0]
+        fill_gate_means(models, train_split=train, data_root=data_root, dataset=dataset, log=log)
         fit_temperatures(models, test.held_out(cfg.eval_subset, seed=SUBSET_SEED), device=device, log=log)
         models += intervention_models(models, cfg.interventions)
     if layout.is_main:
@@ -139,58 +146,118 @@ def fill_gate_means(
     train_split: Dataset | None = None,
     data_root: PathLike | None = None,
     download: bool = False,
+    dataset: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> None:
     """Give every SE model without stored training-set mean excitations (older or foreign
-    checkpoints) the means over its training split, for the ``frozen_mean`` intervention.
+    checkpoints) the means over its training split (``dataset``'s, when given), for the
+    ``frozen_mean`` intervention. An image folder's training split gives the means of a seeded
+    subset of ``FOLDER_GATE_MEAN_IMAGES`` images.
 
     A model whose training data cannot be loaded keeps none, and ``frozen_mean`` is skipped for it.
     """
-    splits: dict[str, Dataset | DataError] = {}  # training splits by dataset name, loaded once
+    splits: dict[str, Any] = {}  # training splits (or why there is none) by dataset name, loaded once
     for m in models:
         if m.gate_means is not None or not find_gates(m.model):
             continue
-        train: Dataset | DataError | None = train_split
+        train: Any = train_split
         if train is None:
-            name = m.meta.get("dataset") or "fashion-mnist"
+            name = dataset or m.meta.get("dataset") or "fashion-mnist"
             if name not in splits:
-                try:
-                    splits[name] = load_dataset(name, split="train", root=data_root, download=download)
-                except DataError as exc:
-                    splits[name] = exc
+                splits[name] = _training_split(name, data_root, download, _preprocess_of([m]))
             train = splits[name]
         if isinstance(train, DataError):
             if log:
                 log(f"{m.label}: no training data for frozen_mean ({train}); that intervention is skipped")
             continue
-        m.gate_means = training_gate_means(m.model, train.subset(m.meta.get("train_examples"), seed=SUBSET_SEED))
+        n = m.meta.get("train_examples") if isinstance(train, Dataset) else FOLDER_GATE_MEAN_IMAGES
+        m.gate_means = training_gate_means(m.model, train.subset(n, seed=SUBSET_SEED))
+
+
+FOLDER_GATE_MEAN_IMAGES = 2000
+
+
+def _training_split(name: str, data_root: PathLike | None, download: bool, preprocess: Preprocess) -> Any:
+    """The training split (or its image-folder listing) of ``name``, or the DataError saying why not."""
+    try:
+        return load_split(name, split="train", root=data_root, download=download, preprocess=preprocess)
+    except DataError as exc:
+        return exc
 
 
 def sweep_dataset(
-    models: list[SweepModel], cfg: SweepConfig, *, data_root: PathLike | None = None, download: bool = False
+    models: list[SweepModel],
+    cfg: SweepConfig,
+    *,
+    data_root: PathLike | None = None,
+    download: bool = False,
+    dataset: str | None = None,
 ) -> Dataset:
-    """The evaluation set of a sweep: the models' common dataset, test split, seeded subset.
+    """The evaluation set of a sweep: the models' common dataset (or ``dataset``), test split,
+    seeded subset.
 
     Raises:
         DataError: the models were trained on different datasets, or images do not fit them.
     """
-    return evaluation_set(models, load_test_split(models, data_root=data_root, download=download), cfg)
+    given = load_split(dataset, root=data_root, download=download) if dataset else None
+    return evaluation_set(models, load_test_split(models, data_root=data_root, download=download, given=given), cfg)
 
 
-def load_test_split(models: list[SweepModel], *, data_root: PathLike | None = None, download: bool = False) -> Dataset:
-    """The test split of the models' common dataset.
+def load_drift_input(
+    checkpoint: str,
+    cfg: SweepConfig,
+    dataset: str | None,
+    num_classes: int | None,
+    data_root: PathLike | None,
+    device: torch.device | str,
+) -> tuple[SweepModel, Dataset]:
+    """``robustse drift``'s model (a checkpoint or ``ARCH=WEIGHTS``) and its evaluation images."""
+    given = load_split(dataset, root=data_root) if dataset else None
+    classes = num_classes or (given.num_classes if given is not None else 10)
+    (sm,) = load_sweep_models([checkpoint], device=device, num_classes=classes)
+    return sm, evaluation_set([sm], load_test_split([sm], data_root=data_root, given=given), cfg)
+
+
+def load_test_split(
+    models: list[SweepModel],
+    *,
+    data_root: PathLike | None = None,
+    download: bool = False,
+    given: Dataset | ImageFolder | None = None,
+) -> Dataset | ImageFolder:
+    """The test split of the models' common dataset, or ``given``; an image folder's listing is
+    prepared the way the models want (:func:`_preprocess_of`).
 
     Raises:
-        DataError: the models were trained on different datasets.
+        DataError: the models were trained on different datasets, or want different input sizes.
     """
-    names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
-    if len(names) != 1:
-        raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
-    return load_dataset(str(names.pop()), split="test", root=data_root, download=download)
+    if given is None:
+        names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
+        if len(names) != 1:
+            raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
+        name = str(names.pop())
+        given = load_split(name, split="test", root=data_root, download=download, preprocess=_preprocess_of(models))
+    if isinstance(given, ImageFolder):
+        given.preprocess = _preprocess_of(models)
+    return given
 
 
-def evaluation_set(models: list[SweepModel], test: Dataset, cfg: SweepConfig) -> Dataset:
-    """The seeded evaluation subset of ``test``, checked to fit every model.
+def _preprocess_of(models: list[SweepModel]) -> Preprocess:
+    """How the models want full-size images prepared (an image folder's); they must agree.
+
+    Raises:
+        DataError: two models want different sizes, crops or interpolations.
+    """
+    wanted: set[Preprocess] = {p for m in models if isinstance(p := getattr(m.model, "preprocess", None), Preprocess)}
+    if len(wanted) > 1:
+        sizes = ", ".join(sorted(f"{p.size[0]}x{p.size[1]}/{p.crop_pct:g}/{p.interpolation}" for p in wanted))
+        raise DataError(f"the models want images prepared differently ({sizes}): sweep them separately")
+    return wanted.pop() if wanted else Preprocess()
+
+
+def evaluation_set(models: list[SweepModel], test: Dataset | ImageFolder, cfg: SweepConfig) -> Dataset:
+    """The seeded evaluation subset of ``test`` (decoded, for an image folder), checked to fit
+    every model: channels, size and class count.
 
     Raises:
         DataError: images that do not fit a model.

@@ -54,7 +54,7 @@ class ModelInfo:
         return {k: p.default for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
-_REGISTRY: Registry[ModelInfo] = Registry("architecture", ModelError, hint="or torchvision:<name>")
+_REGISTRY: Registry[ModelInfo] = Registry("architecture", ModelError, hint="or torchvision:<name>, timm:<name>")
 
 
 def _kind_of(name: str, family: str) -> ModelKind:
@@ -178,7 +178,7 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a model by registry name (or ``torchvision:<name>``).
+    """Build a model by registry name (or ``torchvision:<name>``, ``timm:<name>``).
 
     Args:
         name: e.g. ``se_resnet20``.
@@ -194,10 +194,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Example:
         >>> model = create_model("se_resnet20", num_classes=10, in_channels=1)
     """
-    if name.startswith("torchvision:"):
-        from .external import create_torchvision_model
+    if name.startswith(("torchvision:", "timm:")):
+        from .external import create_external_model
 
-        model: nn.Module = create_torchvision_model(name.split(":", 1)[1], **kwargs)
+        model: nn.Module = create_external_model(name, **kwargs)
     else:
         info = model_info(name)
         valid = info.options()

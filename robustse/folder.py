@@ -1,0 +1,216 @@
+"""``imagefolder:<DIR>`` datasets: full-size photos in class sub-folders, decoded on demand.
+
+The folder is listed, never read whole: :class:`ImageFolder` knows each image's path and label,
+and only the images a command evaluates (its seeded subset, its held-out calibration images)
+are decoded, resized and centre-cropped per the model's :class:`~robustse.models.external.Preprocess`
+(the shorter side to ``size / crop_pct``, then the centre ``size``), streamed in batches through
+a DataLoader with worker processes, into a uint8 :class:`~robustse.data.Dataset` (README
+"Datasets": "Image folders").
+
+Labels: the class index of an image is the position of its sub-folder's name in sorted order,
+or in ``DIR/classes.txt`` (one name per line, e.g. the 1,000 ImageNet synsets in the order the
+model's outputs use) when that file exists. A folder with ``train/`` and ``val/`` (or ``test/``)
+sub-folders has both splits; any other folder is a test split only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Dataset, Split
+from .errors import DataError
+from .models.external import Preprocess
+
+PREFIX = "imagefolder:"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_DECODED_BYTES = 4 << 30  # the decoded images a command may hold (uint8): 4 GiB
+CLASS_LIST = "classes.txt"
+
+
+def is_image_folder(name: str) -> bool:
+    """Whether a dataset name is ``imagefolder:<DIR>``."""
+    return name.startswith(PREFIX)
+
+
+class ImageFolder:
+    """The listing of one split of an image folder: paths and labels, no pixels.
+
+    Attributes:
+        name: ``imagefolder:<DIR>`` as given.
+        split: ``train`` or ``test``.
+        files: image paths, sorted by class then file name.
+        y: int64 labels, (N,).
+        classes: class names, index = label.
+        preprocess: how images are resized and cropped.
+    """
+
+    def __init__(self, name: str, split: str, files: list[Path], y: torch.Tensor, classes: tuple[str, ...],
+                 preprocess: Preprocess) -> None:  # fmt: skip
+        self.name, self.split, self.files, self.y = name, split, files, y
+        self.classes, self.preprocess = classes, preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return 3
+
+    def subset(self, n: int | None, *, seed: int = 0) -> Dataset:
+        """The seeded subset of ``n`` images (the same selection as :meth:`Dataset.subset`), decoded.
+
+        Raises:
+            DataError: ``n < 1``, an unreadable image, or more decoded pixels than allowed.
+        """
+        if n is not None and n < 1:
+            raise DataError(f"{self.name}/{self.split}: subset size must be >= 1 (got {n})")
+        if n is None or n >= len(self):
+            return self.decode(torch.arange(len(self)))
+        gen = torch.Generator().manual_seed(seed)
+        return self.decode(torch.randperm(len(self), generator=gen)[:n].sort().values)
+
+    def held_out(self, n: int | None, *, seed: int = 0, size: int = 2000) -> Dataset | None:
+        """Up to ``size`` images that ``subset(n, seed=seed)`` leaves out, decoded; None when
+        that subset is the whole split."""
+        if n is None or n >= len(self):
+            return None
+        gen = torch.Generator().manual_seed(seed)
+        return self.decode(torch.randperm(len(self), generator=gen)[n : n + size].sort().values)
+
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        raise DataError(f"{self.name}: image folders are for evaluation; training reads in-memory datasets only")
+
+    def decode(self, idx: torch.Tensor) -> Dataset:
+        """The images at ``idx``, decoded and preprocessed in worker processes, as a uint8 Dataset.
+
+        Raises:
+            DataError: an unreadable image (naming it), or more than ``MAX_DECODED_BYTES``.
+        """
+        h, w = self.preprocess.size
+        need = len(idx) * 3 * h * w
+        if need > MAX_DECODED_BYTES:
+            most = MAX_DECODED_BYTES // (3 * h * w)
+            raise DataError(
+                f"{self.name}: {len(idx)} images of 3x{h}x{w} need {need / 2**30:.1f} GiB decoded "
+                f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB): evaluate a subset of at most {most} (--eval-subset)"
+            )
+        x = torch.empty(len(idx), 3, h, w, dtype=torch.uint8)
+        files = [self.files[i] for i in idx.tolist()]
+        done = 0
+        for images, errors in _loader(files, self.preprocess):
+            bad = next((e for e in errors if e), None)
+            if bad:
+                raise DataError(bad)
+            x[done : done + len(images)] = images
+            done += len(images)
+        return Dataset(self.name, self.split, x, self.y[idx].clone(), self.classes)
+
+
+def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = None) -> ImageFolder:
+    """List ``imagefolder:<DIR>``'s ``split`` (no image is read yet).
+
+    Raises:
+        DataError: not a folder, no class sub-folders, no images, a sub-folder missing from
+            ``classes.txt``, or a split the folder does not have.
+    """
+    root = Path(name[len(PREFIX) :]).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{name}: no such folder")
+    folder = _split_folder(name, root, split)
+    classes = _class_list(name, root, folder)
+    files, labels = _list_images(name, folder, classes)
+    return ImageFolder(name, split, files, torch.tensor(labels, dtype=torch.int64), classes, preprocess or Preprocess())
+
+
+def _split_folder(name: str, root: Path, split: Split) -> Path:
+    subs = {p.name for p in root.iterdir() if p.is_dir()}
+    test = next((s for s in ("val", "test") if s in subs), None)
+    if "train" in subs and test:
+        return root / ("train" if split == "train" else test)
+    if split == "train":
+        raise DataError(f"{name}: no train/ and val/ sub-folders, so no training split (it is a test split only)")
+    return root
+
+
+def _class_list(name: str, root: Path, folder: Path) -> tuple[str, ...]:
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataError(f"{name}: {folder} has no class sub-folders (expected <class>/<image> files)")
+    listed = root / CLASS_LIST
+    if not listed.is_file():
+        return tuple(found)
+    try:
+        classes = tuple(line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{listed}: cannot read the class list ({exc})") from None
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{name}: sub-folder {unknown[0]!r} is not in {CLASS_LIST} ({len(classes)} classes)")
+    return classes
+
+
+def _list_images(name: str, folder: Path, classes: tuple[str, ...]) -> tuple[list[Path], list[int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name in index):
+        for f in sorted(sub.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                files.append(f)
+                labels.append(index[sub.name])
+    if not files:
+        raise DataError(f"{name}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class sub-folders of {folder}")
+    return files, labels
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _Decode(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Decode + resize + centre-crop one image; an unreadable one yields an error message
+    (raised by the main process as one line, not as a worker traceback)."""
+
+    def __init__(self, files: list[Path], preprocess: Preprocess) -> None:
+        self.files, self.preprocess = files, preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return prepare_image(self.files[i], self.preprocess), ""
+        except Exception as exc:  # corrupt, truncated, not an image, unreadable
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            blank = torch.zeros(3, *self.preprocess.size, dtype=torch.uint8)
+            return blank, f"{self.files[i]}: unreadable image ({reason})"
+
+
+def prepare_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    """One image file → uint8 (3, H, W) as the model wants it: RGB, the shorter side resized
+    to ``size / crop_pct`` (Pillow resampling, as timm's and torchvision's eval transforms do),
+    then the centre ``size``."""
+    from PIL import Image
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    if min(rgb.size) < 2:
+        raise ValueError(f"{rgb.size[0]}x{rgb.size[1]} pixels is too small to resize")
+    h, w = preprocess.size
+    scale = int(min(h, w) / preprocess.crop_pct)
+    resized = F.resize(rgb, [scale], interpolation=InterpolationMode(preprocess.interpolation))
+    return F.pil_to_tensor(F.center_crop(resized, [h, w]))
+
+
+def _loader(files: list[Path], preprocess: Preprocess, batch_size: int = 64) -> Any:
+    """Batches of (images, error messages) decoded by up to 4 worker processes."""
+    workers = 0 if len(files) <= batch_size else min(4, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(_Decode(files, preprocess), batch_size=batch_size, num_workers=workers)

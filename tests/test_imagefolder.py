@@ -1,0 +1,182 @@
+"""``imagefolder:<DIR>`` datasets and ``timm:<name>`` models, on real photos.
+
+The foolbox wheel ships 20 ImageNet validation photos (label in the file name) and CIFAR-10
+samples; they are laid out here as class folders the way a user's ImageNet folder is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustse as rs
+from robustse.errors import DataError
+from robustse.folder import load_image_folder, prepare_image
+from robustse.models.external import Preprocess
+
+foolbox = pytest.importorskip("foolbox")
+timm = pytest.importorskip("timm")
+FOOLBOX_DATA = Path(foolbox.__file__).parent / "data"
+
+
+def _photos(prefix: str) -> list[tuple[Path, int]]:
+    """(path, label) of foolbox's sample photos named ``<prefix>_<i>_<label>.<ext>``."""
+    return [(f, int(f.stem.rsplit("_", 1)[1])) for f in sorted(FOOLBOX_DATA.glob(f"{prefix}_*"))]
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory) -> Path:
+    """20 ImageNet photos in synset-style folders, with the 1,000-line class list fixing label = index."""
+    root = tmp_path_factory.mktemp("imagenet") / "val"
+    for f, label in _photos("imagenet"):
+        (root / f"n{label:08d}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / f"n{label:08d}" / f.name)
+    (root / "classes.txt").write_text("".join(f"n{i:08d}\n" for i in range(1000)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def seresnet18_weights(tmp_path_factory) -> Path:
+    """A timm SE-ResNet-18 state dict as a user's safetensors file (random weights, 1,000 classes)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "seresnet18.safetensors"
+    save_file(timm.create_model("seresnet18", pretrained=False).state_dict(), str(path))
+    return path
+
+
+def test_labels_follow_the_class_list_and_subsets_match_in_memory_datasets(imagenet_dir):
+    listing = load_image_folder(f"imagefolder:{imagenet_dir}", "test")
+    assert len(listing) == 20 and listing.num_classes == 1000
+    expected = sorted((f"n{label:08d}", f.name, label) for f, label in _photos("imagenet"))
+    assert listing.y.tolist() == [label for *_, label in expected]
+    sub = listing.subset(7, seed=3)
+    reference = rs.Dataset("ref", "test", torch.zeros(20, 1, 2, 2, dtype=torch.uint8), listing.y, ("a",) * 1000)
+    assert sub.y.tolist() == reference.subset(7, seed=3).y.tolist()  # the same seeded selection
+    assert sub.x.shape == (7, 3, 224, 224) and sub.x.dtype == torch.uint8
+
+
+def test_sorted_folder_names_are_the_classes_without_a_list(tmp_path):
+    for f, label in _photos("cifar10")[:6]:
+        (tmp_path / f"class{label}").mkdir(exist_ok=True)
+        shutil.copy(f, tmp_path / f"class{label}" / f.name)
+    listing = load_image_folder(f"imagefolder:{tmp_path}", "test", Preprocess((32, 32), 1.0, "bilinear"))
+    names = sorted({f"class{label}" for _, label in _photos("cifar10")[:6]})
+    assert listing.classes == tuple(names)
+    ds = listing.subset(None)
+    assert ds.x.shape == (6, 3, 32, 32)
+    first = next(f for f, label in sorted(_photos("cifar10")[:6], key=lambda p: (f"class{p[1]}", p[0].name)))
+    import numpy as np
+    from PIL import Image
+
+    pixels = torch.from_numpy(np.array(Image.open(first).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(ds.x[0], pixels)  # a 32x32 image at crop 1.0 is unchanged
+
+
+def test_preprocessing_matches_timms_own_eval_transform(imagenet_dir):
+    """Our resize + centre crop of a real photo is exactly timm's own eval pipeline (up to uint8 storage)."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    model = rs.create_model("timm:seresnet18")
+    cfg = resolve_data_config({}, model=model.net)
+    reference = create_transform(**{**cfg, "mean": (0, 0, 0), "std": (1, 1, 1)})
+    photo = next(iter(sorted(imagenet_dir.rglob("*.jpg"))))
+    ours = prepare_image(photo, model.preprocess).float() / 255
+    theirs = reference(Image.open(photo).convert("RGB"))
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert float((ours - theirs).abs().max()) < 1e-6
+
+
+def test_decoding_is_bounded(imagenet_dir, monkeypatch):
+    import robustse.folder as folder
+
+    monkeypatch.setattr(folder, "MAX_DECODED_BYTES", 5 * 3 * 224 * 224)
+    listing = load_image_folder(f"imagefolder:{imagenet_dir}", "test")
+    assert len(listing.subset(5)) == 5
+    with pytest.raises(DataError, match="at most 5"):
+        listing.subset(6)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, "no class sub-folders"),
+        ({"a/readme.txt": b"x"}, "no images"),
+        ({"zzz/x.jpg": b"x", "classes.txt": b"a\nb\n"}, "'zzz' is not in classes.txt"),
+    ],
+)
+def test_bad_folders_are_refused(tmp_path, layout, message):
+    for rel, data in layout.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    with pytest.raises(DataError, match=message):
+        load_image_folder(f"imagefolder:{tmp_path}", "test")
+
+
+def test_a_folder_without_train_and_val_has_no_training_split(imagenet_dir):
+    with pytest.raises(DataError, match="no training split"):
+        load_image_folder(f"imagefolder:{imagenet_dir}", "train")
+
+
+def test_timm_model_loads_user_weights_and_takes_its_pretrained_config(seresnet18_weights):
+    model, meta = rs.load_checkpoint(seresnet18_weights, arch="timm:seresnet18", arch_kwargs={"num_classes": 1000})
+    reference = timm.create_model("seresnet18", pretrained=False)
+    from safetensors.torch import load_file
+
+    reference.load_state_dict(load_file(str(seresnet18_weights)))
+    x = torch.rand(2, 3, 224, 224)
+    mean, std = torch.tensor(reference.pretrained_cfg["mean"]), torch.tensor(reference.pretrained_cfg["std"])
+    with torch.no_grad():
+        expected = reference.eval()((x - mean[:, None, None]) / std[:, None, None])
+        assert torch.allclose(model(x), expected, atol=1e-5)  # normalization lives inside the wrapper
+    assert model.preprocess == Preprocess((224, 224), 0.875, "bicubic")
+    assert len(rs.find_gates(model)) == 8
+
+
+def _cli(*args: str):  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from robustse.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir, seresnet18_weights, tmp_path):
+    model = f"timm:seresnet18={seresnet18_weights}"
+    out = tmp_path / "run"
+    res = _cli("sweep", model, "--dataset", f"imagefolder:{imagenet_dir}", "--eps", "0,0.004", "--attack", "fgsm",
+               "--out", str(out))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    from robustse.store import ResultsStore
+
+    rows = ResultsStore(out / "results.db").examples()
+    assert len(rows) == 20 * 2 * 2  # 20 photos x (fgsm, noise) x 2 eps
+    assert set(rows["label"]) == {label for _, label in _photos("imagenet")}
+    folder = f"imagefolder:{imagenet_dir}"
+    res = _cli("drift", model, "--dataset", folder, "--eps", "0.004", "--attack", "fgsm", "--json")
+    assert res.exit_code == 0, res.output
+    gates = [r for r in json.loads(res.output) if r["kind"] == "gate"]
+    assert len(gates) == 8 * 2  # 8 SE gates, adversarial and noise
+    assert all(r["gate_drift"] >= 0 for r in gates)
+
+
+def test_cli_refuses_bad_image_folders_in_one_line(imagenet_dir, seresnet18_weights, tmp_path):
+    model = f"timm:seresnet18={seresnet18_weights}"
+    broken = tmp_path / "broken"
+    shutil.copytree(imagenet_dir, broken)
+    (broken / "n00000243" / "truncated.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    cases = [
+        (["--dataset", f"imagefolder:{tmp_path / 'missing'}"], "no such folder"),
+        (["--dataset", f"imagefolder:{broken}"], "truncated.jpg: unreadable image"),
+        (["--dataset", f"imagefolder:{imagenet_dir}", "--num-classes", "10"], "does not fit"),
+    ]
+    for extra, message in cases:
+        res = _cli("drift", model, *extra, "--eps", "0.004", "--attack", "fgsm")
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
