@@ -5,7 +5,7 @@ drift as relative L2 and cosine distance, input and output drift of its SE block
 and the split of the output change into its static and adaptive (gate-reaction) terms), every
 block its amplification, and the output its sensitivity. :class:`CellProbe` collects them over the batches
 of a sweep cell (aggregates per site, per-example values on a fixed subsample, per-class mean
-excitations, the gate interventions); :func:`measure_drift` summarizes one batch for the CLI.
+excitations, the gate interventions); :func:`measure_drift` summarizes a set of examples for the CLI.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from . import metrics as M
 from .attacks import Attack, create_attack
-from .probes import capture, fixed_gates
+from .probes import Recorder, capture, fixed_gates
 
 GATE_METRICS = (
     "gate_drift", "gate_cosine", "input_drift", "output_drift", "channel_gain",
@@ -60,21 +60,74 @@ def site_metrics(
     """Per-example values ``{(kind, site, metric): (B,)}`` for every gate and block."""
     out: dict[tuple[str, str, str], torch.Tensor] = {}
     for name, s in clean.gates.items():
-        u, y = clean.gate_inputs[name], clean.gate_outputs[name]
-        u_p, y_p, s_p = pert.gate_inputs[name], pert.gate_outputs[name], pert.gates[name]
-        out["gate", name, "gate_drift"] = M.gate_drift(s, s_p)
-        out["gate", name, "gate_cosine"] = M.gate_cosine_distance(s, s_p)
-        inp = out["gate", name, "input_drift"] = M.relative_change(u, u_p)
-        outp = out["gate", name, "output_drift"] = M.relative_change(y, y_p)
-        out["gate", name, "channel_gain"] = M.drift_ratio(outp, inp)  # = M.channel_gain, drifts not recomputed
-        static, adaptive = M.gate_reaction(u, u_p, s, s_p)
-        out["gate", name, "adaptive_damping"] = M.adaptive_damping(static, adaptive)
-        out["gate", name, "adaptive_share"] = M.adaptive_share(static, adaptive)
-        out["gate", name, "adaptive_alignment"] = M.adaptive_alignment(static, adaptive)
+        seen = (s, clean.gate_inputs[name], clean.gate_outputs[name])
+        moved_site = (pert.gates[name], pert.gate_inputs[name], pert.gate_outputs[name])
+        for metric, v in gate_metrics(seen, moved_site).items():
+            out["gate", name, metric] = v
     moved = M.relative_change(x, x_p)  # ‖δ‖/‖x‖, the same for every block
     for name, h in clean.blocks.items():
         out["block", name, "amplification"] = M.drift_ratio(M.relative_change(h, pert.blocks[name]), moved)
     return out
+
+
+Site = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (s, u, y) of one gate in one pass
+
+
+def gate_metrics(clean: Site, pert: Site) -> dict[str, torch.Tensor]:
+    """Per-example ``GATE_METRICS`` of one gate from its clean and perturbed (s, u, y)."""
+    (s, u, y), (s_p, u_p, y_p) = clean, pert
+    inp, outp = M.relative_change(u, u_p), M.relative_change(y, y_p)
+    static, adaptive = M.gate_reaction(u, u_p, s, s_p)
+    return {
+        "gate_drift": M.gate_drift(s, s_p),
+        "gate_cosine": M.gate_cosine_distance(s, s_p),
+        "input_drift": inp,
+        "output_drift": outp,
+        "channel_gain": M.drift_ratio(outp, inp),  # = M.channel_gain, drifts not recomputed
+        "adaptive_damping": M.adaptive_damping(static, adaptive),
+        "adaptive_share": M.adaptive_share(static, adaptive),
+        "adaptive_alignment": M.adaptive_alignment(static, adaptive),
+    }
+
+
+class _SiteReducer(Recorder):
+    """A perturbed pass measured against a recorded clean one inside the hooks: each gating
+    block's and block's tensors become their (B,) metrics as soon as they are seen, so the pass
+    keeps only the gates (B, C), never a second set of activations."""
+
+    keeps_tensors = False
+
+    def __init__(self, clean: Snapshot, moved: torch.Tensor) -> None:
+        super().__init__()
+        self.clean, self.moved = clean, moved
+        self.values: dict[tuple[str, str, str], torch.Tensor] = {}
+
+    def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
+        c = self.clean
+        seen = (c.gates[name], c.gate_inputs[name], c.gate_outputs[name])
+        for metric, v in gate_metrics(seen, (self.gates[name], u, y)).items():
+            self.values["gate", name, metric] = v
+
+    def block(self, name: str, h: torch.Tensor) -> None:
+        drift = M.relative_change(self.clean.blocks[name], h)
+        self.values["block", name, "amplification"] = M.drift_ratio(drift, self.moved)
+
+
+@torch.no_grad()
+def perturbed_pass(
+    model: nn.Module, clean: Snapshot, x: torch.Tensor, x_p: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[tuple[str, str, str], torch.Tensor]]:
+    """The forward pass of ``x_p``, measured against ``clean`` (the recorded pass of ``x``) as it runs.
+
+    Returns:
+        (logits, ``{gate: s'}``, ``{(kind, site, metric): (B,)}``): the same values as
+        :func:`site_metrics` on a second snapshot, at the memory of one.
+    """
+    reducer = _SiteReducer(clean, M.relative_change(x, x_p))
+    with capture(model, recorder=reducer):
+        logits = model(x_p)
+    kinds = ("gate", "block")  # the order of site_metrics: every gate, then every block
+    return logits, reducer.gates, {k: v for kind in kinds for k, v in reducer.values.items() if k[0] == kind}
 
 
 @dataclass
@@ -159,8 +212,8 @@ class CellProbe:
             self.seen = torch.zeros(self.n, dtype=torch.bool)
         self.seen[rows] = True
         clean = clean if clean is not None else snapshot(model, x)
-        pert = snapshot(model, x_p)
-        f, f_p, delta = clean.logits, pert.logits, x_p - x
+        f_p, gates_p, site_values = perturbed_pass(model, clean, x, x_p)
+        f, delta = clean.logits, x_p - x
         cols = {
             "logit_sensitivity": M.logit_sensitivity(f, f_p, delta),
             "logit_change": M.logit_change(f, f_p),
@@ -185,10 +238,10 @@ class CellProbe:
                 cols["fm_sensitivity"] = M.logit_sensitivity(frozen_clean, f_fm, delta)
         for key, v in cols.items():
             self._column(self.outputs, key)[rows] = v.double().cpu()
-        for site_key, v in site_metrics(clean, pert, x, x_p).items():
+        for site_key, v in site_values.items():
             self._column(self.values, site_key)[rows] = v.double().cpu()
         labels = y.cpu()
-        gates = {name: s.double().cpu() for name, s in pert.gates.items()}  # one copy per gate, not per class
+        gates = {name: s.double().cpu() for name, s in gates_p.items()}  # one copy per gate, not per class
         for c in labels.unique().tolist():
             mask = labels == c
             self.class_counts[c] = self.class_counts.get(c, 0) + int(mask.sum())
@@ -265,27 +318,49 @@ def measure_drift(
     attack: Attack,
     eps: float,
     noise: Attack | None = None,
+    batch_size: int = 100,
 ) -> list[dict[str, Any]]:
     """Per-gate and per-block drift rows for ``attack`` and the noise control at ``eps``.
 
+    Batch by batch: each batch's clean pass is recorded once, each perturbed pass is measured
+    against it as it runs (:func:`perturbed_pass`), and only per-example values are kept.
+
     Returns:
         One dict per (perturbation, site): ``perturbation`` (attack name or ``noise``), ``kind``
-        (``gate`` or ``block``), ``site``, and the means of the measurements over the batch.
+        (``gate`` or ``block``), ``site``, and the means of the measurements over the examples.
     """
     noise = noise or create_attack("noise", norm=attack.norm, seed=attack.seed)
-    clean = snapshot(model, x)
+    perturbations = ((attack.name, attack), ("noise", noise))
+    columns: Columns = {}
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        clean = snapshot(model, xb)
+        for label, atk in perturbations:
+            x_p = atk(model, xb, yb, epsilons=[eps]).adversarials[0]
+            f_p, _, values = perturbed_pass(model, clean, xb, x_p)
+            values[("out", "", "logit_sensitivity")] = M.logit_sensitivity(clean.logits, f_p, x_p - xb)
+            values[("out", "", "flip_rate")] = M.flip(clean.logits, f_p).double()
+            for key, v in values.items():
+                columns.setdefault((label, key), []).append(v.double().cpu())
+    return _drift_rows(columns, [label for label, _ in perturbations], eps)
+
+
+Columns = dict[tuple[str, Any], list[torch.Tensor]]  # (perturbation, key) → per-batch values
+
+
+def _drift_rows(columns: Columns, labels: list[str], eps: float) -> list[dict[str, Any]]:
+    """The rows of :func:`measure_drift` from its per-example columns."""
     rows: list[dict[str, Any]] = []
-    for label, atk in ((attack.name, attack), ("noise", noise)):
-        x_p = atk(model, x, y, epsilons=[eps]).adversarials[0]
-        pert = snapshot(model, x_p)
+    for label in labels:
+        whole = {key: torch.cat(parts) for (lab, key), parts in columns.items() if lab == label}
         base = {
             "perturbation": label,
             "eps": eps,
-            "logit_sensitivity": _mean(M.logit_sensitivity(clean.logits, pert.logits, x_p - x)),
-            "flip_rate": float(M.flip(clean.logits, pert.logits).float().mean()),
+            "logit_sensitivity": _mean(whole.pop(("out", "", "logit_sensitivity"))),
+            "flip_rate": float(whole.pop(("out", "", "flip_rate")).mean()),
         }
         by_site: dict[tuple[str, str], dict[str, Any]] = {}
-        for (kind, site, metric), v in site_metrics(clean, pert, x, x_p).items():
+        for (kind, site, metric), v in whole.items():
             by_site.setdefault((kind, site), {**base, "kind": kind, "site": site})[metric] = _average(metric, v)
         rows += list(by_site.values())
     return rows

@@ -135,15 +135,31 @@ class Recorder:
         blocks: ``{block name: h}``, each block's output, for plain and SE models alike.
     """
 
+    keeps_tensors = True  # what it records outlives the forward pass (copied or guarded)
+
     def __init__(self) -> None:
         self.gates: dict[str, torch.Tensor] = {}
         self.gate_inputs: dict[str, torch.Tensor] = {}
         self.gate_outputs: dict[str, torch.Tensor] = {}
         self.blocks: dict[str, torch.Tensor] = {}
 
+    def gate(self, name: str, s: torch.Tensor) -> None:
+        """A gate's output s, (B, C)."""
+        self.gates[name] = s
+
+    def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
+        """The input u and output y of the gating block whose gate is ``name`` (after :meth:`gate`)."""
+        self.gate_inputs[name], self.gate_outputs[name] = u, y
+
+    def block(self, name: str, h: torch.Tensor) -> None:
+        """A block's output h."""
+        self.blocks[name] = h
+
 
 @contextlib.contextmanager
-def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None) -> Iterator[Recorder]:
+def capture(
+    model: nn.Module, *, detach: bool = True, clone: bool | None = None, recorder: Recorder | None = None
+) -> Iterator[Recorder]:
     """Record gates, SE inputs/outputs and block outputs of every forward pass inside the block.
 
     Hooks are removed on exit, also when the body raises. A later forward pass overwrites what an
@@ -157,6 +173,9 @@ def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None)
             no copies for robustse's own models, whose recorded tensors are never changed in
             place, copies for everything else. Uncopied tensors are checked at the end of the
             forward pass: a tensor changed in place raises instead of being silently wrong.
+        recorder: receives each tensor as the hooks see it (default: a :class:`Recorder` that
+            keeps them). One with ``keeps_tensors = False`` reduces each tensor inside the hook,
+            before anything can change it, so nothing is copied or guarded.
 
     Raises:
         RuntimeError: an uncopied recorded tensor was changed in place during the forward pass.
@@ -168,13 +187,14 @@ def capture(model: nn.Module, *, detach: bool = True, clone: bool | None = None)
         torch.Size([8, 16])
     """
     ses, blocks = _se_modules(model), find_blocks(model)  # the one walk over the model
-    rec = Recorder()
-    keep = _Keeper(detach=detach, clone=_needs_clone(ses, blocks) if clone is None else clone)
+    rec = recorder or Recorder()
+    copies = _needs_clone(ses, blocks) if clone is None else clone
+    keep = _Keeper(detach=detach, clone=copies and rec.keeps_tensors)
     handles: list[RemovableHandle] = []
     try:
         _hook_gates(ses, rec, keep, handles)
         _hook_blocks(blocks, rec, keep, handles)
-        if not keep.clone and handles:  # the in-place guard brackets every forward pass
+        if not keep.clone and handles and rec.keeps_tensors:  # the in-place guard brackets every forward pass
             handles += [model.register_forward_pre_hook(keep.start), model.register_forward_hook(keep.end)]
         yield rec
     finally:
@@ -229,11 +249,10 @@ def _hook_gates(
     for gate_name, (se, gate) in ses.items():
 
         def on_gate(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
-            rec.gates[name] = keep(out, name).flatten(1)  # (B, C, 1, 1) in torchvision → (B, C)
+            rec.gate(name, keep(out, name).flatten(1))  # (B, C, 1, 1) in torchvision → (B, C)
 
         def on_se(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
-            rec.gate_inputs[name] = keep(inp[0], name)
-            rec.gate_outputs[name] = keep(out, name)
+            rec.se(name, keep(inp[0], name), keep(out, name))
 
         handles += [gate.register_forward_hook(on_gate), se.register_forward_hook(on_se)]
 
@@ -243,7 +262,7 @@ def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, han
     for block_name, block in blocks.items():
 
         def on_block(m, inp, out, name=block_name):  # type: ignore[no-untyped-def]
-            rec.blocks[name] = keep(out, name)
+            rec.block(name, keep(out, name))
 
         handles.append(block.register_forward_hook(on_block))
 

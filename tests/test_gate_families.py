@@ -80,3 +80,24 @@ def test_torchvision_squeeze_excitation_gates_are_found(name, expected):
 
 def test_plain_timm_resnet_has_no_gates():
     assert find_gates(timm.create_model("resnet18", pretrained=False, num_classes=5)) == {}
+
+
+@pytest.mark.parametrize("name", ["se_resnet20", "timm:seresnet18", "timm:legacy_seresnet18"])
+def test_streamed_site_metrics_equal_those_of_a_second_snapshot(name):
+    """perturbed_pass measures in the hooks (no second set of activations): same values, bit for bit,
+    also for timm blocks that change the SE output in place after the hook."""
+    import robustse as rs
+    from robustse.drift import perturbed_pass, site_metrics, snapshot
+
+    torch.manual_seed(0)
+    model = rs.create_model(name, num_classes=5, in_channels=3)
+    _check_gates_record_and_steer(model, find_gates(model))  # also un-mutes timm's zero-initialised branches
+    x = torch.rand(3, 3, 32, 32)
+    x_p = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    clean, pert = snapshot(model, x), snapshot(model, x_p)
+    logits, gates, values = perturbed_pass(model, clean, x, x_p)
+    expected = site_metrics(clean, pert, x, x_p)
+    assert list(values) == list(expected) and len(values) > 0
+    for key, v in expected.items():
+        assert torch.equal(values[key].nan_to_num(-1.0), v.nan_to_num(-1.0)), key
+    assert torch.equal(logits, pert.logits) and all(torch.equal(gates[k], pert.gates[k]) for k in pert.gates)
