@@ -320,12 +320,22 @@ def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
             if "kind" not in table:  # written before the static control existed
                 table["kind"] = np.where(table.se, "se", "plain")
             return table[table.label.isin(stored.model)].reset_index(drop=True)
-    rows = [_model_row(i, r) for i, r in stored.iterrows()]
+    gated = _gated_models(store)
+    rows = [_model_row(i, r, gated) for i, r in stored.iterrows()]
     return pd.DataFrame(rows, columns=MODEL_COLUMNS)
 
 
-def _model_row(i: Any, r: Any) -> dict[str, Any]:
-    """A ``models.csv`` row for a stored model, from its architecture's registry entry."""
+def _gated_models(store: ResultsStore) -> set[str]:
+    """Models whose probes recorded channel gates."""
+    sites = store.probe_table("sites")
+    return set(sites[sites.kind == "gate"].model)
+
+
+def _model_row(i: Any, r: Any, gated: set[str]) -> dict[str, Any]:
+    """A ``models.csv`` row for a stored model, from its architecture's registry entry; an
+    external model (``timm:``/``torchvision:``) is SE when its gates were recorded, and twins
+    with the external model whose name differs only by an ``se``/``legacy_se`` prefix
+    (``timm:seresnet50`` and ``timm:resnet50``: family ``resnet50``, seed 0)."""
     from .models import model_info
 
     arch = r["arch"] if isinstance(r["arch"], str) else None
@@ -334,6 +344,10 @@ def _model_row(i: Any, r: Any) -> dict[str, Any]:
     except ModelError:  # foreign architecture names (torchvision:...) are not in the registry
         info = None
     m = re.search(r"_s(\d+)$", r["model"])
+    if info is None and arch and ":" in arch:
+        se = r["model"] in gated
+        return {"label": r["model"], "family": external_family(arch), "se": se, "arm": "main",
+                "seed": int(m.group(1)) if m else 0, "kind": "se" if se else "plain"}  # fmt: skip
     return {
         "label": r["model"],
         "family": info.family if info else (arch or r["model"]),
@@ -342,6 +356,12 @@ def _model_row(i: Any, r: Any) -> dict[str, Any]:
         "seed": int(m.group(1)) if m else i,
         "kind": info.kind if info else "plain",
     }
+
+
+def external_family(arch: str) -> str:
+    """``timm:legacy_seresnet50`` → ``resnet50``: the name without its source and SE prefix."""
+    name = arch.split(":", 1)[1]
+    return re.sub(r"^(legacy_)?se(?=res)", "", name)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def sweep_checkpoints(
     classes = num_classes or (given.num_classes if given is not None else 10)
     models = load_sweep_models(paths, device=device, num_classes=classes)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
-    test = splits[1] if splits is not None else load_test_split(models, data_root=data_root, given=given)
+    test = splits[1] if splits is not None else load_test_split(models, data_root=data_root, given=given, log=log)
     evalset = evaluation_set(models, test, cfg)
     if cfg.probes and not cfg.accuracy_only:  # frozen_mean, calibration and interventions are probes
         train = None if splits is None else splits[0]
@@ -224,12 +224,13 @@ def load_test_split(
     data_root: PathLike | None = None,
     download: bool = False,
     given: Dataset | ImageFolder | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Dataset | ImageFolder:
     """The test split of the models' common dataset, or ``given``; an image folder's listing is
     prepared the way the models want (:func:`_preprocess_of`).
 
     Raises:
-        DataError: the models were trained on different datasets, or want different input sizes.
+        DataError: the models were trained on different datasets.
     """
     if given is None:
         names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
@@ -238,21 +239,19 @@ def load_test_split(
         name = str(names.pop())
         given = load_split(name, split="test", root=data_root, download=download, preprocess=_preprocess_of(models))
     if isinstance(given, ImageFolder):
-        given.preprocess = _preprocess_of(models)
+        given.preprocess = _preprocess_of(models, log)
     return given
 
 
-def _preprocess_of(models: list[SweepModel]) -> Preprocess:
-    """How the models want full-size images prepared (an image folder's); they must agree.
-
-    Raises:
-        DataError: two models want different sizes, crops or interpolations.
-    """
-    wanted: set[Preprocess] = {p for m in models if isinstance(p := getattr(m.model, "preprocess", None), Preprocess)}
-    if len(wanted) > 1:
-        sizes = ", ".join(sorted(f"{p.size[0]}x{p.size[1]}/{p.crop_pct:g}/{p.interpolation}" for p in wanted))
-        raise DataError(f"the models want images prepared differently ({sizes}): sweep them separately")
-    return wanted.pop() if wanted else Preprocess()
+def _preprocess_of(models: list[SweepModel], log: Callable[[str], None] | None = None) -> Preprocess:
+    """How the models want full-size images prepared (an image folder's). Paired comparisons need
+    the same images for every model: when the models want different preparations, all get the
+    first model's (and ``log`` says so)."""
+    wanted = list(dict.fromkeys(p for m in models if isinstance(p := getattr(m.model, "preprocess", None), Preprocess)))
+    if len(wanted) > 1 and log:
+        ways = ", ".join(f"{p.size[0]}x{p.size[1]}/{p.crop_pct:g}/{p.interpolation}" for p in wanted)
+        log(f"the models want images prepared differently ({ways}); every model sees the first's, the same images")
+    return wanted[0] if wanted else Preprocess()
 
 
 def evaluation_set(models: list[SweepModel], test: Dataset | ImageFolder, cfg: SweepConfig) -> Dataset:

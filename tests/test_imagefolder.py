@@ -148,22 +148,46 @@ def _cli(*args: str):  # type: ignore[no-untyped-def]
 
 
 def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir, seresnet18_weights, tmp_path):
+    """The SE-ResNet-18 and its plain twin (timm's pretrained configs differ in crop: both get the
+    first model's), swept through the CLI; the report pairs them as twins of family resnet18."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    plain_weights = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(plain_weights))
     model = f"timm:seresnet18={seresnet18_weights}"
     out = tmp_path / "run"
-    res = _cli("sweep", model, "--dataset", f"imagefolder:{imagenet_dir}", "--eps", "0,0.004", "--attack", "fgsm",
-               "--out", str(out))  # fmt: skip
+    res = _cli("sweep", model, f"timm:resnet18={plain_weights}", "--dataset", f"imagefolder:{imagenet_dir}",
+               "--eps", "0,0.004", "--attack", "fgsm", "--out", str(out))  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert "every model sees the first's" in res.output
     from robustse.store import ResultsStore
 
     rows = ResultsStore(out / "results.db").examples()
-    assert len(rows) == 20 * 2 * 2  # 20 photos x (fgsm, noise) x 2 eps
+    assert len(rows) == 2 * 20 * 2 * 2  # 2 models x 20 photos x (fgsm, noise) x 2 eps
     assert set(rows["label"]) == {label for _, label in _photos("imagenet")}
+    assert _cli("report", str(out), "--bootstrap", "100").exit_code == 0
+    import pandas as pd
+
+    stats = pd.read_csv(out / "stats.csv")
+    primary = stats[stats.endpoint == "primary"].iloc[0]
+    assert (primary.family, primary.baseline, primary.n_pairs) == ("resnet18", "plain", 1)
+    assert primary.verdict == "too few seeds"  # one pretrained model per arm: no CI over seeds
     folder = f"imagefolder:{imagenet_dir}"
     res = _cli("drift", model, "--dataset", folder, "--eps", "0.004", "--attack", "fgsm", "--json")
     assert res.exit_code == 0, res.output
     gates = [r for r in json.loads(res.output) if r["kind"] == "gate"]
     assert len(gates) == 8 * 2  # 8 SE gates, adversarial and noise
     assert all(r["gate_drift"] >= 0 for r in gates)
+
+
+def test_external_twins_share_a_family_without_the_se_prefix():
+    from robustse.report import external_family
+
+    names = ["timm:seresnet50", "timm:resnet50", "timm:legacy_seresnet50", "torchvision:resnet50"]
+    assert {external_family(n) for n in names} == {"resnet50"}
+    assert external_family("timm:seresnext26d_32x4d") == external_family("timm:resnext26d_32x4d")
+    assert external_family("timm:legacy_senet154") == "legacy_senet154"  # no plain twin exists: left alone
 
 
 def test_cli_refuses_bad_image_folders_in_one_line(imagenet_dir, seresnet18_weights, tmp_path):

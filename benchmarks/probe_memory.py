@@ -1,0 +1,99 @@
+"""Peak memory and images/s of a probed PGD sweep of a full-size SE network, beside the same sweep
+without probes, on real photos from an image folder.
+
+Each configuration runs in a fresh process (its peak RSS is its own): timm ``seresnet50`` with
+random weights (nothing is downloaded) at its 224x224 input, PGD with ``--steps`` steps plus the
+noise control at eps 0 and ``--eps``, ``--images`` images in batches of ``--batch-size``, read from
+an image folder of foolbox's 20 ImageNet photos (repeated under new names; the dev extra installs
+foolbox). Also printed: the bytes of one recorded clean pass of a batch (gates, gating-block
+inputs and outputs, block outputs), which a probed batch holds while it is measured.
+
+    python benchmarks/probe_memory.py [--model seresnet50] [--batch-size 32] [--images 64] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def image_folder(root: Path, images: int) -> Path:
+    """``images`` copies of foolbox's ImageNet photos in synset-style class folders, with classes.txt."""
+    import foolbox
+
+    photos = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_*.jpg"))
+    for i in range(images):
+        src = photos[i % len(photos)]
+        label = int(src.stem.rsplit("_", 1)[1])
+        (root / f"n{label:08d}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / f"n{label:08d}" / f"{i:05d}_{src.name}")
+    (root / "classes.txt").write_text("".join(f"n{i:08d}\n" for i in range(1000)))
+    return root
+
+
+def child(args: argparse.Namespace) -> None:
+    """One configuration: sweep, then print its measurements as JSON."""
+    import torch
+
+    import robustse as rs
+    from robustse.drift import snapshot, snapshot_bytes
+    from robustse.folder import load_image_folder
+    from robustse.sweep import SweepModel, build_attacks, run_sweep
+
+    rs.tune_allocator()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = rs.create_model(f"timm:{args.model}").eval()
+        folder = image_folder(Path(tmp) / "val", args.images)
+        ds = load_image_folder(f"imagefolder:{folder}", "test", model.preprocess).subset(None)
+        attacks = build_attacks([{"name": "pgd", "steps": args.steps}], norm="linf", seed=0)
+        t0 = time.perf_counter()
+        run_sweep([SweepModel(args.model, model, "random weights")], attacks, [0.0, args.eps], ds, Path(tmp) / "run",
+                  batch_size=args.batch_size, probes=args.child == "probes", progress=False)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with torch.no_grad():
+            one = snapshot_bytes(snapshot(model, ds.x[: args.batch_size].float() / 255))
+    print(json.dumps({"peak": peak, "images_per_s": args.images / seconds, "snapshot": one}))
+
+
+def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--batch-size", str(args.batch_size),
+           "--images", str(args.images), "--steps", str(args.steps), "--eps", str(args.eps)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="seresnet50")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--eps", type=float, default=0.002)
+    p.add_argument("--child", choices=["probes", "no-probes"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    gib = 2**30
+    print(f"timm:{args.model} at its input size, batch {args.batch_size}, {args.images} images, "
+          f"PGD-{args.steps} + noise at eps 0 and {args.eps:g}, CPU")  # fmt: skip
+    rows = {mode: run(mode, args) for mode in ("no-probes", "probes")}
+    print(f"{'sweep':<10} {'peak RSS GiB':>12} {'images/s':>9}")
+    for mode, r in rows.items():
+        print(f"{mode:<10} {r['peak'] / gib:>12.2f} {r['images_per_s']:>9.2f}")
+    a, b = rows["no-probes"], rows["probes"]
+    speed = b["images_per_s"] / a["images_per_s"]
+    print(f"probes / no probes: peak RSS {b['peak'] / a['peak']:.2f}x, images/s {speed:.2f}x")
+    print(f"one recorded clean pass of a batch: {b['snapshot'] / gib:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
