@@ -188,6 +188,8 @@ class SweepConfig:
         models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
         channels_last: attack the models in channels_last memory layout (faster on CPU; equal to
             the default layout up to float rounding, see :func:`robustse.sweep.run_sweep`).
+        dataset: evaluate on this dataset (a registered name or ``imagefolder:DIR``) instead of
+            the models' own (``robustse sweep --spec``; an experiment evaluates on ``[data]``).
     """
 
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
@@ -203,6 +205,7 @@ class SweepConfig:
     channels_last: bool = False
     interventions: tuple[str, ...] = ()
     seed_batching: bool | None = None
+    dataset: str | None = None
 
     def run_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`robustse.sweep.run_sweep` that this table sets."""

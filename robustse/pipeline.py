@@ -171,6 +171,8 @@ class _Run:
         if not isinstance(spec, ExperimentSpec):
             spec_text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else None
             spec = load_spec(spec)
+        if spec.sweep is not None and spec.sweep.dataset not in (None, spec.data.dataset):
+            raise SpecError("sweep.dataset is for `robustse sweep --spec`; an experiment evaluates on [data] dataset")
         out = Path(out_dir) if out_dir is not None else Path("reports") / spec.name
         layout: Dist = options["layout"]
         if layout.is_main:

@@ -50,6 +50,7 @@ def sweep_checkpoints(
         dataset: evaluate on this dataset (e.g. ``imagefolder:DIR``) instead of the models' own.
         device, progress, log, debug, layout: as for :func:`robustse.sweep.run_sweep`.
     """
+    dataset = dataset or cfg.dataset
     given = load_split(dataset, root=data_root) if dataset and splits is None else None
     classes = num_classes or (given.num_classes if given is not None else 10)
     models = load_sweep_models(paths, device=device, num_classes=classes)

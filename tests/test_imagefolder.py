@@ -204,3 +204,37 @@ def test_cli_refuses_bad_image_folders_in_one_line(imagenet_dir, seresnet18_weig
         res = _cli("drift", model, *extra, "--eps", "0.004", "--attack", "fgsm")
         assert res.exit_code == 2 and message in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1
+
+
+def test_senet_imagenet_spec_runs_with_local_weights_and_folder(imagenet_dir, seresnet18_weights, tmp_path):
+    """attacks/senet_imagenet.toml as shipped, with its weight files and folder pointed at the test's
+    (ResNet-18 sized for speed): `robustse sweep --spec` reads the models and the dataset from it."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    plain = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(plain))
+    text = (Path(__file__).parent.parent / "attacks" / "senet_imagenet.toml").read_text()
+    text = text.replace("timm:resnet50=weights/resnet50.safetensors", f"timm:resnet18={plain}")
+    text = text.replace("timm:seresnet50=weights/seresnet50.safetensors", f"timm:seresnet18={seresnet18_weights}")
+    text = text.replace("imagefolder:data/imagenet/val", f"imagefolder:{imagenet_dir}")
+    spec = tmp_path / "senet.toml"
+    spec.write_text(text)
+    out = tmp_path / "run"
+    res = _cli("--quiet", "sweep", "--spec", str(spec), "--eval-subset", "4", "--attack", "fgsm", "--eps", "0,0.002",
+               "--out", str(out))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    from robustse.store import ResultsStore
+
+    assert set(ResultsStore(out / "results.db").models().model) == {
+        f"timm-resnet18@{plain.stem}", f"timm-seresnet18@{seresnet18_weights.stem}",
+        f"timm-seresnet18@{seresnet18_weights.stem}@held_gates",
+    }  # fmt: skip
+
+
+def test_an_experiment_refuses_a_sweep_dataset_before_writing_anything(tmp_path):
+    spec = tmp_path / "x.toml"
+    spec.write_text('name = "x"\n[sweep]\ndataset = "imagefolder:/nowhere"\n')
+    res = _cli("experiment", "--spec", str(spec), "--out", str(tmp_path / "run"))
+    assert res.exit_code == 2 and "sweep.dataset is for `robustse sweep --spec`" in res.output
+    assert not (tmp_path / "run").exists()
