@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -225,6 +226,8 @@ class Attack:
     _member_rows: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.norm, str):
+            self.norm = self.norm.lower()  # type: ignore[assignment]  # L2 and l2 are one norm
         if self.norm not in NORMS:
             raise AttackError(f"unknown norm {self.norm!r} (valid: {', '.join(NORMS)})")
         if self.only_eps is not None:
@@ -662,10 +665,16 @@ class TorchattacksAttack(Attack):
                 f"torchattacks:{self.attack}: option {bad[0]!r} not allowed (valid: {', '.join(allowed)}; "
                 "eps comes from the ladder)"
             )
+        for key, value in self.options.items():
+            _check_option_type(self.name, key, value, params[key].default)
+        # norm and seed are robustse's (the budget's norm, the random starts); an attack that has
+        # its own takes them too, so no option is silently dropped
+        self._shared = {k: v for k, v in (("norm", {"linf": "Linf", "l2": "L2"}[self.norm]), ("seed", self.seed))
+                        if k in params}  # fmt: skip
         self._cls = cls
         try:  # constructor-level type errors surface now, as one line, not mid-sweep
-            cls(nn.Linear(1, 1), eps=0.1, **self.options)
-        except (TypeError, ValueError) as exc:
+            cls(nn.Linear(1, 1), eps=0.1, **self.options, **self._shared)
+        except (TypeError, ValueError, AssertionError) as exc:
             raise AttackError(f"torchattacks:{self.attack}: bad option value ({exc})") from None
 
     def describe(self) -> dict[str, Any]:
@@ -677,10 +686,34 @@ class TorchattacksAttack(Attack):
             torch.manual_seed(self.seed)
             for e in eps:
                 try:
-                    out.append(self._cls(model, eps=e, **self.options)(x, y).detach())
+                    out.append(self._cls(model, eps=e, **self.options, **self._shared)(x, y).detach())
                 except (TypeError, ValueError) as exc:  # option values torchattacks checks only when run
                     raise AttackError(f"torchattacks:{self.attack}: bad option value ({exc})") from None
         return out
+
+
+def _check_option_type(attack: str, key: str, value: Any, default: Any) -> None:
+    """Refuse a torchattacks option whose type differs from its default's (``steps=1.5``,
+    ``verbose="yes"``): torchattacks would fail on it mid-sweep, or silently misbehave.
+
+    Raises:
+        AttackError: one line naming the option, the type wanted and the default.
+    """
+    if default is None or default is inspect.Parameter.empty:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = _is_int(value)
+    elif isinstance(default, float):
+        ok = _is_real(value) and math.isfinite(float(value))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a finite number"}.get(
+            type(default), type(default).__name__
+        )
+        raise AttackError(f"{attack}: option {key} must be {want} (default {default!r}), got {value!r}")
 
 
 # --------------------------------------------------------------------------- registry
@@ -747,7 +780,8 @@ def create_attack(name: str, **kwargs: Any) -> Attack:
     if name.startswith("torchattacks:"):
         attack = name.split(":", 1)[1]
         common = {k: kwargs.pop(k) for k in ("norm", "seed", "only_eps") if k in kwargs}
-        # torchattacks names its L2 attacks *L2 (PGDL2, FGSM has no L2 twin): the budget's norm
+        # torchattacks names its L2 attacks *L2 (PGDL2, FGSM has no L2 twin): the budget's norm;
+        # attacks with a norm option of their own (APGD, Square, AutoAttack) get it from here
         common.setdefault("norm", "l2" if attack.upper().endswith("L2") else "linf")
         return TorchattacksAttack(attack=attack, options=kwargs, **common)
     info = attack_info(name)

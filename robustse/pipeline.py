@@ -21,13 +21,13 @@ import torch
 
 from ._types import PathLike
 from .config import ArmConfig, ExperimentSpec, dump_toml, load_spec
-from .data import Dataset
+from .data import Dataset, dataset_info
 from .distributed import SINGLE, Dist
 from .errors import SpecError
 from .models import family_members, model_info
 from .provenance import run_provenance
 from .stats import wilson_interval
-from .sweep import SweepResult
+from .sweep import SweepResult, build_attacks, ladder_of
 from .sweep_setup import expand_paths, prepare_out_dir, sweep_checkpoints
 from .train import load_splits, train_model
 
@@ -171,8 +171,7 @@ class _Run:
         if not isinstance(spec, ExperimentSpec):
             spec_text = Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else None
             spec = load_spec(spec)
-        if spec.sweep is not None and spec.sweep.dataset not in (None, spec.data.dataset):
-            raise SpecError("sweep.dataset is for `robustse sweep --spec`; an experiment evaluates on [data] dataset")
+        check_experiment(spec)  # a rejected spec changes nothing, not even the run's spec.toml
         out = Path(out_dir) if out_dir is not None else Path("reports") / spec.name
         layout: Dist = options["layout"]
         if layout.is_main:
@@ -180,7 +179,6 @@ class _Run:
             text = spec_text if spec_text is not None else dump_toml(asdict(spec))
             (out / "spec.toml").write_text(text, encoding="utf-8")
         layout.barrier()
-        twin_names(spec)  # unknown or SE names fail before anything runs
         return cls(ExperimentResult(spec, out), **options)
 
     def timed(self, phase: str, step: Callable[[], Any]) -> Any:
@@ -266,6 +264,23 @@ class _Run:
             "models": [asdict(r) for r in self.result.rows],
         }
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def check_experiment(spec: ExperimentSpec) -> None:
+    """Everything about ``spec`` that can be checked before anything runs: architectures,
+    dataset, attacks and their options, the ladder.
+
+    Raises:
+        SpecError, ModelError, DataError, AttackError: one line naming the problem.
+    """
+    twin_names(spec)  # unknown or SE names
+    dataset_info(spec.data.dataset)  # training needs a registered dataset
+    if spec.sweep is None:
+        return
+    if spec.sweep.dataset not in (None, spec.data.dataset):
+        raise SpecError("sweep.dataset is for `robustse sweep --spec`; an experiment evaluates on [data] dataset")
+    for atk in build_attacks(spec.sweep.attacks, norm=spec.sweep.norm, seed=spec.sweep.seed):
+        ladder_of(atk, sorted(set(spec.sweep.epsilons)))
 
 
 def _seed_groups(plan: list[PlannedModel]) -> list[list[PlannedModel]]:

@@ -188,23 +188,38 @@ class ResultsStore:
     # ------------------------------------------------------------------ writing
 
     def has_cell(self, model: str, attack_key: str, eps: float) -> bool:
+        """Whether the cell is stored and finished (a failed cell is run again)."""
         row = self.conn.execute(
-            "SELECT 1 FROM cells WHERE model = ? AND attack_key = ? AND eps = ?", (model, attack_key, eps)
+            "SELECT 1 FROM cells WHERE model = ? AND attack_key = ? AND eps = ? AND status = 'done'",
+            (model, attack_key, eps),
         ).fetchone()
         return row is not None
 
     def write_cell(
-        self, cell: Cell, rows: Iterable[tuple[Any, ...]], probes: dict[str, Iterable[tuple[Any, ...]]] | None = None
+        self,
+        cell: Cell,
+        rows: Iterable[tuple[Any, ...]],
+        probes: dict[str, Iterable[tuple[Any, ...]]] | None = None,
+        *,
+        replace_model: bool = False,
     ) -> None:
-        """Commit a cell, its per-example rows and its probe rows in one transaction.
+        """Commit a cell, its per-example rows and its probe rows in one transaction, replacing
+        the stored cell it succeeds (a failed one) in that same transaction.
 
         Args:
             cell: the summary.
             rows: per-example tuples in ``EXAMPLE_COLUMNS`` order, optionally followed by the
                 ``PROBE_COLUMNS`` values.
             probes: ``{table: rows without cell_id}`` for the tables in ``PROBE_TABLES``.
+            replace_model: also drop every stored cell of ``cell.model`` (results of weights that
+                have since changed), in the same transaction: until a successor is committed,
+                nothing is lost.
         """
         with self.conn:
+            if replace_model:
+                self._delete_cells("model = ?", [cell.model])
+            else:
+                self._delete_cells("model = ? AND attack_key = ? AND eps = ?", [cell.model, cell.attack_key, cell.eps])
             cur = self.conn.execute(
                 "INSERT INTO cells (model, attack, attack_key, norm, eps, n, correct, status, reason, seconds,"
                 " max_linf, max_l2, min_pixel, max_pixel, nonfinite) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -278,10 +293,14 @@ class ResultsStore:
             where += " AND eps = ?"
             args.append(eps)
         with self.conn:
-            ids = [r[0] for r in self.conn.execute(f"SELECT id FROM cells WHERE {where}", args)]
-            for table in ("examples", *PROBE_TABLES):
-                self.conn.executemany(f"DELETE FROM {table} WHERE cell_id = ?", [(i,) for i in ids])
-            self.conn.executemany("DELETE FROM cells WHERE id = ?", [(i,) for i in ids])
+            return self._delete_cells(where, args)
+
+    def _delete_cells(self, where: str, args: list[Any]) -> int:
+        """Delete the cells matching ``where`` with their rows, inside the caller's transaction."""
+        ids = [r[0] for r in self.conn.execute(f"SELECT id FROM cells WHERE {where}", args)]
+        for table in ("examples", *PROBE_TABLES):
+            self.conn.executemany(f"DELETE FROM {table} WHERE cell_id = ?", [(i,) for i in ids])
+        self.conn.executemany("DELETE FROM cells WHERE id = ?", [(i,) for i in ids])
         return len(ids)
 
     def failed_cells(self) -> list[tuple[str, str, float]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,8 +269,9 @@ class Sweep:
         self.eps = sorted({float(e) for e in epsilons})
         if len(dataset) == 0:
             raise DataError(f"{dataset.name}: the evaluation set is empty")
-        self.ladders = {id(a): _ladder_of(a, self.eps) for a in attacks}
+        self.ladders = {id(a): ladder_of(a, self.eps) for a in attacks}
         self.hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
+        self.stale: set[str] = set()  # models whose stored cells belong to weights that have since changed
         self.probes = options.probes and not options.accuracy_only
         self.store: ResultsStore | None = None
         self.computed = 0
@@ -428,7 +430,7 @@ class Sweep:
         xs, ys = member_rows(xb, k), yb.repeat(k)
         if b not in grads:
             grads[b] = atk.clean_gradient(stacked, xs, ys, members=k)
-        res = atk(stacked, xs, ys, epsilons=[e], grad0=grads[b], stream=b * 1009 + rung, members=k)
+        res = atk(stacked, xs, ys, epsilons=[e], grad0=grads[b], stream=cell_stream(b, e), members=k)
         return list(res.adversarials[0].view(k, len(yb), *xb.shape[1:]))
 
     def _model_done(self, sm: SweepModel, atk: Attack, todo: list[float], train_forwards: list[int]) -> None:
@@ -511,7 +513,7 @@ class Sweep:
         """Attack one batch; fill its rows of ``out`` = (pred, margin); update ``stats`` and ``probe``.
 
         ``where`` = (batch number, first row, rung, eps): the random stream of the attack is the
-        batch's and the rung's.
+        batch's at that eps (:func:`cell_stream`).
         """
         b, i, rung, e = where
         bs = self.opt.batch_size
@@ -532,7 +534,7 @@ class Sweep:
         g = lad.grads[b]
         res = lad.atk(
             lad.sm.model, xb[sub], yb[sub], epsilons=[e], accuracy_only=self.opt.accuracy_only,
-            grad0=None if g is None else g[sub], stream=b * 1009 + rung,
+            grad0=None if g is None else g[sub], stream=cell_stream(b, e),
         )  # fmt: skip
         self._score_rows(lad, where, (rows, res.adversarials[0]), out, (stats, probe))
 
@@ -586,7 +588,9 @@ class Sweep:
             measured = probe.example_columns()
             columns += [measured.get(c, [None] * n) for c in PROBE_COLUMNS]
             tables = probe_tables(probe)
-        self.store.write_cell(cell, zip(*columns, strict=True), tables)
+        stale = lad.sm.label in self.stale
+        self.store.write_cell(cell, zip(*columns, strict=True), tables, replace_model=stale)
+        self.stale.discard(lad.sm.label)
         if self.debug:
             acc = cell.correct / n
             self.debug(
@@ -748,6 +752,13 @@ def _merge_rows(dst: Sequence[torch.Tensor], parts: list[Any], bs: int, world: i
             d[i : i + bs] = src[i : i + bs]
 
 
+def cell_stream(batch: int, eps: float) -> int:
+    """The random stream of one batch of a cell: a function of the batch number and the eps alone,
+    so a cell draws the same random starts whatever else the ladder holds or ran before it (with
+    the attack's seed: the same for every model, common random numbers for paired comparisons)."""
+    return zlib.crc32(f"{batch}|{float(eps).hex()}".encode()) & 0x7FFFFFFF
+
+
 def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
     """Convert the models' 4-d parameters and buffers to channels_last; (tensor, original strides).
 
@@ -781,15 +792,14 @@ def _prepare_store(store: ResultsStore, sweep: Sweep, pairs: list[tuple[SweepMod
     for sm in sweep.models:
         old = store.model_hash(sm.label)
         if old is not None and old != sweep.hashes[sm.label]:  # retrained under the same name
-            dropped = store.delete_cells(sm.label)
+            sweep.stale.add(sm.label)  # its cells are replaced when the first new one is committed
             if sweep.log:
-                sweep.log(f"{sm.label}: weights changed since the stored results; recomputing {dropped} cell(s)")
-    for model_label, key, e in store.failed_cells():  # failed cells are retried
-        store.delete_cells(model_label, attack_key=key, eps=e)
-    return [
-        [e for e in sweep.ladders[id(atk)] if not store.has_cell(sm.label, attack_key(atk.describe()), e)]
+                sweep.log(f"{sm.label}: weights changed since the stored results; recomputing its cells")
+    return [  # failed cells are run again; their successors replace them in one transaction
+        [e for e in sweep.ladders[id(atk)]
+         if sm.label in sweep.stale or not store.has_cell(sm.label, attack_key(atk.describe()), e)]
         for sm, atk in pairs
-    ]
+    ]  # fmt: skip
 
 
 def _probe_cache_bytes() -> int:
@@ -802,7 +812,7 @@ def _probe_cache_bytes() -> int:
         return 512 * 2**20
 
 
-def _ladder_of(atk: Attack, eps: list[float]) -> list[float]:
+def ladder_of(atk: Attack, eps: list[float]) -> list[float]:
     """The rungs ``atk`` runs: the sweep's ladder, or its ``only_eps`` (with 0) where set.
 
     Raises:
