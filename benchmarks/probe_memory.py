@@ -8,7 +8,9 @@ an image folder of foolbox's 20 ImageNet photos (repeated under new names; the d
 foolbox). Also printed: the bytes of one recorded clean pass of a batch (gates, gating-block
 inputs and outputs, block outputs), which a probed batch holds while it is measured.
 
-    python benchmarks/probe_memory.py [--model seresnet50] [--batch-size 32] [--images 64] [--steps 2]
+A third run takes gradients and probes ``--pass-rows`` rows at a time (``robustse sweep --pass-rows``).
+
+    python benchmarks/probe_memory.py [--model seresnet50] [--batch-size 32] [--images 64] [--steps 2] [--pass-rows 8]
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def child(args: argparse.Namespace) -> None:
         ds = load_image_folder(f"imagefolder:{folder}", "test", model.preprocess).subset(None)
         attacks = build_attacks([{"name": "pgd", "steps": args.steps}], norm="linf", seed=0)
         t0 = time.perf_counter()
+        rows = args.pass_rows if args.child == "probes-chunked" else None
         run_sweep([SweepModel(args.model, model, "random weights")], attacks, [0.0, args.eps], ds, Path(tmp) / "run",
-                  batch_size=args.batch_size, probes=args.child == "probes", progress=False)  # fmt: skip
+                  batch_size=args.batch_size, probes=args.child != "no-probes", progress=False,
+                  pass_rows=rows)  # fmt: skip
         seconds = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         with torch.no_grad():
@@ -66,7 +70,8 @@ def child(args: argparse.Namespace) -> None:
 
 def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--batch-size", str(args.batch_size),
-           "--images", str(args.images), "--steps", str(args.steps), "--eps", str(args.eps)]  # fmt: skip
+           "--images", str(args.images), "--steps", str(args.steps), "--eps", str(args.eps),
+           "--pass-rows", str(args.pass_rows)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -78,21 +83,22 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--eps", type=float, default=0.002)
-    p.add_argument("--child", choices=["probes", "no-probes"], help=argparse.SUPPRESS)
+    p.add_argument("--pass-rows", type=int, default=8, help="Rows per gradient/probe pass of the chunked run.")
+    p.add_argument("--child", choices=["probes", "no-probes", "probes-chunked"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     gib = 2**30
     print(f"timm:{args.model} at its input size, batch {args.batch_size}, {args.images} images, "
           f"PGD-{args.steps} + noise at eps 0 and {args.eps:g}, CPU")  # fmt: skip
-    rows = {mode: run(mode, args) for mode in ("no-probes", "probes")}
-    print(f"{'sweep':<10} {'peak RSS GiB':>12} {'images/s':>9}")
+    rows = {mode: run(mode, args) for mode in ("no-probes", "probes", "probes-chunked")}
+    label = {"probes-chunked": f"probes, --pass-rows {args.pass_rows}"}
+    print(f"{'sweep':<24} {'peak RSS GiB':>12} {'images/s':>9} {'vs no probes':>13}")
+    base = rows["no-probes"]
     for mode, r in rows.items():
-        print(f"{mode:<10} {r['peak'] / gib:>12.2f} {r['images_per_s']:>9.2f}")
-    a, b = rows["no-probes"], rows["probes"]
-    speed = b["images_per_s"] / a["images_per_s"]
-    print(f"probes / no probes: peak RSS {b['peak'] / a['peak']:.2f}x, images/s {speed:.2f}x")
-    print(f"one recorded clean pass of a batch: {b['snapshot'] / gib:.2f} GiB")
+        ratio = f"{r['peak'] / base['peak']:.2f}x RSS, {r['images_per_s'] / base['images_per_s']:.2f}x speed"
+        print(f"{label.get(mode, mode):<24} {r['peak'] / gib:>12.2f} {r['images_per_s']:>9.2f}   {ratio}")
+    print(f"one recorded clean pass of a {args.batch_size}-image batch: {rows['probes']['snapshot'] / gib:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ many epsilons in one call::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import inspect
 import math
@@ -105,6 +106,13 @@ class Evaluator:
         channels_last copy's, equal to the model's up to rounding. Measured on the project's
         2-core CPU: 1.6x faster than a forward and backward pass of the model plus a prediction.
         """
+        rows = _PASS_ROWS.get() or len(x)  # under pass_rows, a chunk at a time
+        parts = [self._logits_and_grad(x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _logits_and_grad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._layout(x).detach().requires_grad_(True)
         with torch.enable_grad():
             logits = self.model(x)
@@ -541,13 +549,44 @@ class PGD(Attack):
         return adv
 
 
+_PASS_ROWS: contextvars.ContextVar[int | None] = contextvars.ContextVar("pass_rows", default=None)
+
+
+@contextlib.contextmanager
+def pass_rows(rows: int | None) -> Iterator[None]:
+    """Inside the block, input gradients are taken ``rows`` rows at a time (None: the whole batch).
+
+    Every row's gradient is its own (eval mode: rows never interact), so the results are the same
+    up to float rounding while the autograd graph, the memory of a gradient pass, shrinks to
+    ``rows`` rows: full-size images at a large batch fit in less memory (README "Performance").
+    """
+    token = _PASS_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _PASS_ROWS.reset(token)
+
+
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input gradient of the cross-entropy summed over rows and divided by ``batch``, and the logits.
 
     Dividing by the unstacked batch size B (not the E·B stacked rows) gives every row exactly the
     gradient of a mean-loss attack on B examples, as torchattacks computes it; this matters for L2
-    steps, whose normalization adds a small constant to the gradient norm.
+    steps, whose normalization adds a small constant to the gradient norm. Under
+    :func:`pass_rows` the rows go through in chunks.
     """
+    rows = _PASS_ROWS.get() or x.shape[0]
+    if rows >= x.shape[0]:
+        return _chunk_grad(model, x, y, batch)
+    grads, logits = [], []
+    for i in range(0, x.shape[0], rows):
+        g, out = _chunk_grad(model, x[i : i + rows], y[i : i + rows], batch)
+        grads.append(g)
+        logits.append(out)
+    return torch.cat(grads), torch.cat(logits)
+
+
+def _chunk_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().requires_grad_(True)
     logits = model(x)
     loss = F.cross_entropy(logits, y, reduction="sum") / batch

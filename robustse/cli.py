@@ -532,6 +532,12 @@ def _sweep_summary(result: Any) -> None:
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="Default norm of the attacks.")
 @click.option("--eval-subset", type=click.IntRange(min=1), default=None, help="Attack this many test images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--pass-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Gradients and probes this many rows at a time: less memory, same results up to rounding.",
+)
 @click.option("--accuracy-only", is_flag=True, default=None, help="Larger eps attack only the survivors.")
 @click.option(
     "--probes/--no-probes",
@@ -572,6 +578,7 @@ def sweep_cmd(
     norm: str | None,
     eval_subset: int | None,
     batch_size: int | None,
+    pass_rows: int | None,
     accuracy_only: bool | None,
     probes: bool | None,
     channels_last: bool | None,
@@ -603,7 +610,7 @@ def sweep_cmd(
         "epsilons": None if eps_text is None else parse_epsilons(eps_text),
         "norm": norm, "eval_subset": eval_subset, "batch_size": batch_size, "accuracy_only": accuracy_only,
         "probes": probes, "channels_last": channels_last, "interventions": interventions or None,
-        "seed_batching": seed_batching,
+        "seed_batching": seed_batching, "pass_rows": pass_rows,
     }  # fmt: skip
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     paths = list(checkpoints) or list(cfg.models)

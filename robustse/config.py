@@ -191,6 +191,8 @@ class SweepConfig:
             the default layout up to float rounding, see :func:`robustse.sweep.run_sweep`).
         dataset: evaluate on this dataset (a registered name or ``imagefolder:DIR``) instead of
             the models' own (``robustse sweep --spec``; an experiment evaluates on ``[data]``).
+        pass_rows: take input gradients and record probes this many rows of a batch at a time:
+            less memory for full-size images, results equal up to float rounding (None: the batch).
     """
 
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
@@ -207,10 +209,12 @@ class SweepConfig:
     interventions: tuple[str, ...] = ()
     seed_batching: bool | None = None
     dataset: str | None = None
+    pass_rows: int | None = None
 
     def run_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`robustse.sweep.run_sweep` that this table sets."""
-        keys = ("batch_size", "accuracy_only", "probes", "probe_subsample", "channels_last", "seed_batching")
+        keys = ("batch_size", "accuracy_only", "probes", "probe_subsample", "channels_last", "seed_batching",
+                "pass_rows")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
     def __post_init__(self) -> None:
@@ -230,6 +234,8 @@ class SweepConfig:
             raise SpecError("sweep.attacks must list at least one attack")
         if self.batch_size < 1:
             raise SpecError(f"sweep.batch_size must be >= 1 (got {self.batch_size})")
+        if self.pass_rows is not None and self.pass_rows < 1:
+            raise SpecError(f"sweep.pass_rows must be >= 1 (got {self.pass_rows})")
         if self.eval_subset is not None and self.eval_subset < 1:
             raise SpecError(f"sweep.eval_subset must be >= 1 (got {self.eval_subset})")
         if 0.0 not in self.epsilons:

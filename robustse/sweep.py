@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .attack_roles import attack_role
-from .attacks import Attack, Evaluator, create_attack
+from .attacks import Attack, Evaluator, create_attack, pass_rows
 from .batched import MemberRows, member_rows, stack_models
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
@@ -163,6 +163,7 @@ class SweepOptions:
     channels_last: bool = False
     progress: bool = True
     seed_batching: bool | None = None  # attack the seeds of one architecture at once; None: on a GPU
+    pass_rows: int | None = None  # rows per gradient and probe pass within a batch (None: the batch)
 
 
 @dataclass
@@ -188,7 +189,7 @@ class _Ladder:
     clean: _Clean
     snaps: _SnapCache  # recorded clean passes of this model, shared by its ladders
     grads: dict[int, torch.Tensor | None] = field(default_factory=dict)  # clean-input gradient per batch
-    frozen_clean: dict[int, torch.Tensor | None] = field(default_factory=dict)  # frozen_mean clean logits
+    frozen_clean: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict)  # frozen_mean clean logits
 
 
 class _SnapCache(dict):  # type: ignore[type-arg]
@@ -290,12 +291,13 @@ class Sweep:
         try:
             plan = list(zip(pairs, self.prepare(pairs), strict=True))
             self._start(plan)
-            for group in self._groups():
-                ladders = [[(atk, todo) for (m, atk), todo in plan if m is sm] for sm in group]
-                if len(group) > 1:
-                    self.run_group(group, ladders)
-                else:
-                    self.run_model(group[0], ladders[0])
+            with pass_rows(self.opt.pass_rows):
+                for group in self._groups():
+                    ladders = [[(atk, todo) for (m, atk), todo in plan if m is sm] for sm in group]
+                    if len(group) > 1:
+                        self.run_group(group, ladders)
+                    else:
+                        self.run_model(group[0], ladders[0])
             self.bar.close()
             return self.finish()
         finally:
@@ -556,14 +558,19 @@ class Sweep:
             self._probe_batch(lad, probe, (b, i), (xb, adv, yb))
 
     def _probe_batch(self, lad: _Ladder, probe: CellProbe, where: tuple[int, int], batch: tuple) -> None:  # type: ignore[type-arg]
-        """Probe one batch; keep its recorded clean pass for the model's next ladders (within budget)."""
+        """Probe one batch, ``pass_rows`` rows at a time; keep each recorded clean pass for the
+        model's next ladders (within budget)."""
         (b, i), (xb, adv, yb) = where, batch
-        lad.frozen_clean[b], snap = probe.add(
-            lad.sm.model, xb, adv, yb, i, frozen_clean=lad.frozen_clean.get(b), clean=lad.snaps.get(b)
-        )
-        if b not in lad.snaps and lad.snaps.budget >= snapshot_bytes(snap):  # reuse the clean pass
-            lad.snaps[b] = snap
-            lad.snaps.budget -= snapshot_bytes(snap)
+        rows = self.opt.pass_rows or len(xb)
+        for j in range(0, len(xb), rows):
+            part, key = slice(j, j + rows), (b, j)
+            lad.frozen_clean[key], snap = probe.add(
+                lad.sm.model, xb[part], adv[part], yb[part], i + j,
+                frozen_clean=lad.frozen_clean.get(key), clean=lad.snaps.get(key),
+            )  # fmt: skip
+            if key not in lad.snaps and lad.snaps.budget >= snapshot_bytes(snap):  # reuse the clean pass
+                lad.snaps[key] = snap
+                lad.snaps.budget -= snapshot_bytes(snap)
 
     def write_cell(self, lad, e, result, stats, probe, seconds) -> None:  # type: ignore[no-untyped-def]
         """One cell, its per-example rows and (with probes) its site tables, in one transaction.
@@ -665,6 +672,7 @@ def run_sweep(
     debug: Callable[[str], None] | None = None,
     channels_last: bool = False,
     seed_batching: bool | None = None,
+    pass_rows: int | None = None,
 ) -> SweepResult:
     """Run every (model, attack, eps) cell not yet in ``out_dir/results.db``; then check and summarize.
 
@@ -696,6 +704,9 @@ def run_sweep(
             control; each model gets its own gradients and the random starts it gets alone, so its
             cells equal one-at-a-time cells up to float rounding. None (default): on a GPU only
             (slower than one at a time on a 2-core CPU). Never under torchrun.
+        pass_rows: take input gradients and record probes this many rows of a batch at a time
+            (:func:`robustse.attacks.pass_rows`): peak memory follows ``pass_rows``, not
+            ``batch_size``; results equal up to float rounding. None: the whole batch.
 
     Returns:
         :class:`SweepResult` (on ranks other than 0: no tables, ``cells`` and ``robust`` None).
@@ -704,7 +715,9 @@ def run_sweep(
         >>> run_sweep([SweepModel("m", model, "m.safetensors")], [create_attack("fgsm")],
         ...           [0, 0.03], ds, Path("reports/sweep"))  # doctest: +SKIP
     """
-    options = SweepOptions(batch_size, accuracy_only, probes, probe_subsample, channels_last, progress, seed_batching)
+    options = SweepOptions(
+        batch_size, accuracy_only, probes, probe_subsample, channels_last, progress, seed_batching, pass_rows
+    )
     sweep = Sweep(
         models, attacks, epsilons, dataset, out_dir, options, device=device, layout=layout, log=log, debug=debug
     )
