@@ -37,6 +37,12 @@ from .attack_roles import ROLES, Role, attack_role
 from .errors import AttackError
 from .registry import Registry
 
+# Documented limits (README "Reliability"): beyond them a command is refused, not left to run for days.
+MAX_STEPS = 10_000  # iterations of an iterative attack (also torchattacks' steps / n_queries: 100,000)
+MAX_RESTARTS = 100
+MAX_QUERIES = 100_000
+MAX_RUNGS = 1_000  # epsilons in one ladder
+
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = ("linf", "l2")
 DIV_EPS = 1e-10  # guards divisions by a zero gradient or perturbation norm (as torchattacks)
@@ -123,15 +129,52 @@ class Evaluator:
         return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and self.copied else x
 
 
+def inference_tensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` was made under ``torch.inference_mode()`` (autograd cannot use it)."""
+    return bool(t.is_inference())
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse what an attack cannot use, with one line: non-tensors, an empty batch, inputs that
+    are not finite or outside [0, 1], labels that are not integers or not one per input.
+
+    Raises:
+        AttackError: naming the problem.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise AttackError(f"x and y must be tensors (got {type(x).__name__}, {type(y).__name__})")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise AttackError(f"x must be a non-empty batch (B, ...) (got shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise AttackError(f"x must be floats in [0, 1] (got {x.dtype}; divide uint8 images by 255)")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise AttackError(f"labels must be integers (got {y.dtype})")
+    if y.shape != (x.shape[0],):
+        raise AttackError(f"{x.shape[0]} inputs but labels of shape {tuple(y.shape)}: one label per input")
+    if not bool(torch.isfinite(x).all()):
+        raise AttackError("inputs hold NaN or infinite values")
+    if x.min() < 0 or x.max() > 1:
+        raise AttackError(f"inputs must lie in [0, 1] (got [{float(x.min()):.3g}, {float(x.max()):.3g}])")
+    if y.min() < 0:
+        raise AttackError(f"labels must be >= 0 (got {int(y.min())})")
+
+
 def check_epsilons(epsilons: Sequence[float], norm: str) -> tuple[float, ...]:
     """Validate an epsilon ladder (pixel units).
 
     Raises:
         AttackError: empty ladder, a negative or non-finite eps, or a Linf eps above 1.
     """
-    eps = tuple(float(e) for e in epsilons)
+    if isinstance(epsilons, (str, bytes)) or not isinstance(epsilons, (Sequence, torch.Tensor)):
+        raise AttackError(f"epsilons must be a list of numbers, e.g. [0.03] (got {epsilons!r})")
+    try:
+        eps = tuple(float(e) for e in epsilons)
+    except (TypeError, ValueError):
+        raise AttackError(f"epsilons must be a list of numbers (got {list(epsilons)!r})") from None
     if not eps:
         raise AttackError("no epsilons given")
+    if len(eps) > MAX_RUNGS:
+        raise AttackError(f"a ladder of {len(eps):,} epsilons is over the limit of {MAX_RUNGS:,}")
     for e in eps:
         if not e >= 0 or e == float("inf"):
             raise AttackError(f"eps must be a finite number >= 0 (got {e})")
@@ -282,11 +325,24 @@ class Attack:
             :class:`AttackResult`.
 
         Raises:
-            AttackError: bad epsilons or inputs outside [0, 1].
+            AttackError: bad epsilons, inputs that are not finite or outside [0, 1], labels that
+                are not integers in range, one per input.
+
+        Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (the usual evaluation
+        pattern): gradients are enabled for the attack's own passes.
         """
         eps = check_epsilons(epsilons, self.norm)
-        if x.min() < 0 or x.max() > 1:
-            raise AttackError(f"inputs must lie in [0, 1] (got [{float(x.min()):.3g}, {float(x.max()):.3g}])")
+        check_batch(x, y)
+        if inference_tensor(x) or inference_tensor(y):
+            with torch.inference_mode(False):
+                x, y = x.clone(), y.clone()  # ordinary tensors autograd may use
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                return self._attack(model, x, y, eps, accuracy_only, grad0, stream, members)
+            except IndexError as exc:  # cross_entropy: "Target 12 is out of bounds."
+                raise AttackError(f"a label is out of range for the model's outputs ({exc})") from None
+
+    def _attack(self, model, x, y, eps, accuracy_only, grad0, stream, members) -> AttackResult:  # type: ignore[no-untyped-def]
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + stream)
         if members > 1 and (accuracy_only or not self._tiles_draws()):
             raise AttackError(f"{self.name} cannot attack a stacked model (members > 1)")
@@ -315,7 +371,7 @@ class Attack:
         """
         if not self._shares_first_gradient():
             return None
-        with eval_mode(model):
+        with eval_mode(model), torch.enable_grad():
             grad, _ = _input_grad(model, x, y, x.shape[0] // members)
         return grad
 
@@ -460,10 +516,10 @@ class PGD(Attack):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.name = "pgd"
-        if not _is_int(self.steps) or self.steps < 1:
-            raise AttackError(f"steps must be an integer >= 1 (got {self.steps!r})")
-        if not _is_int(self.restarts) or self.restarts < 1:
-            raise AttackError(f"restarts must be an integer >= 1 (got {self.restarts!r})")
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise AttackError(f"steps must be an integer in [1, {MAX_STEPS:,}] (got {self.steps!r})")
+        if not _is_int(self.restarts) or not 1 <= self.restarts <= MAX_RESTARTS:
+            raise AttackError(f"restarts must be an integer in [1, {MAX_RESTARTS}] (got {self.restarts!r})")
         if not isinstance(self.random_start, bool):
             raise AttackError(f"random_start must be true or false (got {self.random_start!r})")
         for key in ("rel_stepsize", "abs_stepsize"):
@@ -706,6 +762,9 @@ class TorchattacksAttack(Attack):
             )
         for key, value in self.options.items():
             _check_option_type(self.name, key, value, params[key].default)
+            most = {"steps": MAX_STEPS, "n_restarts": MAX_RESTARTS, "n_queries": MAX_QUERIES}.get(key)
+            if most is not None and not 1 <= value <= most:
+                raise AttackError(f"{self.name}: option {key} must be in [1, {most:,}] (got {value!r})")
         # norm and seed are robustse's (the budget's norm, the random starts); an attack that has
         # its own takes them too, so no option is silently dropped
         self._shared = {k: v for k, v in (("norm", {"linf": "Linf", "l2": "L2"}[self.norm]), ("seed", self.seed))

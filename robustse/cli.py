@@ -53,6 +53,14 @@ class RobustseGroup(click.Group):
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; Ctrl-C is caught here, before click turns it into a blank line and
+        "aborted" with exit 1."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _fail("interrupted (finished work is saved; rerun the same command to resume)", 130)
+
 
 class Ctx:
     """Global options shared by every command."""
@@ -464,6 +472,7 @@ def parse_attack(text: str) -> dict[str, Any]:
 
 def parse_epsilons(text: str) -> tuple[float, ...]:
     """``0,0.01,0.03`` or ``0.01:0.05:0.01`` (start:stop:step, stop included) → floats."""
+    from .attacks import MAX_RUNGS
     from .errors import AttackError
 
     try:
@@ -472,6 +481,8 @@ def parse_epsilons(text: str) -> tuple[float, ...]:
             if step <= 0:
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
+            if count > MAX_RUNGS:
+                raise AttackError(f"--eps {text!r} makes {count:,} epsilons; the limit is {MAX_RUNGS:,}")
             return tuple(round(start + i * step, 10) for i in range(count))
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -799,7 +810,10 @@ def _verdict_summary(rep: Any) -> None:
 @cli.command("report")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option(
-    "--bootstrap", type=click.IntRange(min=100), default=None, help="Bootstrap replicates [default: spec's, 2000]."
+    "--bootstrap",
+    type=click.IntRange(min=100, max=100_000),
+    default=None,
+    help="Bootstrap replicates [default: spec's, 2000].",
 )
 @click.option("--alpha", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=None)
 @click.option("--gallery-eps", type=float, default=None, help="Eps of the gallery and heatmaps [default: middle].")

@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 def check_run_name(name: str) -> str:
     """Refuse run names that are empty or would escape the output root."""
-    bad = not name or name in {".", ".."} or any(c in name for c in "/\\\0") or name.startswith(".")
+    bad = not name or name in {".", ".."} or not name.isprintable() or any(c in name for c in "/\\") or name[0] == "."
     if bad:
         raise SpecError(f"invalid run name {name!r}: use letters, digits, '-', '_' (no path separators)")
     return name
@@ -92,9 +92,12 @@ class TrainConfig:
             (self.epochs >= 1, f"train.epochs must be >= 1 (got {self.epochs})"),
             (self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})"),
             (self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {self.eval_batch_size})"),
-            (self.lr > 0, f"train.lr must be > 0 (got {self.lr})"),
+            (0 < self.lr < math.inf, f"train.lr must be a finite number > 0 (got {self.lr})"),
             (0 <= self.momentum < 1, f"train.momentum must be in [0, 1) (got {self.momentum})"),
-            (self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})"),
+            (
+                0 <= self.weight_decay < math.inf,
+                f"train.weight_decay must be a finite number >= 0 (got {self.weight_decay})",
+            ),
             (0 <= self.adv_eps <= 1, f"train.adv_eps must be in [0, 1] (got {self.adv_eps})"),
         ]
         for ok, message in checks:
@@ -158,6 +161,8 @@ class ArmConfig:
                 f"arms.{self.name}: an arm without its own plain twin (plain = false) cannot change training"
             )
 
+
+MAX_BOOTSTRAP = 100_000  # replicates of a report's intervals (README "Reliability": limits)
 
 # The measurements the report compares between twins (README "Statistics and the verdict").
 MEASUREMENTS = (
@@ -266,8 +271,8 @@ class ReportConfig:
     margins: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.bootstrap < 100:
-            raise SpecError(f"report.bootstrap must be >= 100 (got {self.bootstrap})")
+        if not 100 <= self.bootstrap <= MAX_BOOTSTRAP:
+            raise SpecError(f"report.bootstrap must be in [100, {MAX_BOOTSTRAP:,}] (got {self.bootstrap})")
         if not 0 < self.alpha < 0.5:
             raise SpecError(f"report.alpha must be in (0, 0.5) (got {self.alpha})")
         if self.primary not in MEASUREMENTS:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,19 +364,27 @@ class ResultsStore:
 
         ``examples``: :meth:`examples` if the caller has already read it.
         """
-        path = Path(path)
         ex = self.examples() if examples is None else examples
-        ex.drop(columns=["cell_id"]).to_csv(path, index=False)
-        return path
+        return _replace_file(Path(path), lambda tmp: ex.drop(columns=["cell_id"]).to_csv(tmp, index=False))
 
     def export_parquet(self, path: PathLike, examples=None) -> Path | None:  # type: ignore[no-untyped-def]
         """The same table as :meth:`export_csv` as Parquet, if pyarrow is installed (else None)."""
         if not _has_pyarrow():
             return None
-        path = Path(path)
         ex = self.examples() if examples is None else examples
-        ex.drop(columns=["cell_id"]).to_parquet(path, index=False)
-        return path
+        return _replace_file(Path(path), lambda tmp: ex.drop(columns=["cell_id"]).to_parquet(tmp, index=False))
+
+
+def _replace_file(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` through a temporary file renamed over it: a reader never sees half a file,
+    and a symlink at ``path`` is replaced, never followed (its target is left alone)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _has_pyarrow() -> bool:

@@ -121,3 +121,130 @@ def test_a_rejected_experiment_leaves_the_runs_spec_alone(tiny_run, tmp_path):
     res = _cli("experiment", "--spec", str(path), "--out", str(run))
     assert res.exit_code == 2, res.output
     assert (run / "spec.toml").read_text() == kept
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "gate", "torchattacks:PGD"])
+def test_attacks_work_inside_no_grad_and_inference_mode(trained_small, context, name):
+    """Item 8: the usual evaluation pattern failed with "element 0 of tensors does not require grad"."""
+    model, x, y, _ = trained_small
+    atk = rs.create_attack(name, steps=2) if name != "fgsm" else rs.create_attack(name)
+    expected = atk(model, x[:8], y[:8], epsilons=[0.05]).adversarials[0]
+    with getattr(torch, context)():
+        xs, ys = x[:8].clone(), y[:8].clone()  # made inside: inference tensors under inference_mode
+        adv = atk(model, xs, ys, epsilons=[0.05]).adversarials[0]
+    assert torch.equal(adv, expected) and not adv.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda x, y: (x, y.float()), "labels must be integers"),
+        (lambda x, y: (x, y + 10), "a label is out of range"),
+        (lambda x, y: (x, y[:-1]), "one label per input"),
+        (lambda x, y: (x[:0], y[:0]), "non-empty batch"),
+        (lambda x, y: (x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y), "NaN or infinite"),
+        (lambda x, y: ((x * 255).to(torch.uint8), y), "divide uint8 images by 255"),
+    ],
+)
+def test_bad_batches_raise_attack_errors_not_raw_exceptions(trained_small, change, needle):
+    from robustse.errors import AttackError
+
+    model, x, y, _ = trained_small
+    xb, yb = change(x[:8], y[:8])
+    with pytest.raises(AttackError, match=needle):
+        rs.create_attack("pgd", steps=2)(model, xb, yb, epsilons=[0.05])
+
+
+def test_scalar_epsilons_and_bad_model_sizes_raise_robustse_errors(trained_small):
+    from robustse.errors import AttackError, ModelError
+
+    model, x, y, _ = trained_small
+    with pytest.raises(AttackError, match="epsilons must be a list"):
+        rs.create_attack("fgsm")(model, x[:4], y[:4], epsilons=0.03)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="num_classes must be an integer in"):
+        rs.create_model("small_cnn", num_classes=-1)
+    with pytest.raises(ModelError, match="in_channels must be an integer in"):
+        rs.create_model("small_cnn", in_channels=10**9)
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(trained_small, tmp_path):
+    """Item 9: Ctrl-C printed a blank line and "error: aborted" with exit 1."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, _, _, ckpt = trained_small
+    db = tmp_path / "run" / "results.db"
+    cmd = [sys.executable, "-m", "robustse.cli", "--quiet", "sweep", str(ckpt), "--attack", "pgd(steps=200)",
+           "--eps", "0,0.01,0.02,0.03", "--eval-subset", "300", "--out", str(db.parent)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not _has_cells(db):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err == "error: interrupted (finished work is saved; rerun the same command to resume)\n"
+
+
+def _has_cells(db: Path) -> bool:
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0] > 0
+    except sqlite3.OperationalError:
+        return False
+
+
+def test_results_csv_symlink_is_replaced_not_followed(trained_small, tmp_path):
+    """Item 9: a pre-existing symlink at results.csv was followed and its target overwritten."""
+    _, _, _, ckpt = trained_small
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    (run / "results.csv").symlink_to(victim)
+    res = _cli("--quiet", "sweep", str(ckpt), "--attack", "fgsm", "--eps", "0,0.05", "--eval-subset", "20",
+               "--out", str(run))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert victim.read_text() == "keep me"
+    assert not (run / "results.csv").is_symlink() and (run / "results.csv").read_text().startswith("model,")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[train]\nlr = inf\n", "train.lr must be a finite number > 0 (got inf)"),
+        ("[train]\nweight_decay = nan\n", "train.weight_decay must be a finite number >= 0 (got nan)"),
+        ('name = "a\\nb"\n', "invalid run name"),
+    ],
+)
+def test_spec_values_that_used_to_fail_late_are_refused_with_exit_2(tmp_path, text, needle):
+    spec = tmp_path / "s.toml"
+    spec.write_text(text)
+    _assert_refused(_cli("experiment", "--spec", str(spec), "--out", str(tmp_path / "run")), needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["sweep", "CKPT", "--attack", "pgd(steps=1000000000)"], "steps must be an integer in [1, 10,000]"),
+        (
+            ["sweep", "CKPT", "--attack", "torchattacks:Square(n_queries=1000000000)"],
+            "n_queries must be in [1, 100,000]",
+        ),
+        (["sweep", "CKPT", "--eps", "0:1:1e-9"], "makes 1,000,000,001 epsilons; the limit is 1,000"),
+        (["report", "RUN", "--bootstrap", "1000000000"], "100<=x<=100000"),
+        (["inspect", "small_cnn", "--in-channels", "1000000000"], "in_channels must be an integer in [1, 1,024]"),
+    ],
+)
+def test_work_beyond_the_documented_limits_is_refused_up_front(trained_small, tiny_run, args, needle):
+    """Item 5: these ran until killed or tried to allocate hundreds of gigabytes."""
+    _, _, _, ckpt = trained_small
+    _, run, _ = tiny_run
+    args = [str(ckpt) if a == "CKPT" else str(run) if a == "RUN" else a for a in args]
+    _assert_refused(_cli(*args), needle)

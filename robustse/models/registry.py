@@ -194,6 +194,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Example:
         >>> model = create_model("se_resnet20", num_classes=10, in_channels=1)
     """
+    _check_sizes(name, kwargs)
     if name.startswith(("torchvision:", "timm:")):
         from .external import create_external_model
 
@@ -209,6 +210,19 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     model.robustse_arch = name  # type: ignore[assignment]
     model.robustse_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}  # type: ignore[assignment]
     return model
+
+
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_IN_CHANNELS = 1024
+
+
+def _check_sizes(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse class and channel counts that are not integers in their documented range (a
+    negative count, or a billion channels that would try to allocate hundreds of gigabytes)."""
+    for key, most in (("num_classes", MAX_CLASSES), ("in_channels", MAX_IN_CHANNELS)):
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+            raise ModelError(f"{name}: {key} must be an integer in [1, {most:,}] (got {value!r})")
 
 
 def model_arch(model: nn.Module) -> tuple[str, dict[str, Any]]:
