@@ -95,13 +95,7 @@ def create_torchvision_model(
     """
     import torchvision.models as tvm
 
-    classifiers = set(tvm.list_models(module=tvm))
-    if name not in classifiers:
-        import difflib
-
-        close = difflib.get_close_matches(name, sorted(classifiers), n=5)
-        hint = f" (did you mean: {', '.join(close)})" if close else ""
-        raise ModelError(f"unknown torchvision classifier {name!r}{hint}")
+    _refuse_unknown("torchvision classifier", name, tvm.list_models(module=tvm))
     _check_channels(f"torchvision:{name}", in_channels)
     net = tvm.get_model(name, weights=None, num_classes=num_classes)
     mean, std = mean or _default(IMAGENET_MEAN, in_channels), std or _default(IMAGENET_STD, in_channels)
@@ -124,12 +118,8 @@ def create_timm_model(
             channel count.
     """
     timm = _import_timm()
-    if not timm.is_model(name):
-        import difflib
-
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        hint = f" (did you mean: {', '.join(close)})" if close else ""
-        raise ModelError(f"unknown timm model {name!r}{hint}")
+    if not timm.is_model(name):  # a pretrained tag (resnet50.a1_in1k) picks that tag's config
+        _refuse_unknown("timm model", name, timm.list_models())
     _check_channels(f"timm:{name}", in_channels)
     net = timm.create_model(name, pretrained=False, num_classes=num_classes)
     cfg = timm.data.resolve_data_config({}, model=net)
@@ -145,6 +135,17 @@ def _import_timm():  # type: ignore[no-untyped-def]
     except ImportError:
         raise ModelError("timm:<name> models need timm: pip install 'robustse[timm]'") from None
     return timm
+
+
+def _refuse_unknown(what: str, name: str, known: list[str]) -> None:
+    """ModelError naming up to five close matches when ``name`` is not in ``known``."""
+    if name in known:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=5)
+    hint = f" (did you mean: {', '.join(close)})" if close else ""
+    raise ModelError(f"unknown {what} {name!r}{hint}")
 
 
 def _check_channels(name: str, in_channels: int) -> None:
