@@ -274,7 +274,7 @@ def load_run(run_dir: PathLike) -> RunData:
     db = run / "results.db"
     if not db.is_file():
         raise StoreError(f"{run}: no results.db here (run `robustse experiment` or `robustse sweep` first)")
-    with ResultsStore(db) as store:
+    with ResultsStore(db, read_only=True) as store:
         data = _read_store(run, db, store)
     _require_one_norm(run, data.examples)
     return data

@@ -22,6 +22,7 @@ from ._types import PathLike
 from .errors import StoreError
 
 SCHEMA_VERSION = "4"
+LOCK_TIMEOUT_S = 30.0  # how long a write waits for another process's transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -135,11 +136,16 @@ class ResultsStore:
             it is reported and never overwritten.
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, read_only: bool = False) -> None:
         self.path = Path(path)
         existed = self.path.exists() and self.path.stat().st_size > 0
+        if read_only and not existed:
+            raise StoreError(f"{self.path}: no results store here")
         try:
-            self.conn = sqlite3.connect(str(self.path), timeout=30)
+            if read_only:  # a URI, so that SQLite never tries to write (a read-only file, directory or disk)
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOCK_TIMEOUT_S)
+            else:
+                self.conn = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT_S)
             if existed:
                 ok = self.conn.execute("PRAGMA quick_check").fetchone()
                 if not ok or ok[0] != "ok":
@@ -152,18 +158,37 @@ class ResultsStore:
                     )
                 if version != SCHEMA_VERSION:
                     raise sqlite3.DatabaseError(f"not a robustse results store (schema {version!r})")
-            with self.conn:
-                self.conn.executescript(SCHEMA)
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            if not read_only:
+                with self.writing():
+                    self.conn.executescript(SCHEMA)
+                    self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         except StoreError:
-            self.conn.close()
+            self._close_quietly()
             raise
         except sqlite3.DatabaseError as exc:
-            if hasattr(self, "conn"):
-                self.conn.close()
+            self._close_quietly()
+            healthy = _healthy_store_problem(self.path, exc)  # locked, read-only, full: not corrupt
             raise StoreError(
-                f"{self.path}: corrupt or foreign results database ({exc}); move it away to start over"
+                healthy or f"{self.path}: corrupt or foreign results database ({exc}); move it away to start over"
             ) from None
+
+    def _close_quietly(self) -> None:
+        if hasattr(self, "conn"):
+            self.conn.close()
+
+    @contextmanager
+    def writing(self, *, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a store that is locked for longer than ``LOCK_TIMEOUT_S``,
+        read-only or on a full disk gives a one-line StoreError (the transaction rolls back).
+        ``immediate``: take the write lock first, so what the transaction reads stays true until
+        it commits (another process cannot write in between)."""
+        try:
+            with self.conn:
+                if immediate:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                yield self.conn
+        except sqlite3.OperationalError as exc:
+            raise StoreError(_healthy_store_problem(self.path, exc) or f"{self.path}: cannot write ({exc})") from None
 
     def _meta_version(self) -> str | None:
         try:
@@ -183,8 +208,8 @@ class ResultsStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self.conn:
-            yield self.conn
+        with self.writing() as conn:
+            yield conn
 
     # ------------------------------------------------------------------ writing
 
@@ -203,9 +228,10 @@ class ResultsStore:
         probes: dict[str, Iterable[tuple[Any, ...]]] | None = None,
         *,
         replace_model: bool = False,
-    ) -> None:
+    ) -> bool:
         """Commit a cell, its per-example rows and its probe rows in one transaction, replacing
-        the stored cell it succeeds (a failed one) in that same transaction.
+        the stored cell it succeeds (a failed one) in that same transaction. A finished cell
+        written meanwhile by another process stands: nothing is written and False is returned.
 
         Args:
             cell: the summary.
@@ -216,9 +242,11 @@ class ResultsStore:
                 have since changed), in the same transaction: until a successor is committed,
                 nothing is lost.
         """
-        with self.conn:
+        with self.writing(immediate=True):
             if replace_model:
                 self._delete_cells("model = ?", [cell.model])
+            elif self.has_cell(cell.model, cell.attack_key, cell.eps):
+                return False  # another process into this store finished it first: its result stands
             else:
                 self._delete_cells("model = ? AND attack_key = ? AND eps = ?", [cell.model, cell.attack_key, cell.eps])
             cur = self.conn.execute(
@@ -240,6 +268,7 @@ class ResultsStore:
                     raise ValueError(f"unknown probe table {table!r}")
                 marks = ", ".join("?" * PROBE_TABLES[table])
                 self.conn.executemany(f"INSERT INTO {table} VALUES ({marks})", ((cell_id, *r) for r in trows))
+        return True
 
     def cell_rows(self, model: str, attack_key: str, eps: float) -> list[tuple[int, int, float]]:
         """(correct, adv_pred, adv_margin) per example of a finished cell, in example order."""
@@ -251,7 +280,7 @@ class ResultsStore:
 
     def write_model(self, model: str, **fields: Any) -> None:
         cols = ["model", *fields]
-        with self.conn:
+        with self.writing():
             self.conn.execute(
                 f"INSERT OR REPLACE INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 (model, *fields.values()),
@@ -265,14 +294,14 @@ class ResultsStore:
         """
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
-            with self.conn:
+            with self.writing():
                 self.conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
         elif row[0] != value:
             raise StoreError(f"{self.path} holds results for a different {what}; use another --out or move it away")
 
     def set_meta(self, key: str, value: str) -> None:
         """Store a free-form value (e.g. the class names) in the ``meta`` table."""
-        with self.conn:
+        with self.writing():
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def get_meta(self, key: str) -> str | None:
@@ -293,7 +322,7 @@ class ResultsStore:
         if eps is not None:
             where += " AND eps = ?"
             args.append(eps)
-        with self.conn:
+        with self.writing():
             return self._delete_cells(where, args)
 
     def _delete_cells(self, where: str, args: list[Any]) -> int:
@@ -309,12 +338,12 @@ class ResultsStore:
 
     def update_model(self, model: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
-        with self.conn:
+        with self.writing():
             self.conn.execute(f"UPDATE models SET {sets} WHERE model = ?", (*fields.values(), model))
 
     def write_checks(self, rows: Iterable[tuple[str, str, str, str]]) -> None:
         """Replace the sanity-check table with (model, name, status, detail) rows."""
-        with self.conn:
+        with self.writing():
             self.conn.execute("DELETE FROM checks")
             self.conn.executemany("INSERT INTO checks VALUES (?,?,?,?)", rows)
 
@@ -378,13 +407,27 @@ class ResultsStore:
 def _replace_file(path: Path, write: Callable[[Path], Any]) -> Path:
     """Write ``path`` through a temporary file renamed over it: a reader never sees half a file,
     and a symlink at ``path`` is replaced, never followed (its target is left alone)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: two sweeps may export at once
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _healthy_store_problem(path: Path, exc: sqlite3.DatabaseError) -> str | None:
+    """The one-line message for a store that is fine but cannot be used now (locked by another
+    process, read-only, disk full), or None when the error says something else."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return (f"{path} is locked by another process (another sweep into this run directory?) for over "
+                f"{LOCK_TIMEOUT_S:.0f} s; wait for it to finish, or use another --out")  # fmt: skip
+    if "readonly" in text or "read-only" in text:
+        return f"{path} is read-only: results cannot be added to it (robustse report can still read it)"
+    if "full" in text or "disk i/o" in text:
+        return f"{path}: cannot write ({exc}): free some disk space and rerun; finished cells are kept"
+    return None
 
 
 def _has_pyarrow() -> bool:

@@ -468,11 +468,19 @@ class Sweep:
         y_cpu = self.y_all.cpu()
         prev = _Rung(lad.clean.pred == y_cpu, lad.clean.pred.clone(), lad.clean.margin.clone())
         for rung, e in enumerate(lad.eps):
-            if e in lad.todo:
+            if e in lad.todo and not self._done_elsewhere(lad, e):
                 prev = self.run_rung(lad, rung, e, prev)
+                self.computed += 1
             elif self.opt.accuracy_only:  # a finished rung (resumed run): its survivors seed the next one
                 prev = self._stored_rung(lad, e)
-        self.computed += len(lad.todo)
+
+    def _done_elsewhere(self, lad: _Ladder, e: float) -> bool:
+        """Whether another process sweeping into the same store has finished this cell since the
+        plan was made (two sweeps into one run directory share the work instead of colliding)."""
+        done = None
+        if self.store is not None:
+            done = lad.sm.label not in self.stale and self.store.has_cell(lad.sm.label, lad.key, e)
+        return bool(self.layout.broadcast(done))
 
     def _stored_rung(self, lad: _Ladder, e: float) -> _Rung:
         rows = self.layout.broadcast(self.store.cell_rows(lad.sm.label, lad.key, e) if self.store is not None else None)

@@ -248,3 +248,79 @@ def test_work_beyond_the_documented_limits_is_refused_up_front(trained_small, ti
     _, run, _ = tiny_run
     args = [str(ckpt) if a == "CKPT" else str(run) if a == "RUN" else a for a in args]
     _assert_refused(_cli(*args), needle)
+
+
+def _sweep_cmd(ckpt: Path, out: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "robustse.cli", "--quiet", "sweep", str(ckpt), "--attack", "fgsm", "--attack",
+            "pgd(steps=5)", "--eps", "0,0.01,0.02,0.03,0.05", "--eval-subset", "200", "--out", str(out)]  # fmt: skip
+
+
+def test_two_sweeps_into_one_run_directory_share_the_work(trained_small, tmp_path):
+    """Item 6: the second of two concurrent sweeps died with an IntegrityError traceback."""
+    import subprocess
+
+    _, _, _, ckpt = trained_small
+    run = tmp_path / "run"
+    procs = [subprocess.Popen(_sweep_cmd(ckpt, run), stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert not any("Traceback" in e for e in errs)
+    with sqlite3.connect(run / "results.db") as conn:
+        keys = conn.execute("SELECT model, attack_key, eps FROM cells").fetchall()
+        (rows,) = conn.execute("SELECT COUNT(*) FROM examples").fetchone()
+    assert len(keys) == len(set(keys)) == 2 * 5 + 5  # fgsm, pgd and the noise control x 5 eps, once each
+    assert rows == len(keys) * 200
+
+
+def test_a_store_locked_by_another_process_is_one_line_and_kept(trained_small, tmp_path, monkeypatch):
+    import robustse.store
+
+    _, _, _, ckpt = trained_small
+    run = tmp_path / "run"
+    args = [
+        "--quiet",
+        "sweep",
+        str(ckpt),
+        "--attack",
+        "fgsm",
+        "--eps",
+        "0,0.05",
+        "--eval-subset",
+        "20",
+        "--out",
+        str(run),
+    ]
+    assert _cli(*args).exit_code == 0
+    before = _cells(run)
+    monkeypatch.setattr(robustse.store, "LOCK_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(run / "results.db")
+    holder.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
+    try:
+        _assert_refused(_cli(*args[:-1], str(run), "--attack", "noise"), "is locked by another process")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert _cells(run) == before
+
+
+def test_a_read_only_store_is_readable_and_never_called_corrupt(tiny_run, tmp_path):
+    """Item 6: a healthy read-only results.db was called "corrupt or foreign ... move it away"."""
+    import subprocess
+
+    _, out, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    db = run / "results.db"
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i (an immutable file, read-only even for root) is not available here")
+    try:
+        res = _cli("report", str(run), "--bootstrap", "100")
+        assert res.exit_code == 0, res.output
+        res = _cli("--quiet", "sweep", str(run / "models" / "small_cnn_s0.safetensors"), "--attack", "fgsm",
+                   "--eps", "0,0.02", "--eval-subset", "100", "--out", str(run))  # fmt: skip
+        _assert_refused(res, "is read-only: results cannot be added to it")
+        assert "corrupt" not in res.output
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
