@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import warnings
@@ -101,9 +102,74 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: checkpoint metadata is nested too deeply to be robustse's") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
+    _check_metadata(path, meta)
     return meta
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What the keys robustse reads from metadata must hold (absent is fine; None where noted).
+_META_CHECKS: dict[str, tuple[Any, str]] = {
+    "arch": (lambda v: isinstance(v, str), "a string"),
+    "arch_kwargs": (lambda v: isinstance(v, dict), "a JSON object"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "seed": (lambda v: _is_count(v) and 0 <= v < 2**63, "an integer >= 0"),
+    "epochs": (lambda v: _is_count(v) and v >= 0, "an integer >= 0"),
+    "train_examples": (lambda v: v is None or (_is_count(v) and v >= 1), "an integer >= 1"),
+    "gate_means": (lambda v: v is None or _gate_means_ok(v), "{gate: [numbers]}"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of objects"),
+    "weight_hash": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _gate_means_ok(v: object) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(m, list) and m and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                               and not isinstance(x, bool) for x in m)
+        for k, m in v.items()
+    )  # fmt: skip
+
+
+def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse metadata whose keys hold the wrong kind of value (a list for ``dataset``, a string
+    for ``seed`` or ``gate_means``...), with one line naming the key.
+
+    Raises:
+        CheckpointError: the first bad key.
+    """
+    for key, (ok, want) in _META_CHECKS.items():
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{path}: checkpoint metadata {key!r} must be {want} (got {_short(meta[key])})")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_gate_means(path: PathLike, model: nn.Module, means: dict[str, list[float]]) -> None:
+    """Refuse stored gate means that name no gate of ``model`` or have the wrong channel count.
+
+    Raises:
+        CheckpointError: naming the gate.
+    """
+    from .probes import find_gates, gate_channels
+
+    gates = find_gates(model)
+    for name, values in means.items():
+        if name not in gates:
+            raise CheckpointError(f"{path}: metadata gate_means names {name!r}, which is not a gate of the model")
+        channels = gate_channels(model, name)
+        if channels is not None and len(values) != channels:
+            raise CheckpointError(
+                f"{path}: metadata gate_means[{name!r}] has {len(values)} values for {channels} channels"
+            )
 
 
 def load_checkpoint(
@@ -153,6 +219,8 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot rebuild the model: {exc}") from None
     state = _fit_keys(model, state)
     _check_fits(path, arch, model, state, partial_ok=bool(meta.get("foreign")))
+    if meta.get("gate_means"):
+        check_gate_means(path, model, meta["gate_means"])
     model.load_state_dict(state, strict=not meta.get("foreign"))
     model.to(map_location)
     model.eval()

@@ -233,7 +233,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
     """Show layers, parameters and SE gates of an architecture NAME or a CHECKPOINT file."""
     from .checkpoint import load_checkpoint
     from .models import Block, create_model
-    from .probes import find_gates
+    from .probes import find_gates, gate_channels
 
     meta: dict[str, Any] = {}
     if _looks_like_path(target):
@@ -253,8 +253,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
             )
     gate_rows = []
     for name, gate in gates.items():
-        se = model.get_submodule(name.rsplit(".", 1)[0])
-        channels = getattr(se, "channels", None) or getattr(getattr(se, "fc2", None), "out_channels", None)
+        channels = gate_channels(model, name)
         gate_rows.append({"name": name, "type": type(gate).__name__, "channels": channels})
     summary = {
         "target": target,

@@ -74,6 +74,16 @@ def _se_modules(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     return found
 
 
+def gate_channels(model: nn.Module, name: str) -> int | None:
+    """How many channels the gate ``name`` scales (None when its block does not say)."""
+    block = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    channels = getattr(block, "channels", None)
+    if not isinstance(channels, int):
+        fc2 = getattr(block, "fc2", None)
+        channels = getattr(fc2, "out_channels", getattr(fc2, "out_features", None))
+    return channels if isinstance(channels, int) else None
+
+
 def find_gates(model: nn.Module) -> dict[str, nn.Module]:
     """All channel gates of ``model``, in forward order.
 

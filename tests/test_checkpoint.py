@@ -136,5 +136,5 @@ def test_metadata_without_arch_is_a_checkpoint_error(tmp_path, model):
     path = tmp_path / "odd.safetensors"
     meta = {"format": FORMAT, "weight_hash": weight_hash(state), "arch_kwargs": []}
     save_file(state, str(path), metadata={"robustse": json.dumps(meta)})
-    with pytest.raises(CheckpointError, match="lacks a valid 'arch'"):
+    with pytest.raises(CheckpointError, match="'arch_kwargs' must be a JSON object"):
         rs.load_checkpoint(path)
