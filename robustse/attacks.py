@@ -42,6 +42,7 @@ MAX_STEPS = 10_000  # iterations of an iterative attack (also torchattacks' step
 MAX_RESTARTS = 100
 MAX_QUERIES = 100_000
 MAX_RUNGS = 1_000  # epsilons in one ladder
+MAX_PIXEL_UNITS = 1e6  # an eps or step size beyond this is no budget at all (and overflows float32)
 
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = ("linf", "l2")
@@ -176,8 +177,8 @@ def check_epsilons(epsilons: Sequence[float], norm: str) -> tuple[float, ...]:
     if len(eps) > MAX_RUNGS:
         raise AttackError(f"a ladder of {len(eps):,} epsilons is over the limit of {MAX_RUNGS:,}")
     for e in eps:
-        if not e >= 0 or e == float("inf"):
-            raise AttackError(f"eps must be a finite number >= 0 (got {e})")
+        if not 0 <= e <= MAX_PIXEL_UNITS:
+            raise AttackError(f"eps must be a number in [0, {MAX_PIXEL_UNITS:g}] (got {e})")
         if norm == "linf" and e > 1:
             raise AttackError(f"Linf eps {e} > 1 is larger than the whole pixel range [0, 1]")
     return eps
@@ -524,8 +525,8 @@ class PGD(Attack):
             raise AttackError(f"random_start must be true or false (got {self.random_start!r})")
         for key in ("rel_stepsize", "abs_stepsize"):
             value = getattr(self, key)
-            if value is not None and (not _is_real(value) or not value > 0):
-                raise AttackError(f"{key} must be a number > 0 (got {value!r})")
+            if value is not None and (not _is_real(value) or not 0 < value <= MAX_PIXEL_UNITS):
+                raise AttackError(f"{key} must be a number in (0, {MAX_PIXEL_UNITS:g}] (got {value!r})")
         if self.restarts > 1 and not self.random_start:
             raise AttackError("restarts > 1 need random_start = true (otherwise every restart is the same)")
         if self.rel_stepsize is None:
@@ -772,8 +773,10 @@ class TorchattacksAttack(Attack):
         self._cls = cls
         try:  # constructor-level type errors surface now, as one line, not mid-sweep
             cls(nn.Linear(1, 1), eps=0.1, **self.options, **self._shared)
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise AttackError(f"torchattacks:{self.attack}: bad option value ({exc})") from None
+        except _OPTION_ERRORS as exc:
+            raise AttackError(
+                f"torchattacks:{self.attack}: bad option value ({str(exc).strip() or type(exc).__name__})"
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         return {"attack": self.name, "norm": self.norm, "seed": self.seed, **self.options}
@@ -785,9 +788,15 @@ class TorchattacksAttack(Attack):
             for e in eps:
                 try:
                     out.append(self._cls(model, eps=e, **self.options, **self._shared)(x, y).detach())
-                except (TypeError, ValueError) as exc:  # option values torchattacks checks only when run
-                    raise AttackError(f"torchattacks:{self.attack}: bad option value ({exc})") from None
+                except _OPTION_ERRORS as exc:
+                    # option values torchattacks checks only when run (kernel_name=foo, loss=foo)
+                    reason = str(exc).strip() or type(exc).__name__
+                    raise AttackError(f"torchattacks:{self.attack}: bad option value ({reason})") from None
         return out
+
+
+# What torchattacks raises for option values it checks itself (kernel_name=foo, loss=foo)
+_OPTION_ERRORS = (TypeError, ValueError, KeyError, NotImplementedError, AssertionError)
 
 
 def _check_option_type(attack: str, key: str, value: Any, default: Any) -> None:

@@ -231,8 +231,8 @@ class SweepConfig:
         if not self.epsilons:
             raise SpecError("sweep.epsilons must list at least one eps")
         for e in self.epsilons:
-            if not math.isfinite(e):
-                raise SpecError(f"sweep.epsilons: {e} is not a finite number")
+            if not math.isfinite(e) or e > 1e6:
+                raise SpecError(f"sweep.epsilons: {e} is not a finite number <= 1e6")
             if e < 0 or (self.norm == "linf" and e > 1):
                 raise SpecError(f"sweep.epsilons: {e} is outside [0, 1]" if e >= 0 else f"sweep.epsilons: {e} < 0")
         if not self.attacks:

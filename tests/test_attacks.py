@@ -164,12 +164,14 @@ def test_registry_options_listed():
 @pytest.mark.parametrize(
     ("name", "kwargs", "eps", "match"),
     [
-        ("pgd", {}, [-0.1], r"eps must be a finite number >= 0 \(got -0.1\)"),
+        ("pgd", {}, [-0.1], r"eps must be a number in \[0, 1e\+06\] \(got -0.1\)"),
         ("pgd", {}, [1.5], r"Linf eps 1.5 > 1"),
         ("pgd", {}, [], "no epsilons"),
-        ("pgd", {"steps": 0}, [0.1], r"steps must be an integer >= 1 \(got 0\)"),
+        ("pgd", {"steps": 0}, [0.1], r"steps must be an integer in \[1, 10,000\] \(got 0\)"),
         ("pgd", {"restarts": 2, "random_start": False}, [0.1], "restarts > 1 need random_start"),
-        ("pgd", {"rel_stepsize": 0}, [0.1], "rel_stepsize must be a number > 0"),
+        ("pgd", {"rel_stepsize": 0}, [0.1], r"rel_stepsize must be a number in \(0, 1e\+06\]"),
+        ("pgd", {"abs_stepsize": 1e308}, [0.1], r"abs_stepsize must be a number in \(0, 1e\+06\]"),
+        ("pgd", {"norm": "l2"}, [1e308], r"eps must be a number in \[0, 1e\+06\]"),
         ("pgd", {"norm": "l1"}, [0.1], r"unknown norm 'l1' \(valid: linf, l2\)"),
         ("pgd", {"step": 3}, [0.1], r"pgd: unknown option 'step' \(valid: .*steps"),
         ("fgsm", {"steps": 3}, [0.1], r"fgsm: unknown option 'steps'"),

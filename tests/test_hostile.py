@@ -324,3 +324,19 @@ def test_a_read_only_store_is_readable_and_never_called_corrupt(tiny_run, tmp_pa
         assert "corrupt" not in res.output
     finally:
         subprocess.run(["chattr", "-i", str(db)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("attack", "needle"),
+    [
+        ("torchattacks:TIFGSM(kernel_name=foo)", "torchattacks:TIFGSM: bad option value"),
+        ("torchattacks:Square(loss=foo,n_queries=5)", "torchattacks:Square: bad option value"),
+        ("pgd(abs_stepsize=1e308)", "abs_stepsize must be a number in (0, 1e+06]"),
+    ],
+)
+def test_options_that_only_fail_inside_the_attack_are_one_line(trained_small, tmp_path, attack, needle):
+    """Item 7: torchattacks options its own code rejects, and overflowing step sizes, were tracebacks."""
+    _, _, _, ckpt = trained_small
+    res = _cli("--quiet", "sweep", str(ckpt), "--attack", attack, "--eps", "0,0.02", "--eval-subset", "8",
+               "--out", str(tmp_path / "run"))  # fmt: skip
+    _assert_refused(res, needle)

@@ -71,7 +71,7 @@ MATRIX = [
     ("unknown dataset", ["eval", "{ckpt}", "--dataset", "imagenet"], "imagenet"),
     ("negative eps", ["sweep", "{ckpt}", "--eps=-0.1", "--out", "{run}"], "-0.1"),
     ("Linf eps > 1", ["sweep", "{ckpt}", "--eps", "0,1.5", "--out", "{run}"], "1.5"),
-    ("steps < 1", ["sweep", "{ckpt}", "--attack", "pgd(steps=0)", "--out", "{run}"], "steps must be an integer >= 1"),
+    ("steps < 1", ["sweep", "{ckpt}", "--attack", "pgd(steps=0)", "--out", "{run}"], "steps must be an integer in [1, 10,000]"),
     ("spec: unknown key", ["experiment", "--spec", "{root}/unknown_key.toml", "--out", "{run}"],
      "unknown key 'train.epochz'"),
     ("spec: wrong type", ["experiment", "--spec", "{root}/wrong_type.toml", "--out", "{run}"],

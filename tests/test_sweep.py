@@ -226,7 +226,7 @@ def test_parse_attack_and_epsilons():
     [
         (["--eps", "-0.1"], "sweep.epsilons: -0.1 < 0"),
         (["--eps", "0,1.5"], "sweep.epsilons: 1.5 is outside [0, 1]"),
-        (["--attack", "pgd(steps=0)"], "steps must be an integer >= 1"),
+        (["--attack", "pgd(steps=0)"], "steps must be an integer in [1, 10,000]"),
         (["--attack", "cw"], "unknown attack 'cw' (valid: fgsm, gate, noise, pgd, or torchattacks:<Name>)"),
         (["--attack", "pgd(norm=l3)"], "unknown norm 'l3' (valid: linf, l2)"),
         (["--norm", "l3"], "'l3' is not one of 'linf', 'l2'"),
