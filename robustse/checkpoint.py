@@ -198,6 +198,7 @@ def load_checkpoint(
     path = _existing(path)
     meta = read_metadata(path)
     state = _load_safetensors(path) if path.suffix == ".safetensors" else _load_pickle_weights_only(path)
+    _check_tensors(path, state)
     if meta:
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
@@ -272,6 +273,19 @@ def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def _check_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that are not dense real tensors (sparse, complex, quantized...): copying them
+    into a model fails deep inside torch, or silently drops the imaginary part.
+
+    Raises:
+        CheckpointError: naming the first such tensor.
+    """
+    for key, t in state.items():
+        if t.layout != torch.strided or t.is_complex() or t.is_quantized:
+            kind = "complex" if t.is_complex() else "quantized" if t.is_quantized else str(t.layout).split(".")[-1]
+            raise CheckpointError(f"{path}: tensor {key!r} is {kind}; robustse loads dense real weights only")
 
 
 def _fit_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

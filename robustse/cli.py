@@ -106,7 +106,13 @@ pass_ctx = click.make_pass_decorator(Ctx)
     show_default=True,
     help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for initialization, order and attacks.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**31 - 1),
+    default=0,
+    show_default=True,
+    help="Seed for initialization, order and attacks.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; results only.")
 @click.option("--verbose", "-v", is_flag=True, help="More log lines (per cell: accuracy and time).")
 @click.version_option(package_name="robustse")

@@ -301,6 +301,9 @@ class ExperimentSpec:
             raise SpecError("seeds must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise SpecError(f"seeds must be distinct (got {list(self.seeds)})")
+        wild = [s for s in self.seeds if not 0 <= s < 2**31]
+        if wild:
+            raise SpecError(f"seeds must be integers in [0, 2^31) (got {wild[0]})")
         check_run_name(self.name)
         if not self.arms:
             raise SpecError("arms must list at least one arm")

@@ -314,7 +314,13 @@ def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
     stored = stored[[split_intervention(m)[1] is None for m in stored.model]]
     path = run_dir / "models.csv"
     if path.exists():
-        table = pd.read_csv(path)
+        try:
+            table = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StoreError(
+                f"{path}: unreadable ({reason}); restore it, or delete it to rebuild the model table from the store"
+            ) from None
         if set(MODEL_COLUMNS[:-1]) <= set(table.columns):
             table["se"] = table.se.astype(str).str.lower().isin(["true", "1"])
             if "kind" not in table:  # written before the static control existed

@@ -275,10 +275,28 @@ def _read_resume_state(path: Path, device: torch.device) -> dict[str, Any] | Non
     if not path.exists():
         return None
     try:
-        state: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception:  # a torn or foreign file: start over rather than trust it
         return None
-    return state
+    return state if isinstance(state, dict) else None
+
+
+def _usable_resume_state(state: dict[str, Any], model: nn.Module, epochs: int) -> bool:
+    """Whether a resume state has every part, of the right kind and shape, before any of it is loaded."""
+    own = model.state_dict()
+    weights = state.get("model")
+    if not isinstance(weights, dict) or set(weights) != set(own):
+        return False
+    if any(not isinstance(v, torch.Tensor) or v.shape != own[k].shape for k, v in weights.items()):
+        return False
+    epoch = state.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= epochs:
+        return False
+    try:
+        history = json.loads(state.get("history", ""))
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return isinstance(history, list) and all(isinstance(state.get(k), dict) for k in ("optimizer", "scheduler"))
 
 
 @dataclass
@@ -342,6 +360,10 @@ class _Run:
         job = self.job
         state = _read_resume_state(job.resume_path, job.device)
         if state is None or state.get("fingerprint") != job.fingerprint:
+            return
+        if not _usable_resume_state(state, self.model, job.cfg.epochs):
+            if log:
+                log(f"{job.resume_path.name}: not a usable resume state (edited or foreign); training from the start")
             return
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])

@@ -25,13 +25,16 @@ META_KEYS = ["arch", "arch_kwargs", "arch_kwargs.num_classes", "arch_kwargs.in_c
              "arch_kwargs.reduction", "dataset", "seed", "gate_means", "gate_means.*", "train_examples",
              "weight_hash", "history", "clean_accuracy", "epochs", "foreign", "normalization"]  # fmt: skip
 SWEEP_KEYS = ["epsilons", "attacks", "norm", "eval_subset", "batch_size", "accuracy_only", "probes",
-              "probe_subsample", "interventions", "seed_batching", "pass_rows", "dataset", "channels_last", "seed"]  # fmt: skip
+              "probe_subsample", "interventions", "seed_batching", "pass_rows", "dataset", "channels_last",
+              "seed"]  # fmt: skip
 ATTACKS = {"fgsm": ["norm", "seed"], "pgd": ["steps", "rel_stepsize", "restarts", "random_start", "norm"],
            "noise": ["norm", "seed"], "gate": ["steps", "norm"], "torchattacks:PGD": ["steps", "alpha", "random_start"],
            "torchattacks:APGD": ["steps", "loss", "rho", "norm", "n_restarts"],
-           "torchattacks:TIFGSM": ["kernel_name", "len_kernel", "steps"], "torchattacks:FAB": ["steps", "eta"]}  # fmt: skip
+           "torchattacks:TIFGSM": ["kernel_name", "len_kernel", "steps"],
+           "torchattacks:FAB": ["steps", "eta"]}  # fmt: skip
 TOML_VALUES = ["-1", "0", "1.5", "nan", "inf", "'x'", "[]", "[0, 'a']", "{}", "true", "1e308", "[0.0, 1e308]",
-               "[{name = 'nope'}]", "[{name = 'pgd', steps = 0}]", "['held_gates', 'x']", "'imagefolder:/nowhere'"]  # fmt: skip
+               "[{name = 'nope'}]", "[{name = 'pgd', steps = 0}]", "['held_gates', 'x']",
+               "'imagefolder:/nowhere'"]  # fmt: skip
 
 
 def _set(meta: dict, dotted: str, value: object) -> None:  # type: ignore[type-arg]

@@ -340,3 +340,34 @@ def test_options_that_only_fail_inside_the_attack_are_one_line(trained_small, tm
     res = _cli("--quiet", "sweep", str(ckpt), "--attack", attack, "--eps", "0,0.02", "--eval-subset", "8",
                "--out", str(tmp_path / "run"))  # fmt: skip
     _assert_refused(res, needle)
+
+
+def test_item7_files_a_user_can_break_get_one_line(tiny_run, tmp_path):
+    """Item 7: tracebacks from spec seeds out of range, --seed 2**64, an empty or non-UTF-8
+    models.csv, and sparse or complex tensors in a state dict."""
+    _, out, _ = tiny_run
+    spec = tmp_path / "s.toml"
+    spec.write_text("seeds = [9223372036854775807]\n")
+    _assert_refused(_cli("experiment", "--spec", str(spec), "--out", str(tmp_path / "x")), "seeds must be integers in")
+    _assert_refused(_cli("--seed", str(2**64), "models"), "--seed")
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    for content in (b"", b"\xff\xfe\x00bad"):
+        (run / "models.csv").write_bytes(content)
+        _assert_refused(_cli("report", str(run), "--bootstrap", "100"), "models.csv: unreadable")
+    state = rs.create_model("small_cnn").state_dict()
+    key = "head.weight"
+    for kind, tensor in (("sparse_coo", state[key].to_sparse()), ("complex", state[key].to(torch.complex64))):
+        path = tmp_path / f"{kind}.pt"
+        torch.save({**state, key: tensor}, path)
+        _assert_refused(_cli("eval", str(path), "--arch", "small_cnn", "--eval-subset", "8"), f"is {kind}")
+
+
+def test_a_resume_file_holding_a_list_does_not_block_training(real_fmnist, tmp_path):
+    """Item 7: a resume file holding a list crashed every rerun until deleted by hand."""
+    out = tmp_path / "m.safetensors"
+    torch.save([1, 2, 3], tmp_path / "m.safetensors.resume.pt")
+    res = _cli("--quiet", "train", "small_cnn", "--epochs", "1", "--train-subset", "200", "--eval-subset", "100",
+               "--out", str(out))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert out.exists()
