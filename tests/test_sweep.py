@@ -139,10 +139,12 @@ def test_corrupt_or_foreign_store_is_reported_not_overwritten(tmp_path):
 def test_duplicate_cells_are_impossible(tmp_path):
     with ResultsStore(tmp_path / "r.db") as store:
         cell = Cell("m", "fgsm", "k", "linf", 0.1, 1, 0, 0.1)
-        store.write_cell(cell, [(0, 1, 1, 0, 0, 1.0, -1.0)])
-        with pytest.raises(sqlite3.IntegrityError):
-            store.write_cell(cell, [(0, 1, 1, 0, 0, 1.0, -1.0)])
-        assert len(store.examples()) == 1  # the failed transaction left nothing behind
+        assert store.write_cell(cell, [(0, 1, 1, 0, 0, 1.0, -1.0)])
+        assert not store.write_cell(cell, [(0, 1, 1, 0, 0, 1.0, -1.0)])  # finished elsewhere: it stands
+        with pytest.raises(sqlite3.IntegrityError), store.conn:  # and the schema forbids a second copy
+            store.conn.execute("INSERT INTO cells (model, attack, attack_key, norm, eps, n, correct, status, seconds)"
+                               " VALUES ('m', 'fgsm', 'k', 'linf', 0.1, 1, 0, 'done', 0.1)")  # fmt: skip
+        assert len(store.examples()) == 1  # nothing was added
 
 
 def test_killed_sweep_resumes_with_exact_cells(tmp_path, trained_small):
@@ -433,7 +435,7 @@ def test_torchattacks_l2_attack_keeps_its_norm():
         ("pgd(random_start='no')", "random_start must be true or false"),
         ("pgd(steps=true)", "steps must be an integer"),
         ("pgd(abs_stepsize=true)", "abs_stepsize must be a number"),
-        ("torchattacks:PGD(steps='x')", "bad option value"),
+        ("torchattacks:PGD(steps='x')", "option steps must be an integer"),
     ],
 )
 def test_bad_attack_option_values(tmp_path, trained_small, text, needle):
