@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,6 +37,8 @@ class RobustseGroup(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        if not sys.warnoptions:  # library warnings would add lines to one-line errors; -W shows them
+            warnings.simplefilter("ignore")
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
@@ -428,6 +431,10 @@ def eval_cmd(
     if len(ds) == 0:
         raise DataError(f"{name}: the test split is empty")
     check_input_fits(model, ds, device=device, channels=meta.get("arch_kwargs", {}).get("in_channels"))
+    from .sweep_setup import nonfinite_weights
+
+    if nonfinite_weights(model):
+        click.echo(f"warning: {checkpoint}: {nonfinite_weights(model)} non-finite weight value(s)", err=True)
     preds = predict(model, ds, batch_size=batch_size, device=device)
     correct = int((preds == ds.y).sum())
     result = {

@@ -284,8 +284,11 @@ def _load_idx_pair(name: str, split: Split, bases: list[Path], classes: tuple[st
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise DataError(f"{name}: {found[0].name} {images.shape} does not match {found[1].name} {labels.shape}")
-    if labels.size and int(labels.max()) >= len(classes):
-        raise DataError(f"{name}: label {int(labels.max())} out of range for {len(classes)} classes")
+    if labels.dtype.kind not in "ui":
+        raise DataError(f"{name}: {found[1].name} holds {labels.dtype} labels; class labels are integers")
+    if labels.size and (int(labels.max()) >= len(classes) or int(labels.min()) < 0):
+        bad = int(labels.max()) if int(labels.max()) >= len(classes) else int(labels.min())
+        raise DataError(f"{name}: label {bad} out of range for {len(classes)} classes")
     x = torch.from_numpy(images.astype(np.uint8)).unsqueeze(1)  # (N, 1, H, W)
     y = torch.from_numpy(labels.astype(np.int64))
     return Dataset(name, split, x, y, classes)

@@ -54,6 +54,7 @@ def sweep_checkpoints(
     given = load_split(dataset, root=data_root) if dataset and splits is None else None
     classes = num_classes or (given.num_classes if given is not None else 10)
     models = load_sweep_models(paths, device=device, num_classes=classes)
+    warn_nonfinite(models, log)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
     test = splits[1] if splits is not None else load_test_split(models, data_root=data_root, given=given, log=log)
     evalset = evaluation_set(models, test, cfg)
@@ -69,6 +70,19 @@ def sweep_checkpoints(
         models, attacks, cfg.epsilons, evalset, out, **cfg.run_options(),
         device=device, progress=progress, log=log, debug=debug, layout=layout,
     )  # fmt: skip
+
+
+def nonfinite_weights(model: torch.nn.Module) -> int:
+    """How many parameter and buffer values of ``model`` are NaN or infinite."""
+    return sum(int((~torch.isfinite(t)).sum()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+def warn_nonfinite(models: list[SweepModel], log: Callable[[str], None] | None) -> None:
+    """Say which models hold non-finite weights (their cells will fail the no_nan_inf check)."""
+    for m in models:
+        bad = nonfinite_weights(m.model)
+        if bad and log:
+            log(f"warning: {m.label}: {bad} non-finite weight value(s); its results will be NaN")
 
 
 def prepare_out_dir(out_dir: Path) -> Path:

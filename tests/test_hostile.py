@@ -371,3 +371,35 @@ def test_a_resume_file_holding_a_list_does_not_block_training(real_fmnist, tmp_p
                "--out", str(out))  # fmt: skip
     assert res.exit_code == 0, res.output
     assert out.exists()
+
+
+def test_signed_or_float_idx_labels_are_refused(tmp_path):
+    """Item 7: negative or NaN labels in IDX files."""
+    import gzip
+    import struct
+
+    from tests.conftest import write_fake_fmnist
+
+    root = write_fake_fmnist(tmp_path / "data", n_train=20, n_test=20)
+    for code, payload, needle in ((0x09, struct.pack(">20b", *([-1] * 20)), "label -1 out of range"),
+                                  (0x0D, struct.pack(">20f", *([float("nan")] * 20)), "holds >f4 labels")):  # fmt: skip
+        with gzip.open(root / "t10k-labels-idx1-ubyte.gz", "wb") as fh:
+            fh.write(bytes([0, 0, code, 1]) + struct.pack(">I", 20) + payload)
+        out = tmp_path / "m.safetensors"
+        res = _cli("train", "small_cnn", "--epochs", "1", "--data-root", str(root), "--out", str(out))
+        _assert_refused(res, needle)
+
+
+def test_non_finite_weights_are_named(trained_small, tmp_path):
+    """Item 9: NaN weights evaluated silently."""
+    model, _, _, _ = trained_small
+    bad = rs.create_model("se_small_cnn")
+    bad.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        next(bad.parameters()).view(-1)[:3] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    rs.save_checkpoint(bad, path)
+    res = _cli(
+        "sweep", str(path), "--attack", "fgsm", "--eps", "0,0.02", "--eval-subset", "8", "--out", str(tmp_path / "r")
+    )
+    assert "warning: nan: 3 non-finite weight value(s)" in res.output
