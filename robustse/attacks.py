@@ -339,11 +339,12 @@ class Attack:
                 x, y = x.clone(), y.clone()  # ordinary tensors autograd may use
         with torch.inference_mode(False), torch.enable_grad():
             try:
-                return self._attack(model, x, y, eps, accuracy_only, grad0, stream, members)
+                return self._attack(model, x, y, eps, accuracy_only=accuracy_only, grad0=grad0, stream=stream,
+                                    members=members)  # fmt: skip
             except IndexError as exc:  # cross_entropy: "Target 12 is out of bounds."
                 raise AttackError(f"a label is out of range for the model's outputs ({exc})") from None
 
-    def _attack(self, model, x, y, eps, accuracy_only, grad0, stream, members) -> AttackResult:  # type: ignore[no-untyped-def]
+    def _attack(self, model, x, y, eps, *, accuracy_only, grad0, stream, members) -> AttackResult:  # type: ignore[no-untyped-def]
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + stream)
         if members > 1 and (accuracy_only or not self._tiles_draws()):
             raise AttackError(f"{self.name} cannot attack a stacked model (members > 1)")
