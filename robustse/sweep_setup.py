@@ -58,6 +58,7 @@ def sweep_checkpoints(
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
     test = splits[1] if splits is not None else load_test_split(models, data_root=data_root, given=given, log=log)
     evalset = evaluation_set(models, test, cfg)
+    try_attacks_first(models[0], attacks, evalset, cfg.epsilons, device)
     if cfg.probes and not cfg.accuracy_only:  # frozen_mean, calibration and interventions are probes
         train = None if splits is None else splits[0]
         fill_gate_means(models, train_split=train, data_root=data_root, dataset=dataset, log=log)
@@ -70,6 +71,26 @@ def sweep_checkpoints(
         models, attacks, cfg.epsilons, evalset, out, **cfg.run_options(),
         device=device, progress=progress, log=log, debug=debug, layout=layout,
     )  # fmt: skip
+
+
+def try_attacks_first(
+    sm: SweepModel, attacks: Sequence[Any], evalset: Dataset, epsilons: Sequence[float], device: torch.device | str
+) -> None:
+    """Run every torchattacks attack once on two evaluation images before anything is stored:
+    option values that only torchattacks' own code checks (``Square(loss=foo)``) are refused
+    up front instead of after the cells of other attacks were written.
+
+    Raises:
+        AttackError: the attack's one-line refusal.
+    """
+    from .attacks import TorchattacksAttack
+    from .data import to_float
+
+    eps = [e for e in sorted(epsilons) if e > 0][:1]
+    x, y = to_float(evalset.x[:2]).to(device), evalset.y[:2].to(device)
+    for atk in attacks:
+        if isinstance(atk, TorchattacksAttack) and eps:
+            atk(sm.model, x, y, epsilons=eps)
 
 
 def nonfinite_weights(model: torch.nn.Module) -> int:

@@ -179,7 +179,9 @@ def test_ctrl_c_says_interrupted_and_exits_130(trained_small, tmp_path):
     db = tmp_path / "run" / "results.db"
     cmd = [sys.executable, "-m", "robustse.cli", "--quiet", "sweep", str(ckpt), "--attack", "pgd(steps=200)",
            "--eps", "0,0.01,0.02,0.03", "--eval-subset", "300", "--out", str(db.parent)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a background job (CI) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not _has_cells(db):
         time.sleep(0.05)
@@ -337,9 +339,10 @@ def test_a_read_only_store_is_readable_and_never_called_corrupt(tiny_run, tmp_pa
 def test_options_that_only_fail_inside_the_attack_are_one_line(trained_small, tmp_path, attack, needle):
     """Item 7: torchattacks options its own code rejects, and overflowing step sizes, were tracebacks."""
     _, _, _, ckpt = trained_small
-    res = _cli("--quiet", "sweep", str(ckpt), "--attack", attack, "--eps", "0,0.02", "--eval-subset", "8",
-               "--out", str(tmp_path / "run"))  # fmt: skip
+    res = _cli("--quiet", "sweep", str(ckpt), "--attack", "fgsm", "--attack", attack, "--eps", "0,0.02",
+               "--eval-subset", "8", "--out", str(tmp_path / "run"))  # fmt: skip
     _assert_refused(res, needle)
+    assert not (tmp_path / "run" / "results.db").exists()  # refused before any cell (not even fgsm's) was stored
 
 
 def test_item7_files_a_user_can_break_get_one_line(tiny_run, tmp_path):
