@@ -793,6 +793,9 @@ class TorchattacksAttack(Attack):
                     # option values torchattacks checks only when run (kernel_name=foo, loss=foo)
                     reason = str(exc).strip() or type(exc).__name__
                     raise AttackError(f"torchattacks:{self.attack}: bad option value ({reason})") from None
+                except RuntimeError as exc:  # e.g. TIFGSM's kernels assume 3-channel images
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "RuntimeError"
+                    raise AttackError(f"torchattacks:{self.attack} cannot attack these inputs ({reason})") from None
         return out
 
 
