@@ -433,8 +433,9 @@ def eval_cmd(
     check_input_fits(model, ds, device=device, channels=meta.get("arch_kwargs", {}).get("in_channels"))
     from .sweep_setup import nonfinite_weights
 
-    if nonfinite_weights(model):
-        click.echo(f"warning: {checkpoint}: {nonfinite_weights(model)} non-finite weight value(s)", err=True)
+    bad = nonfinite_weights(model)
+    if bad:
+        click.echo(f"warning: {checkpoint}: {bad} non-finite weight value(s)", err=True)
     preds = predict(model, ds, batch_size=batch_size, device=device)
     correct = int((preds == ds.y).sum())
     result = {

@@ -333,9 +333,6 @@ class ResultsStore:
         self.conn.executemany("DELETE FROM cells WHERE id = ?", [(i,) for i in ids])
         return len(ids)
 
-    def failed_cells(self) -> list[tuple[str, str, float]]:
-        return self.conn.execute("SELECT model, attack_key, eps FROM cells WHERE status != 'done'").fetchall()
-
     def update_model(self, model: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self.writing():

@@ -51,8 +51,7 @@ def sweep_checkpoints(
         device, progress, log, debug, layout: as for :func:`robustse.sweep.run_sweep`.
     """
     dataset = dataset or cfg.dataset
-    given = load_split(dataset, root=data_root) if dataset and splits is None else None
-    classes = num_classes or (given.num_classes if given is not None else 10)
+    given, classes = _given_dataset(dataset if splits is None else None, num_classes, data_root)
     models = load_sweep_models(paths, device=device, num_classes=classes)
     warn_nonfinite(models, log)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
@@ -248,10 +247,18 @@ def load_drift_input(
     device: torch.device | str,
 ) -> tuple[SweepModel, Dataset]:
     """``robustse drift``'s model (a checkpoint or ``ARCH=WEIGHTS``) and its evaluation images."""
-    given = load_split(dataset, root=data_root) if dataset else None
-    classes = num_classes or (given.num_classes if given is not None else 10)
+    given, classes = _given_dataset(dataset, num_classes, data_root)
     (sm,) = load_sweep_models([checkpoint], device=device, num_classes=classes)
     return sm, evaluation_set([sm], load_test_split([sm], data_root=data_root, given=given), cfg)
+
+
+def _given_dataset(
+    dataset: str | None, num_classes: int | None, data_root: PathLike | None
+) -> tuple[Dataset | ImageFolder | None, int]:
+    """The dataset named on the command line (an image folder only listed), and the class count
+    of foreign ``ARCH=WEIGHTS`` models: as given, else the dataset's, else 10."""
+    given = load_split(dataset, root=data_root) if dataset else None
+    return given, num_classes or (given.num_classes if given is not None else 10)
 
 
 def load_test_split(
