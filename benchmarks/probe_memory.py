@@ -8,9 +8,11 @@ an image folder of foolbox's 20 ImageNet photos (repeated under new names; the d
 foolbox). Also printed: the bytes of one recorded clean pass of a batch (gates, gating-block
 inputs and outputs, block outputs), which a probed batch holds while it is measured.
 
-A third run takes gradients and probes ``--pass-rows`` rows at a time (``robustse sweep --pass-rows``).
+The first two runs use the default: gradient and probe passes take as many rows as fit in the
+device's pass budget (1 GiB of autograd graph on a CPU). A third run takes the whole batch in one
+pass (``robustse sweep --pass-rows`` equal to the batch size), as every sweep did before the budget.
 
-    python benchmarks/probe_memory.py [--model seresnet50] [--batch-size 32] [--images 64] [--steps 2] [--pass-rows 8]
+    python benchmarks/probe_memory.py [--model seresnet50] [--batch-size 32] [--images 64] [--steps 2]
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def child(args: argparse.Namespace) -> None:
         ds = load_image_folder(f"imagefolder:{folder}", "test", model.preprocess).subset(None)
         attacks = build_attacks([{"name": "pgd", "steps": args.steps}], norm="linf", seed=0)
         t0 = time.perf_counter()
-        rows = args.pass_rows if args.child == "probes-chunked" else None
+        rows = args.batch_size if args.child == "probes-whole-batch" else None
         run_sweep([SweepModel(args.model, model, "random weights")], attacks, [0.0, args.eps], ds, Path(tmp) / "run",
                   batch_size=args.batch_size, probes=args.child != "no-probes", progress=False,
                   pass_rows=rows)  # fmt: skip
@@ -70,8 +72,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--batch-size", str(args.batch_size),
-           "--images", str(args.images), "--steps", str(args.steps), "--eps", str(args.eps),
-           "--pass-rows", str(args.pass_rows)]  # fmt: skip
+           "--images", str(args.images), "--steps", str(args.steps), "--eps", str(args.eps)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -83,16 +84,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--eps", type=float, default=0.002)
-    p.add_argument("--pass-rows", type=int, default=8, help="Rows per gradient/probe pass of the chunked run.")
-    p.add_argument("--child", choices=["probes", "no-probes", "probes-chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["probes", "no-probes", "probes-whole-batch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     gib = 2**30
     print(f"timm:{args.model} at its input size, batch {args.batch_size}, {args.images} images, "
           f"PGD-{args.steps} + noise at eps 0 and {args.eps:g}, CPU")  # fmt: skip
-    rows = {mode: run(mode, args) for mode in ("no-probes", "probes", "probes-chunked")}
-    label = {"probes-chunked": f"probes, --pass-rows {args.pass_rows}"}
+    rows = {mode: run(mode, args) for mode in ("no-probes", "probes", "probes-whole-batch")}
+    label = {"probes-whole-batch": f"probes, --pass-rows {args.batch_size}"}
     print(f"{'sweep':<24} {'peak RSS GiB':>12} {'images/s':>9} {'vs no probes':>13}")
     base = rows["no-probes"]
     for mode, r in rows.items():

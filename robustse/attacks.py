@@ -80,6 +80,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def hookless_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode, parameter gradients off, without the user's hooks (which
+    must not fire for passes the user did not ask for)."""
+    twin = copy.deepcopy(model).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    for m in twin.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return twin
+
+
 class Evaluator:
     """Prediction-only forward passes through a channels_last copy of ``model`` in eval mode.
 
@@ -94,12 +106,7 @@ class Evaluator:
         if not copy_model:  # the model itself, as it is (hooks and all): e.g. a gate intervention
             self.model = model.eval()
             return
-        self.model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for m in self.model.modules():  # hooks copied from the user's model must not fire twice
-            m._forward_pre_hooks.clear()
-            m._forward_hooks.clear()
+        self.model = hookless_copy(model).to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -614,6 +621,43 @@ def pass_rows(rows: int | None) -> Iterator[None]:
         yield
     finally:
         _PASS_ROWS.reset(token)
+
+
+CPU_PASS_MEMORY = 1 << 30  # bytes a gradient pass may hold by default (README "Performance")
+
+
+def pass_memory(device: torch.device) -> int:
+    """The default memory budget of one gradient pass on ``device``: 1 GiB on a CPU, a quarter of
+    a GPU's memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory) // 4
+    return CPU_PASS_MEMORY
+
+
+def grad_bytes_per_row(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes the autograd graph of an input-gradient pass of ``model`` holds per row of ``x``:
+    the activations it saves for the backward pass (weights and buffers, held anyway, not
+    counted), measured on the rows of ``x`` by a saved-tensor hook, through a copy of ``model``
+    (the user's hooks do not see the pass)."""
+    model = hookless_copy(model)
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x.detach().requires_grad_(True))
+        F.cross_entropy(logits, logits.detach().argmax(1))
+    return -(-sum(saved.values()) // len(x))
+
+
+def rows_within(budget: int, bytes_per_row: int) -> int:
+    """How many rows one gradient pass may take within ``budget`` bytes (at least 1)."""
+    return max(1, budget // max(1, bytes_per_row))
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

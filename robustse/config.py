@@ -197,7 +197,8 @@ class SweepConfig:
         dataset: evaluate on this dataset (a registered name or ``imagefolder:DIR``) instead of
             the models' own (``robustse sweep --spec``; an experiment evaluates on ``[data]``).
         pass_rows: take input gradients and record probes this many rows of a batch at a time:
-            less memory for full-size images, results equal up to float rounding (None: the batch).
+            less memory for full-size images, results equal up to float rounding (None: as many
+            as fit the device's pass budget, :func:`robustse.attacks.pass_memory`).
     """
 
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .attack_roles import attack_role
-from .attacks import Attack, Evaluator, create_attack, pass_rows
+from .attacks import Attack, Evaluator, create_attack, grad_bytes_per_row, pass_memory, pass_rows, rows_within
 from .batched import MemberRows, member_rows, stack_models
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
@@ -163,7 +163,7 @@ class SweepOptions:
     channels_last: bool = False
     progress: bool = True
     seed_batching: bool | None = None  # attack the seeds of one architecture at once; None: on a GPU
-    pass_rows: int | None = None  # rows per gradient and probe pass within a batch (None: the batch)
+    pass_rows: int | None = None  # rows per gradient and probe pass within a batch (None: the pass budget's)
 
 
 @dataclass
@@ -323,9 +323,26 @@ class Sweep:
         n_batches = (n + bs - 1) // bs
         if self.debug and self.layout.is_main:
             self.debug(f"cells to run: {sum(len(todo) for _, todo in plan)} ({n} examples, batch {bs})")
+        if self.opt.pass_rows is None:
+            self.opt.pass_rows = self._auto_pass_rows()
         show = self.opt.progress and self.layout.is_main
         total = sum(n_batches * len(todo) for _, todo in plan)
         self.bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if show else True, dynamic_ncols=True)
+
+    def _auto_pass_rows(self) -> int | None:
+        """Without ``pass_rows``: the rows a gradient pass may take within the device's memory
+        budget (:func:`robustse.attacks.pass_memory`), from the largest autograd graph per row of
+        the models; None when a whole batch fits."""
+        x = to_float(self.x_all[:2])
+        models = {_architecture(sm): sm.model for sm in self.models if sm.hold is None}
+        per_row = max((grad_bytes_per_row(m.to(self.device), x) for m in models.values()), default=0)
+        rows = rows_within(pass_memory(self.device), per_row)
+        if rows >= self.opt.batch_size:
+            return None
+        if self.log and self.layout.is_main:
+            self.log(f"gradient and probe passes take {rows} rows at a time ({per_row / 2**20:.0f} MiB per row; "
+                     "--pass-rows sets it)")  # fmt: skip
+        return rows
 
     def run_model(self, sm: SweepModel, ladders: list[tuple[Attack, list[float]]]) -> None:
         """The clean pass of one model, then each of its attack ladders that has rungs left."""
@@ -714,7 +731,8 @@ def run_sweep(
             (slower than one at a time on a 2-core CPU). Never under torchrun.
         pass_rows: take input gradients and record probes this many rows of a batch at a time
             (:func:`robustse.attacks.pass_rows`): peak memory follows ``pass_rows``, not
-            ``batch_size``; results equal up to float rounding. None: the whole batch.
+            ``batch_size``; results equal up to float rounding. None: as many rows as fit the
+            device's pass budget (:func:`robustse.attacks.pass_memory`), measured per model.
 
     Returns:
         :class:`SweepResult` (on ranks other than 0: no tables, ``cells`` and ``robust`` None).

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from robustse.checks import run_checks
 from robustse.cli import cli, parse_attack, parse_epsilons
-from robustse.data import load_dataset
+from robustse.data import load_dataset, to_float
 from robustse.errors import AttackError, StoreError
 from robustse.store import Cell, ResultsStore
 from robustse.sweep import SweepModel, build_attacks, run_sweep
@@ -489,3 +489,40 @@ def test_pass_rows_gives_the_same_cells_and_probes_in_smaller_passes(tmp_path, t
     ma, mb = (torch.tensor(t["mean"].to_numpy()) for t in (sa, sb))
     assert torch.allclose(ma, mb, rtol=1e-3, atol=1e-5, equal_nan=True)
     assert len(whole.cells) == len(parts.cells)
+
+
+def test_pass_budget_sets_the_rows_of_a_gradient_pass(tmp_path, trained_small, evalset, monkeypatch):
+    """With no pass_rows, a gradient pass takes as many rows as the device's budget holds: a
+    budget of 6 rows' autograd graph gives passes of 6 rows and says so once; 1 GiB holds a batch."""
+    import robustse.attacks as A
+
+    model = trained_small[0]
+    per_row = A.grad_bytes_per_row(model, to_float(evalset.x[:2]))
+    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 6 * per_row + per_row // 2)
+    seen: list[int] = []
+    grad = A._chunk_grad
+    monkeypatch.setattr(A, "_chunk_grad", lambda m, x, y, b: seen.append(len(x)) or grad(m, x, y, b))
+    lines: list[str] = []
+    small_sweep(trained_small, evalset, tmp_path / "budget", log=lines.append)
+    assert max(seen) == 6 and 6 in seen
+    assert sum("take 6 rows at a time" in line for line in lines) == 1
+    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 1 << 30)  # the default: a 32-row batch of this model fits
+    seen.clear()
+    small_sweep(trained_small, evalset, tmp_path / "whole", log=lines.append)
+    assert max(seen) == 32
+
+
+def test_grad_bytes_per_row_counts_activations_not_weights():
+    """The autograd graph of an input-gradient pass: per row, growing with the image area,
+    the same for 2 and 4 rows, and without the weights (held anyway)."""
+    from robustse.attacks import grad_bytes_per_row
+
+    def net(size: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(8 * size * size, 10))  # fmt: skip
+
+    small = grad_bytes_per_row(net(16), torch.rand(2, 3, 16, 16))
+    assert 3.5 < grad_bytes_per_row(net(32), torch.rand(2, 3, 32, 32)) / small < 4.5
+    assert grad_bytes_per_row(net(16), torch.rand(4, 3, 16, 16)) == pytest.approx(small, rel=0.01)
+    heavy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4096), torch.nn.Linear(4096, 4096))
+    assert grad_bytes_per_row(heavy, torch.rand(2, 3, 2, 2)) < 100_000  # 64 MiB of weights not counted
