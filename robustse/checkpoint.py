@@ -26,6 +26,7 @@ from torch import nn
 from ._types import PathLike
 from .errors import CheckpointError, ModelError
 from .models import create_model, model_arch
+from .models.external import Preprocess
 from .provenance import library_versions
 
 FORMAT = "robustse-checkpoint/1"
@@ -125,7 +126,19 @@ _META_CHECKS: dict[str, tuple[Any, str]] = {
     "gate_means": (lambda v: v is None or _gate_means_ok(v), "{gate: [numbers]}"),
     "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of objects"),
     "weight_hash": (lambda v: isinstance(v, str), "a string"),
+    "preprocess": (lambda v: _preprocess_ok(v), '{"size": [h, w], "crop_pct": (0, 1], "interpolation": ...}'),
 }
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _preprocess_ok(v: object) -> bool:
+    if not isinstance(v, dict) or set(v) != {"size", "crop_pct", "interpolation"}:
+        return False
+    size, crop = v["size"], v["crop_pct"]
+    sides_ok = isinstance(size, list) and len(size) == 2 and all(_is_count(n) and 1 <= n <= 4096 for n in size)
+    crop_ok = isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1
+    return sides_ok and crop_ok and v["interpolation"] in INTERPOLATIONS
 
 
 def _gate_means_ok(v: object) -> bool:
@@ -223,6 +236,9 @@ def load_checkpoint(
     if meta.get("gate_means"):
         check_gate_means(path, model, meta["gate_means"])
     model.load_state_dict(state, strict=not meta.get("foreign"))
+    if "preprocess" in meta:  # trained on an image folder: its photos are prepared this way
+        p = meta["preprocess"]
+        object.__setattr__(model, "preprocess", Preprocess(tuple(p["size"]), float(p["crop_pct"]), p["interpolation"]))
     model.to(map_location)
     model.eval()
     return model, meta

@@ -311,6 +311,12 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
 @data_options
 @click.option("--train-subset", type=click.IntRange(min=1), default=None, help="Train on this many images (seeded).")
 @click.option(
+    "--image-size",
+    type=click.IntRange(min=8, max=1024),
+    default=None,
+    help="imagefolder:DIR only: train and evaluate on square images of this side [default: 64].",
+)
+@click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -335,6 +341,7 @@ def train_cmd(
     download: bool,
     eval_subset: int | None,
     train_subset: int | None,
+    image_size: int | None,
     out: Path | None,
 ) -> None:
     """Train architecture ARCH and save a checkpoint (resumes if interrupted; DDP under torchrun)."""
@@ -355,6 +362,7 @@ def train_cmd(
         download=download,
         train_subset=train_subset,
         eval_subset=eval_subset,
+        image_size=image_size,
     )
     cfg = TrainConfig(
         epochs=epochs,

@@ -32,6 +32,9 @@ def check_run_name(name: str) -> str:
     return name
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # an image folder's training size (README "Image folders")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data to use and how much of it.
@@ -42,6 +45,9 @@ class DataConfig:
         download: let torchvision download missing files (needs internet).
         train_subset: train on this many examples (seeded, deterministic); ``None`` = all.
         eval_subset: evaluate on this many test examples; ``None`` = all.
+        image_size: the side of the square images an ``imagefolder:DIR`` dataset is trained and
+            evaluated at (each photo's shorter side resized to it, then the centre square);
+            ``None`` = 64. Registered datasets keep their own size.
     """
 
     dataset: str = "fashion-mnist"
@@ -49,12 +55,20 @@ class DataConfig:
     download: bool = False
     train_subset: int | None = None
     eval_subset: int | None = None
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("train_subset", "eval_subset"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise SpecError(f"data.{key} must be >= 1 (got {value})")
+        if self.image_size is not None:
+            if not self.dataset.startswith("imagefolder:"):
+                raise SpecError(f"data.image_size is for imagefolder:DIR datasets ({self.dataset} has its own size)")
+            if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+                raise SpecError(
+                    f"data.image_size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (got {self.image_size})"
+                )
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,14 @@ def dataset_info(name: str) -> DatasetInfo:
     return _REGISTRY.get(name)
 
 
+def flips_keep_labels(name: str) -> bool:
+    """Whether a horizontal flip keeps an image's class (training augmentation): the registry's
+    word for a registered dataset; photos in an image folder: yes."""
+    from .folder import is_image_folder
+
+    return is_image_folder(name) or dataset_info(name).hflip
+
+
 def load_dataset(
     name: str,
     *,

@@ -29,6 +29,15 @@ PREFIX = "imagefolder:"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_DECODED_BYTES = 4 << 30  # the decoded images a command may hold (uint8): 4 GiB
 CLASS_LIST = "classes.txt"
+TRAIN_SIZE = 64  # the default side of the images robustse's own models train on
+
+
+def training_preprocess(size: int | None) -> Preprocess:
+    """How an image folder is prepared for training robustse's own models (and evaluating them):
+    the shorter side resized to ``size`` (default 64), then the centre square, the whole photo's
+    content kept as downsampled-ImageNet sets do (Chrabaszcz et al. 2017, arXiv:1707.08819)."""
+    side = size or TRAIN_SIZE
+    return Preprocess((side, side), 1.0, "bilinear")
 
 
 def is_image_folder(name: str) -> bool:
@@ -85,9 +94,6 @@ class ImageFolder:
         gen = torch.Generator().manual_seed(seed)
         return self.decode(torch.randperm(len(self), generator=gen)[n : n + size].sort().values)
 
-    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        raise DataError(f"{self.name}: image folders are for evaluation; training reads in-memory datasets only")
-
     def decode(self, idx: torch.Tensor) -> Dataset:
         """The images at ``idx``, decoded and preprocessed in worker processes, as a uint8 Dataset.
 
@@ -100,7 +106,7 @@ class ImageFolder:
             most = MAX_DECODED_BYTES // (3 * h * w)
             raise DataError(
                 f"{self.name}: {len(idx)} images of 3x{h}x{w} need {need / 2**30:.1f} GiB decoded "
-                f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB): evaluate a subset of at most {most} (--eval-subset)"
+                f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB): {self._fewer(most)}"
             )
         x = torch.empty(len(idx), 3, h, w, dtype=torch.uint8)
         files = [self.files[i] for i in idx.tolist()]
@@ -112,6 +118,11 @@ class ImageFolder:
             x[done : done + len(images)] = images
             done += len(images)
         return Dataset(self.name, self.split, x, self.y[idx].clone(), self.classes)
+
+    def _fewer(self, most: int) -> str:
+        if self.split == "train":
+            return f"train on a subset of at most {most} (--train-subset, [data] train_subset) or smaller images"
+        return f"evaluate a subset of at most {most} (--eval-subset)"
 
 
 def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = None) -> ImageFolder:
@@ -125,25 +136,33 @@ def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = N
     if not root.is_dir():
         raise DataError(f"{name}: no such folder")
     folder = _split_folder(name, root, split)
-    classes = _class_list(name, root, folder)
+    classes = _class_list(name, root, _split_folders(root) or [folder])
     files, labels = _list_images(name, folder, classes)
     return ImageFolder(name, split, files, torch.tensor(labels, dtype=torch.int64), classes, preprocess or Preprocess())
 
 
-def _split_folder(name: str, root: Path, split: Split) -> Path:
+def _split_folders(root: Path) -> list[Path]:
+    """``[train, val]`` (or ``[train, test]``) when ``root`` has both, else ``[]``."""
     subs = {p.name for p in root.iterdir() if p.is_dir()}
     test = next((s for s in ("val", "test") if s in subs), None)
-    if "train" in subs and test:
-        return root / ("train" if split == "train" else test)
+    return [root / "train", root / test] if "train" in subs and test else []
+
+
+def _split_folder(name: str, root: Path, split: Split) -> Path:
+    splits = _split_folders(root)
+    if splits:
+        return splits[0] if split == "train" else splits[1]
     if split == "train":
         raise DataError(f"{name}: no train/ and val/ sub-folders, so no training split (it is a test split only)")
     return root
 
 
-def _class_list(name: str, root: Path, folder: Path) -> tuple[str, ...]:
-    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_list(name: str, root: Path, folders: list[Path]) -> tuple[str, ...]:
+    """The class names: ``classes.txt``, else the class sub-folders of every split, sorted (so a
+    class missing from one split does not shift the other classes' labels)."""
+    found = sorted({p.name for f in folders for p in f.iterdir() if p.is_dir() and not p.name.startswith(".")})
     if not found:
-        raise DataError(f"{name}: {folder} has no class sub-folders (expected <class>/<image> files)")
+        raise DataError(f"{name}: {folders[-1]} has no class sub-folders (expected <class>/<image> files)")
     listed = root / CLASS_LIST
     if not listed.is_file():
         return tuple(found)

@@ -24,6 +24,7 @@ from .config import ArmConfig, ExperimentSpec, dump_toml, load_spec
 from .data import Dataset, dataset_info
 from .distributed import SINGLE, Dist
 from .errors import SpecError
+from .folder import is_image_folder
 from .models import family_members, model_info
 from .provenance import run_provenance
 from .stats import wilson_interval
@@ -274,7 +275,8 @@ def check_experiment(spec: ExperimentSpec) -> None:
         SpecError, ModelError, DataError, AttackError: one line naming the problem.
     """
     twin_names(spec)  # unknown or SE names
-    dataset_info(spec.data.dataset)  # training needs a registered dataset
+    if not is_image_folder(spec.data.dataset):
+        dataset_info(spec.data.dataset)  # an unknown name, before anything is trained
     if spec.sweep is None:
         return
     if spec.sweep.dataset not in (None, spec.data.dataset):

@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .config import DataConfig, TrainConfig
-from .data import Dataset, dataset_info, load_dataset, to_float
+from .data import Dataset, Split, flips_keep_labels, load_split, to_float
 from .distributed import SINGLE, Dist
 from .errors import CheckpointError, DataError, ModelError, TrainingError
+from .folder import is_image_folder, training_preprocess
 from .models import create_model
 from .predict import check_input_fits, evaluate_accuracy, predict
 
@@ -62,10 +63,15 @@ class TrainResult:
 
 
 def load_splits(data: DataConfig) -> tuple[Dataset, Dataset]:
-    """Train and test splits of ``data``, with its seeded subsets applied."""
-    train = load_dataset(data.dataset, split="train", root=data.data_root, download=data.download)
-    test = load_dataset(data.dataset, split="test", root=data.data_root, download=data.download)
-    train, test = train.subset(data.train_subset, seed=SUBSET_SEED), test.subset(data.eval_subset, seed=SUBSET_SEED)
+    """Train and test splits of ``data``, with its seeded subsets applied (an image folder's
+    decoded at ``data.image_size``)."""
+    prepare = training_preprocess(data.image_size)  # image folders only
+
+    def split(name: Split, n: int | None) -> Dataset:
+        listing = load_split(data.dataset, split=name, root=data.data_root, download=data.download, preprocess=prepare)
+        return listing.subset(n, seed=SUBSET_SEED)
+
+    train, test = split("train", data.train_subset), split("test", data.eval_subset)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{data.dataset}: empty split after subsetting")
     return train, test
@@ -335,7 +341,7 @@ class _Run:
     def __init__(self, job: _Job, train_set: Dataset, test_set: Dataset) -> None:
         self.job, self.train_set, self.test_set = job, train_set, test_set
         cfg, device = job.cfg, job.device
-        self.hflip = dataset_info(train_set.name).hflip
+        self.hflip = flips_keep_labels(train_set.name)
         self.model = _build_model(job, train_set)
         self.net = _wrap(self.model, job)
         self.amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
@@ -522,7 +528,14 @@ class _Run:
             "train_seconds": sum(r["seconds"] for r in history),
             "device": str(job.device),
             "fingerprint": job.fingerprint,
+            **_preprocess_metadata(job.data),
         }
+
+
+def _preprocess_metadata(data: DataConfig) -> dict[str, Any]:
+    """How a model trained on an image folder wants that folder's photos prepared (loading the
+    checkpoint restores it, so every later command decodes them the same way)."""
+    return {"preprocess": asdict(training_preprocess(data.image_size))} if is_image_folder(data.dataset) else {}
 
 
 GATE_MEAN_EXAMPLES = 10_000

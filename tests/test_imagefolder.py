@@ -238,3 +238,111 @@ def test_an_experiment_refuses_a_sweep_dataset_before_writing_anything(tmp_path)
     res = _cli("experiment", "--spec", str(spec), "--out", str(tmp_path / "run"))
     assert res.exit_code == 2 and "sweep.dataset is for `robustse sweep --spec`" in res.output
     assert not (tmp_path / "run").exists()
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    """foolbox's 20 CIFAR-10 photos as a train/ + val/ folder: train holds each photo and its mirror
+    image, val the photos; ``val`` has no ``frog`` folder (a class missing from one split)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cifar")
+    for f, label in _photos("cifar10"):
+        name = CIFAR10_CLASSES[label]
+        with Image.open(f) as img:
+            (root / "train" / name).mkdir(parents=True, exist_ok=True)
+            img.save(root / "train" / name / f.name)
+            img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "train" / name / f"mirror_{f.name}")
+            if name != "frog":
+                (root / "val" / name).mkdir(parents=True, exist_ok=True)
+                img.save(root / "val" / name / f.name)
+    return root
+
+
+def test_splits_share_one_class_list_when_a_class_is_missing_from_one(cifar_dir):
+    train = load_image_folder(f"imagefolder:{cifar_dir}", "train")
+    val = load_image_folder(f"imagefolder:{cifar_dir}", "test")
+    present = sorted({CIFAR10_CLASSES[label] for _, label in _photos("cifar10")})
+    assert "frog" in present and train.classes == val.classes == tuple(present)
+    assert [train.classes[i] for i in val.y.tolist()] == [p.parent.name for p in val.files]
+
+
+def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cifar_dir, tmp_path):
+    """`[data] dataset = "imagefolder:DIR"`: the photos decoded at `image_size` (32: CIFAR's own
+    pixels, unchanged), twins trained and swept, the report written; the checkpoints remember how
+    the photos were prepared, so a later `robustse sweep CKPT` decodes them the same way."""
+    from robustse.checkpoint import load_checkpoint, read_metadata
+    from robustse.config import DataConfig
+    from robustse.train import load_splits
+
+    data = DataConfig(dataset=f"imagefolder:{cifar_dir}", image_size=32)
+    train, test = load_splits(data)
+    n_val = sum(CIFAR10_CLASSES[label] != "frog" for _, label in _photos("cifar10"))
+    assert train.x.shape == (40, 3, 32, 32) and len(test) == n_val
+    import numpy as np
+    from PIL import Image
+
+    airplane = sorted((cifar_dir / "train" / "airplane").iterdir())[0]
+    with Image.open(airplane) as img:
+        pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(train.x[0], pixels)  # 32-px photos at image_size 32: the file's own pixels
+
+    spec = tmp_path / "folder.toml"
+    spec.write_text(
+        f'name = "folder"\nseeds = [0, 1]\n[data]\ndataset = "imagefolder:{cifar_dir}"\nimage_size = 32\n'
+        '[models]\ntwins = ["small_cnn"]\n[train]\nepochs = 1\nbatch_size = 16\n'
+        '[sweep]\nepsilons = [0, 0.01]\nattacks = [{name = "fgsm"}]\nbatch_size = 16\n[report]\nbootstrap = 100\n'
+    )
+    out = tmp_path / "run"
+    res = _cli("--quiet", "experiment", "--spec", str(spec), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert (out / "report.md").is_file() and "too few seeds" in res.output
+    ckpt = out / "models" / "se_small_cnn_s0.safetensors"
+    assert read_metadata(ckpt)["preprocess"] == {"size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}
+    assert load_checkpoint(ckpt)[0].preprocess == Preprocess((32, 32), 1.0, "bilinear")
+    res = _cli("--quiet", "sweep", str(ckpt), "--eps", "0,0.01", "--attack", "fgsm", "--out", str(tmp_path / "again"))
+    assert res.exit_code == 0, res.output
+    from robustse.store import ResultsStore
+
+    assert len(ResultsStore(tmp_path / "again" / "results.db").examples()) == n_val * 2 * 2  # fgsm, noise x 2 eps
+
+
+def test_image_size_is_for_image_folders_and_has_limits(cifar_dir, tmp_path):
+    from robustse.config import DataConfig
+    from robustse.errors import SpecError
+
+    with pytest.raises(SpecError, match="data.image_size is for imagefolder:DIR datasets"):
+        DataConfig(dataset="fashion-mnist", image_size=32)
+    with pytest.raises(SpecError, match=r"data.image_size must be in \[8, 1024\]"):
+        DataConfig(dataset=f"imagefolder:{cifar_dir}", image_size=4)
+    res = _cli("train", "small_cnn", "--dataset", f"imagefolder:{cifar_dir / 'val'}", "--epochs", "1",
+               "--out", str(tmp_path / "m.safetensors"))  # fmt: skip
+    assert res.exit_code == 2 and "no train/ and val/ sub-folders" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_training_split_over_the_memory_cap_names_the_train_subset(cifar_dir, monkeypatch):
+    import robustse.folder as folder
+
+    monkeypatch.setattr(folder, "MAX_DECODED_BYTES", 10 * 3 * 64 * 64)
+    listing = load_image_folder(f"imagefolder:{cifar_dir}", "train", folder.training_preprocess(None))
+    with pytest.raises(DataError, match="train on a subset of at most 10 .--train-subset"):
+        listing.subset(None)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["64", {"size": [32]}, {"size": [0, 32], "crop_pct": 1.0, "interpolation": "bilinear"},
+     {"size": [32, 32], "crop_pct": 0, "interpolation": "bilinear"},
+     {"size": [32, 32], "crop_pct": 1.0, "interpolation": "lanczos"}],
+)  # fmt: skip
+def test_bad_preprocess_metadata_is_refused_in_one_line(tmp_path, bad):
+    from robustse.checkpoint import load_checkpoint, save_checkpoint
+    from robustse.errors import CheckpointError
+
+    path = save_checkpoint(rs.create_model("small_cnn"), tmp_path / "m.safetensors", meta={"preprocess": bad})
+    with pytest.raises(CheckpointError, match="metadata 'preprocess' must be"):
+        load_checkpoint(path)
