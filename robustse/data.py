@@ -107,10 +107,15 @@ class Dataset:
         return Dataset(self.name, self.split, self.x[idx], self.y[idx], self.classes)
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of the pixels in [0, 1] (for the model's Normalize layer)."""
-        x = self.x.to(torch.float64) / 255.0
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        """Per-channel mean and (sample) std of the pixels in [0, 1] (for the model's Normalize
+        layer), summed over chunks of 1,024 images so a large set is never converted whole."""
+        total = torch.zeros(2, self.in_channels, dtype=torch.float64)  # sums of x and x²
+        for i in range(0, len(self), 1024):
+            x = self.x[i : i + 1024].to(torch.float64) / 255.0
+            total += torch.stack([x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))])
+        n = len(self) * self.image_size[0] * self.image_size[1]
+        mean = total[0] / n
+        std = ((total[1] - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt().clamp_min(1e-6)
         return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
 
 

@@ -4,8 +4,9 @@ The folder is listed, never read whole: :class:`ImageFolder` knows each image's 
 and only the images a command evaluates (its seeded subset, its held-out calibration images)
 are decoded, resized and centre-cropped per the model's :class:`~robustse.models.external.Preprocess`
 (the shorter side to ``size / crop_pct``, then the centre ``size``), streamed in batches through
-a DataLoader with worker processes, into a uint8 :class:`~robustse.data.Dataset` (README
-"Datasets": "Image folders").
+a DataLoader with worker processes, into a uint8 :class:`~robustse.data.Dataset`: in memory up
+to 1 GiB, beyond that in a memory-mapped scratch file the OS pages in and out, so a large
+selection never has to fit in RAM (README "Datasets": "Image folders").
 
 Labels: the class index of an image is the position of its sub-folder's name in sorted order,
 or in ``DIR/classes.txt`` (one name per line, e.g. the 1,000 ImageNet synsets in the order the
@@ -15,7 +16,10 @@ sub-folders has both splits; any other folder is a test split only.
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,8 @@ from .models.external import Preprocess
 
 PREFIX = "imagefolder:"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MAX_DECODED_BYTES = 4 << 30  # the decoded images a command may hold (uint8): 4 GiB
+IN_MEMORY_BYTES = 1 << 30  # decoded images (uint8) up to 1 GiB are held in memory; more go to a scratch file
+SCRATCH_SPARE = 1 << 30  # free space a scratch file leaves on its disk
 CLASS_LIST = "classes.txt"
 TRAIN_SIZE = 64  # the default side of the images robustse's own models train on
 
@@ -95,20 +100,14 @@ class ImageFolder:
         return self.decode(torch.randperm(len(self), generator=gen)[n : n + size].sort().values)
 
     def decode(self, idx: torch.Tensor) -> Dataset:
-        """The images at ``idx``, decoded and preprocessed in worker processes, as a uint8 Dataset.
+        """The images at ``idx``, decoded and preprocessed in worker processes, as a uint8 Dataset:
+        in memory up to ``IN_MEMORY_BYTES``, beyond that in a memory-mapped scratch file
+        (:func:`scratch_images`).
 
         Raises:
-            DataError: an unreadable image (naming it), or more than ``MAX_DECODED_BYTES``.
+            DataError: an unreadable image (naming it), or no room for the scratch file.
         """
-        h, w = self.preprocess.size
-        need = len(idx) * 3 * h * w
-        if need > MAX_DECODED_BYTES:
-            most = MAX_DECODED_BYTES // (3 * h * w)
-            raise DataError(
-                f"{self.name}: {len(idx)} images of 3x{h}x{w} need {need / 2**30:.1f} GiB decoded "
-                f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB): {self._fewer(most)}"
-            )
-        x = torch.empty(len(idx), 3, h, w, dtype=torch.uint8)
+        x = self._buffer(len(idx))
         files = [self.files[i] for i in idx.tolist()]
         done = 0
         for images, errors in _loader(files, self.preprocess):
@@ -119,10 +118,48 @@ class ImageFolder:
             done += len(images)
         return Dataset(self.name, self.split, x, self.y[idx].clone(), self.classes)
 
-    def _fewer(self, most: int) -> str:
+    def _buffer(self, n: int) -> torch.Tensor:
+        h, w = self.preprocess.size
+        if n * 3 * h * w <= IN_MEMORY_BYTES:
+            return torch.empty(n, 3, h, w, dtype=torch.uint8)
+        try:
+            return scratch_images((n, 3, h, w))
+        except DataError as exc:
+            raise DataError(f"{self.name}: {n} images of 3x{h}x{w}: {exc}; {self._fewer()}") from None
+
+    def _fewer(self) -> str:
         if self.split == "train":
-            return f"train on a subset of at most {most} (--train-subset, [data] train_subset) or smaller images"
-        return f"evaluate a subset of at most {most} (--eval-subset)"
+            return "train on a smaller subset (--train-subset, [data] train_subset) or smaller images"
+        return "evaluate a smaller subset (--eval-subset)"
+
+
+def scratch_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """A uint8 tensor of ``shape`` backed by a file under the temporary folder (``$TMPDIR``), its
+    blocks allocated up front and its name removed at once: the pages live in the OS's page cache,
+    which the kernel writes back and evicts under memory pressure, and the file disappears when
+    the tensor does (even if the process is killed).
+
+    Raises:
+        DataError: the folder lacks room for the file plus ``SCRATCH_SPARE``, or cannot hold it.
+    """
+    need = math.prod(shape)
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if need + SCRATCH_SPARE > free:
+        raise DataError(
+            f"{need / 2**30:.1f} GiB decoded need a scratch file in {folder}, which has {free / 2**30:.1f} GiB free "
+            "(set TMPDIR to a larger disk)"
+        )
+    fd, path = tempfile.mkstemp(prefix="robustse-images-", suffix=".u8")
+    try:
+        os.posix_fallocate(fd, 0, need)  # real blocks now: a full disk is an error here, not a SIGBUS later
+        return torch.from_file(path, shared=True, size=need, dtype=torch.uint8).view(shape)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise DataError(f"cannot make a {need / 2**30:.1f} GiB scratch file in {folder} ({reason})") from None
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = None) -> ImageFolder:

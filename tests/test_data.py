@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.data import read_idx, write_idx
+from robustse.data import Dataset, read_idx, write_idx
 from robustse.errors import DataError
 
 from .conftest import make_images, write_fake_fmnist
@@ -161,3 +161,16 @@ def test_svhn_through_torchvision(tmp_path, monkeypatch):
     ds = rs.load_dataset("svhn", split="test", root=tmp_path)
     assert ds.x.shape == (6, 3, 32, 32) and torch.equal(ds.x, torch.from_numpy(x))
     assert ds.y.tolist() == y.tolist()
+
+
+def test_channel_stats_in_chunks_equal_the_whole_set_at_once():
+    """Normalization statistics are summed 1,024 images at a time (a large image-folder set is
+    never converted to float whole); they equal the one-shot mean and sample std."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2500, 3, 6, 6), dtype=torch.uint8, generator=gen)
+    x[:, 1] //= 4  # channels with different statistics
+    ds = Dataset("d", "train", x, torch.zeros(2500, dtype=torch.int64), ("a",))
+    ref = x.to(torch.float64) / 255
+    mean, std = ds.channel_stats()
+    assert mean == tuple(round(float(m), 6) for m in ref.mean(dim=(0, 2, 3)))
+    assert std == tuple(round(float(s), 6) for s in ref.std(dim=(0, 2, 3)))

@@ -93,14 +93,34 @@ def test_preprocessing_matches_timms_own_eval_transform(imagenet_dir):
     assert float((ours - theirs).abs().max()) < 1e-6
 
 
-def test_decoding_is_bounded(imagenet_dir, monkeypatch):
+def test_large_selections_decode_into_a_scratch_file_that_is_already_gone(imagenet_dir, monkeypatch, tmp_path):
+    """Past the in-memory size the decoded images live in a memory-mapped file under $TMPDIR: the
+    same pixels, file-backed storage, and no file left in the folder (removed once mapped)."""
+    import tempfile
+
     import robustse.folder as folder
 
-    monkeypatch.setattr(folder, "MAX_DECODED_BYTES", 5 * 3 * 224 * 224)
     listing = load_image_folder(f"imagefolder:{imagenet_dir}", "test")
-    assert len(listing.subset(5)) == 5
-    with pytest.raises(DataError, match="at most 5"):
-        listing.subset(6)
+    in_memory = listing.subset(6, seed=1)
+    monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 5 * 3 * 224 * 224)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert listing.subset(5, seed=1).x.untyped_storage().filename is None  # 5 images fit in memory
+    mapped = listing.subset(6, seed=1)
+    assert mapped.x.untyped_storage().filename.startswith(str(tmp_path / "robustse-images-"))
+    assert torch.equal(mapped.x, in_memory.x) and torch.equal(mapped.y, in_memory.y)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar_dir, monkeypatch):
+    import robustse.folder as folder
+
+    monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(folder, "SCRATCH_SPARE", 1 << 62)  # more than any disk has free
+    train = load_image_folder(f"imagefolder:{cifar_dir}", "train", folder.training_preprocess(None))
+    with pytest.raises(DataError, match=r"40 images of 3x64x64: .*\(set TMPDIR to a larger disk\); train on a"):
+        train.subset(None)
+    with pytest.raises(DataError, match="evaluate a smaller subset .--eval-subset."):
+        load_image_folder(f"imagefolder:{cifar_dir}", "test").subset(None)
 
 
 @pytest.mark.parametrize(
@@ -147,10 +167,16 @@ def _cli(*args: str):  # type: ignore[no-untyped-def]
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir, seresnet18_weights, tmp_path):
+def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir, seresnet18_weights, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
     """The SE-ResNet-18 and its plain twin (timm's pretrained configs differ in crop: both get the
-    first model's), swept through the CLI; the report pairs them as twins of family resnet18."""
+    first model's), swept through the CLI; the report pairs them as twins of family resnet18. The
+    photos are decoded into a scratch file (as a selection over 1 GiB would be)."""
     from safetensors.torch import save_file
+
+    import robustse.folder as folder
+
+    monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 0)
 
     torch.manual_seed(1)
     plain_weights = tmp_path / "resnet18.safetensors"
@@ -322,15 +348,6 @@ def test_image_size_is_for_image_folders_and_has_limits(cifar_dir, tmp_path):
                "--out", str(tmp_path / "m.safetensors"))  # fmt: skip
     assert res.exit_code == 2 and "no train/ and val/ sub-folders" in res.output
     assert len(res.output.strip().splitlines()) == 1
-
-
-def test_training_split_over_the_memory_cap_names_the_train_subset(cifar_dir, monkeypatch):
-    import robustse.folder as folder
-
-    monkeypatch.setattr(folder, "MAX_DECODED_BYTES", 10 * 3 * 64 * 64)
-    listing = load_image_folder(f"imagefolder:{cifar_dir}", "train", folder.training_preprocess(None))
-    with pytest.raises(DataError, match="train on a subset of at most 10 .--train-subset"):
-        listing.subset(None)
 
 
 @pytest.mark.parametrize(
