@@ -641,6 +641,15 @@ def grad_bytes_per_row(model: nn.Module, x: torch.Tensor) -> int:
     (the user's hooks do not see the pass)."""
     model = hookless_copy(model)
     held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    x = x[:1].expand(4, *x.shape[1:]).contiguous()
+    with torch.random.fork_rng(devices=[]):  # a random layer's draws leave the sweep's stream alone
+        two, four = (_saved_bytes(model, x[:n], held) for n in (2, 4))
+    return max(0, -(-(four - two) // 2))  # the growth per row: what does not grow with the batch is not per row
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor, held: set[int]) -> int:
+    """Bytes of the tensors one input-gradient pass of ``model`` on ``x`` saves for backward,
+    each storage once, those in ``held`` not counted."""
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -652,7 +661,7 @@ def grad_bytes_per_row(model: nn.Module, x: torch.Tensor) -> int:
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(x.detach().requires_grad_(True))
         F.cross_entropy(logits, logits.detach().argmax(1))
-    return -(-sum(saved.values()) // len(x))
+    return sum(saved.values())
 
 
 def rows_within(budget: int, bytes_per_row: int) -> int:
@@ -678,8 +687,33 @@ def _by_pass_rows(
     rows = _PASS_ROWS.get() or len(x)
     if rows >= len(x):
         return fn(x, y)
-    parts = [fn(x[i : i + rows], y[i : i + rows]) for i in range(0, len(x), rows)]
+    parts = []
+    for i in range(0, len(x), rows):
+        with rows_of_pass(slice(i, i + rows)):
+            parts.append(fn(x[i : i + rows], y[i : i + rows]))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+_PASS_SLICE: contextvars.ContextVar[slice | None] = contextvars.ContextVar("pass_slice", default=None)
+
+
+@contextlib.contextmanager
+def rows_of_pass(rows: slice) -> Iterator[None]:
+    """Inside the block, forward passes carry the rows ``rows`` of the batch (under
+    :func:`pass_rows`), so per-example values held for the whole batch (the held_gates
+    intervention's clean gates) can pick their rows (:func:`rows_for_pass`)."""
+    token = _PASS_SLICE.set(rows)
+    try:
+        yield
+    finally:
+        _PASS_SLICE.reset(token)
+
+
+def rows_for_pass(value: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of the per-example ``value`` (one row per example of the batch) that a pass of
+    ``n`` rows carries: all of them outside :func:`rows_of_pass`."""
+    rows = _PASS_SLICE.get()
+    return value if rows is None or len(value) == n else value[rows]
 
 
 def _chunk_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

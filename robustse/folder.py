@@ -152,14 +152,29 @@ def scratch_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
         )
     fd, path = tempfile.mkstemp(prefix="robustse-images-", suffix=".u8")
     try:
-        os.posix_fallocate(fd, 0, need)  # real blocks now: a full disk is an error here, not a SIGBUS later
+        _allocate(fd, need)
         return torch.from_file(path, shared=True, size=need, dtype=torch.uint8).view(shape)
-    except OSError as exc:
-        reason = exc.strerror or exc
+    except (OSError, RuntimeError) as exc:  # no room, or no mapping (address-space limit)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
         raise DataError(f"cannot make a {need / 2**30:.1f} GiB scratch file in {folder} ({reason})") from None
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def absolute_name(name: str) -> str:
+    """``imagefolder:<DIR>`` with DIR made absolute (what a checkpoint records, so later commands
+    find the folder from any working directory); other names as they are."""
+    return PREFIX + str(Path(name[len(PREFIX) :]).expanduser().resolve()) if is_image_folder(name) else name
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the file ``size`` bytes of real blocks (a full disk is an error now, not a SIGBUS
+    later); where the OS has no ``posix_fallocate`` (macOS), a sparse file of that size."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+    else:
+        os.ftruncate(fd, size)
 
 
 def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = None) -> ImageFolder:

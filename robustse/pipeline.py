@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from ._types import PathLike
-from .config import ArmConfig, ExperimentSpec, dump_toml, load_spec
+from .config import ArmConfig, DataConfig, ExperimentSpec, dump_toml, load_spec
 from .data import Dataset, dataset_info
 from .distributed import SINGLE, Dist
 from .errors import SpecError
-from .folder import is_image_folder
+from .folder import is_image_folder, training_preprocess
 from .models import family_members, model_info
 from .provenance import run_provenance
 from .stats import wilson_interval
@@ -275,6 +275,7 @@ def check_experiment(spec: ExperimentSpec) -> None:
         SpecError, ModelError, DataError, AttackError: one line naming the problem.
     """
     twin_names(spec)  # unknown or SE names
+    _check_preparation(spec.models.checkpoints, spec.data)
     if not is_image_folder(spec.data.dataset):
         dataset_info(spec.data.dataset)  # an unknown name, before anything is trained
     if spec.sweep is None:
@@ -325,6 +326,27 @@ def _given_models(patterns: tuple[str, ...]) -> list[ModelRow]:
         seed = int(meta.get("seed", len(rows)))
         rows.append(_model_row(sm.name.removesuffix(".safetensors"), arch, "main", seed, meta, sm))
     return rows
+
+
+def _check_preparation(patterns: tuple[str, ...], data: DataConfig) -> None:
+    """An image folder is evaluated at ``[data] image_size``: refuse a given checkpoint trained at another."""
+    from .checkpoint import read_metadata
+
+    if not is_image_folder(data.dataset):
+        return
+    wanted = training_preprocess(data.image_size)
+    for path in expand_paths(list(patterns)):
+        stored = read_metadata(path).get("preprocess")
+        if stored is not None and (tuple(stored["size"]), stored["crop_pct"], stored["interpolation"]) != (
+            wanted.size,
+            wanted.crop_pct,
+            wanted.interpolation,
+        ):
+            (h, w), n = stored["size"], wanted.size[0]
+            raise SpecError(
+                f"models.checkpoints: {path} was trained on photos prepared at {h}x{w}, but [data] image_size "
+                f"prepares them at {n}x{n}: set image_size = {h} (or use checkpoints trained at {n})"
+            )
 
 
 def _write_rows(path: Path, rows: list[ModelRow]) -> None:

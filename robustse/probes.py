@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .attacks import rows_for_pass
 from .data import to_float
 from .models.layers import SEBlock
 
@@ -329,7 +330,7 @@ def fixed_gates(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
     handles = []
 
     def override(m, inp, out, value):  # type: ignore[no-untyped-def]
-        v = value if value.dim() > 1 else value.unsqueeze(0).expand(out.shape[0], -1)
+        v = rows_for_pass(value, out.shape[0]) if value.dim() > 1 else value.unsqueeze(0).expand(out.shape[0], -1)
         return v.reshape(out.shape).to(dtype=out.dtype, device=out.device)
 
     try:
@@ -359,7 +360,8 @@ def held_gates(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     """Inside the block, every gate of ``model`` outputs its value for the clean batch ``x``,
     whatever input the model is given: the gates cannot react to a perturbation of ``x``.
 
-    Every forward pass inside must be of a batch of ``len(x)`` examples, row for row.
+    Every forward pass inside must be of a batch of ``len(x)`` examples, row for row, or of the
+    rows that :func:`robustse.attacks.rows_of_pass` names.
     """
     with torch.no_grad(), capture(model) as rec:
         model(x)

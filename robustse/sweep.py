@@ -23,7 +23,16 @@ from torch import nn
 from tqdm import tqdm
 
 from .attack_roles import attack_role
-from .attacks import Attack, Evaluator, create_attack, grad_bytes_per_row, pass_memory, pass_rows, rows_within
+from .attacks import (
+    Attack,
+    Evaluator,
+    create_attack,
+    grad_bytes_per_row,
+    pass_memory,
+    pass_rows,
+    rows_of_pass,
+    rows_within,
+)
 from .batched import MemberRows, member_rows, stack_models
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
@@ -333,14 +342,14 @@ class Sweep:
         """Without ``pass_rows``: the rows a gradient pass may take within the device's memory
         budget (:func:`robustse.attacks.pass_memory`), from the largest autograd graph per row of
         the models; None when a whole batch fits."""
-        x = to_float(self.x_all[:2])
-        models = {_architecture(sm): sm.model for sm in self.models if sm.hold is None}
+        x = to_float(self.x_all[:1])
+        models = {_architecture(sm) if sm.meta.get("arch") else id(sm.model): sm.model for sm in self.models}
         per_row = max((grad_bytes_per_row(m.to(self.device), x) for m in models.values()), default=0)
         rows = rows_within(pass_memory(self.device), per_row)
         if rows >= self.opt.batch_size:
             return None
         if self.log and self.layout.is_main:
-            self.log(f"gradient and probe passes take {rows} rows at a time ({per_row / 2**20:.0f} MiB per row; "
+            self.log(f"gradient and probe passes take {rows} rows at a time ({per_row / 2**20:.1f} MiB per row; "
                      "--pass-rows sets it)")  # fmt: skip
         return rows
 
@@ -384,7 +393,18 @@ class Sweep:
         for sm in self.models:
             key = _architecture(sm) if sm.hold is None and _stackable(sm) else id(sm)
             groups.setdefault(key, []).append(sm)
-        return list(groups.values())
+        return [g for group in groups.values() for g in self._fitting(group)]
+
+    def _fitting(self, group: list[SweepModel]) -> list[list[SweepModel]]:
+        """``group`` stacked when its K·B rows fit one pass (``pass_rows``), else one model at a
+        time: a pass cut out of the stacked rows would split the members' rows."""
+        rows = self.opt.pass_rows
+        if len(group) == 1 or rows is None or len(group) * self.opt.batch_size <= rows:
+            return [group]
+        if self.log and self.layout.is_main:
+            self.log(f"{len(group)} models of {group[0].label}'s architecture: {len(group)}x{self.opt.batch_size} rows "
+                     f"do not fit a pass of {rows}; attacked one at a time, not stacked")  # fmt: skip
+        return [[sm] for sm in group]
 
     def run_group(self, members: list[SweepModel], ladders: list[list[tuple[Attack, list[float]]]]) -> None:
         """K ≥ 2 models of one architecture: each one's clean pass, then per attack its ladders,
@@ -589,10 +609,11 @@ class Sweep:
         rows = self.opt.pass_rows or len(xb)
         for j in range(0, len(xb), rows):
             part, key = slice(j, j + rows), (b, j)
-            lad.frozen_clean[key], snap = probe.add(
-                lad.sm.model, xb[part], adv[part], yb[part], i + j,
-                frozen_clean=lad.frozen_clean.get(key), clean=lad.snaps.get(key),
-            )  # fmt: skip
+            with rows_of_pass(part):  # a held intervention's clean gates: these rows'
+                lad.frozen_clean[key], snap = probe.add(
+                    lad.sm.model, xb[part], adv[part], yb[part], i + j,
+                    frozen_clean=lad.frozen_clean.get(key), clean=lad.snaps.get(key),
+                )  # fmt: skip
             if key not in lad.snaps and lad.snaps.budget >= snapshot_bytes(snap):  # reuse the clean pass
                 lad.snaps[key] = snap
                 lad.snaps.budget -= snapshot_bytes(snap)

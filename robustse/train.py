@@ -30,7 +30,7 @@ from .config import DataConfig, TrainConfig
 from .data import Dataset, Split, flips_keep_labels, load_split, to_float
 from .distributed import SINGLE, Dist
 from .errors import CheckpointError, DataError, ModelError, TrainingError
-from .folder import is_image_folder, training_preprocess
+from .folder import absolute_name, is_image_folder, training_preprocess
 from .models import create_model
 from .predict import check_input_fits, evaluate_accuracy, predict
 
@@ -218,7 +218,10 @@ class _Job:
     @property
     def fingerprint(self) -> str:
         """What a finished checkpoint or a resume state must match to be reused."""
-        fields = {"arch": self.arch, "model_kwargs": self.model_kwargs, "data": asdict(self.data)}
+        data = asdict(self.data)
+        if data["image_size"] is None:  # as before the setting existed: earlier checkpoints still match
+            del data["image_size"]
+        fields = {"arch": self.arch, "model_kwargs": self.model_kwargs, "data": data}
         return json.dumps({**fields, "train": asdict(self.cfg), "seed": self.seed}, sort_keys=True)
 
     @property
@@ -516,7 +519,7 @@ class _Run:
     def _metadata(self) -> dict[str, Any]:
         job, history = self.job, self.history
         return {
-            "dataset": self.train_set.name,
+            "dataset": absolute_name(self.train_set.name),
             "seed": job.seed,
             "epochs": job.cfg.epochs,
             "clean_accuracy": history[-1]["test_acc"] if history else float("nan"),

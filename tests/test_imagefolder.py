@@ -121,6 +121,14 @@ def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar
         train.subset(None)
     with pytest.raises(DataError, match="evaluate a smaller subset .--eval-subset."):
         load_image_folder(f"imagefolder:{cifar_dir}", "test").subset(None)
+    monkeypatch.setattr(folder, "SCRATCH_SPARE", 0)
+
+    def no_mapping(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("unable to mmap 491520 bytes from file: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(torch, "from_file", no_mapping)  # e.g. an address-space limit (ulimit -v)
+    with pytest.raises(DataError, match="cannot make a 0.0 GiB scratch file in .* .unable to mmap"):
+        train.subset(None)
 
 
 @pytest.mark.parametrize(
@@ -296,7 +304,7 @@ def test_splits_share_one_class_list_when_a_class_is_missing_from_one(cifar_dir)
     assert [train.classes[i] for i in val.y.tolist()] == [p.parent.name for p in val.files]
 
 
-def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cifar_dir, tmp_path):
+def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cifar_dir, tmp_path, monkeypatch):
     """`[data] dataset = "imagefolder:DIR"`: the photos decoded at `image_size` (32: CIFAR's own
     pixels, unchanged), twins trained and swept, the report written; the checkpoints remember how
     the photos were prepared, so a later `robustse sweep CKPT` decodes them the same way."""
@@ -317,8 +325,9 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
     assert torch.equal(train.x[0], pixels)  # 32-px photos at image_size 32: the file's own pixels
 
     spec = tmp_path / "folder.toml"
+    monkeypatch.chdir(cifar_dir.parent)  # the spec names the folder relative to here
     spec.write_text(
-        f'name = "folder"\nseeds = [0, 1]\n[data]\ndataset = "imagefolder:{cifar_dir}"\nimage_size = 32\n'
+        f'name = "folder"\nseeds = [0, 1]\n[data]\ndataset = "imagefolder:{cifar_dir.name}"\nimage_size = 32\n'
         '[models]\ntwins = ["small_cnn"]\n[train]\nepochs = 1\nbatch_size = 16\n'
         '[sweep]\nepsilons = [0, 0.01]\nattacks = [{name = "fgsm"}]\nbatch_size = 16\n[report]\nbootstrap = 100\n'
     )
@@ -327,13 +336,27 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
     assert res.exit_code == 0, res.output
     assert (out / "report.md").is_file() and "too few seeds" in res.output
     ckpt = out / "models" / "se_small_cnn_s0.safetensors"
-    assert read_metadata(ckpt)["preprocess"] == {"size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}
+    meta = read_metadata(ckpt)
+    assert meta["preprocess"] == {"size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}
+    assert meta["dataset"] == f"imagefolder:{cifar_dir.resolve()}"  # found from any working directory
     assert load_checkpoint(ckpt)[0].preprocess == Preprocess((32, 32), 1.0, "bilinear")
+    monkeypatch.chdir(tmp_path)
     res = _cli("--quiet", "sweep", str(ckpt), "--eps", "0,0.01", "--attack", "fgsm", "--out", str(tmp_path / "again"))
     assert res.exit_code == 0, res.output
     from robustse.store import ResultsStore
 
     assert len(ResultsStore(tmp_path / "again" / "results.db").examples()) == n_val * 2 * 2  # fgsm, noise x 2 eps
+    given = tmp_path / "given.toml"  # the checkpoints evaluated at another size: refused before the run starts
+    given.write_text(f'name = "given"\n[data]\ndataset = "imagefolder:{cifar_dir}"\n'
+                     f'[models]\ncheckpoints = ["{out}/models/*.safetensors"]\n')  # fmt: skip
+    res = _cli("experiment", "--spec", str(given), "--out", str(tmp_path / "given"))
+    assert res.exit_code == 2 and "prepared at 32x32, but [data] image_size prepares them at 64x64" in res.output
+    assert not (tmp_path / "given").exists()
+    from robustse.config import load_spec
+    from robustse.pipeline import check_experiment
+
+    given.write_text(given.read_text().replace("[models]", "image_size = 32\n[models]"))
+    check_experiment(load_spec(given))  # trained at the size [data] asks for: accepted
 
 
 def test_image_size_is_for_image_folders_and_has_limits(cifar_dir, tmp_path):

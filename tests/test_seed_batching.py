@@ -230,3 +230,20 @@ def test_stacked_attacks_equal_attacks_on_each_member_alone():
         create_attack("pgd")(rows, member_rows(x, 2), y.repeat(2), epsilons=[0.03, 0.1], members=2)
     with pytest.raises(AttackError, match="cannot attack a stacked model"):
         create_attack("gate")(rows, member_rows(x, 2), y.repeat(2), epsilons=[0.03], members=2)
+
+
+def test_stacked_rows_that_do_not_fit_a_pass_are_attacked_one_model_at_a_time(three_seeds, tmp_path, monkeypatch):
+    """Three seeds x 40 rows do not fit passes of 100 rows: a pass cut out of the stacked rows would
+    split the members' rows, so the seeds go one at a time, with the rows of the unstacked sweep."""
+    from robustse.sweep import Sweep
+
+    calls: list[int] = []
+    together = Sweep._adversarials_together
+    monkeypatch.setattr(
+        Sweep, "_adversarials_together", lambda self, lads, *a: calls.append(1) or together(self, lads, *a)
+    )
+    out = _stores(three_seeds, tmp_path, pass_rows=100)
+    assert calls == []
+    key = ["model", "attack_key", "eps", "idx"]
+    ea, eb = (out[flag][1].sort_values(key).reset_index(drop=True) for flag in (False, True))
+    assert ea[["adv_pred", "adv_margin"]].equals(eb[["adv_pred", "adv_margin"]])

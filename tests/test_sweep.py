@@ -513,16 +513,41 @@ def test_pass_budget_sets_the_rows_of_a_gradient_pass(tmp_path, trained_small, e
 
 
 def test_grad_bytes_per_row_counts_activations_not_weights():
-    """The autograd graph of an input-gradient pass: per row, growing with the image area,
-    the same for 2 and 4 rows, and without the weights (held anyway)."""
+    """The autograd graph of an input-gradient pass, per row: each exp layer saves its output (one
+    image's worth of float32 per row), the weights (held anyway) are not counted, and what does
+    not grow with the batch is not per row."""
     from robustse.attacks import grad_bytes_per_row
 
-    def net(size: int) -> torch.nn.Module:
-        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                   torch.nn.Linear(8 * size * size, 10))  # fmt: skip
+    class Exp(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.exp()
 
-    small = grad_bytes_per_row(net(16), torch.rand(2, 3, 16, 16))
-    assert 3.5 < grad_bytes_per_row(net(32), torch.rand(2, 3, 32, 32)) / small < 4.5
-    assert grad_bytes_per_row(net(16), torch.rand(4, 3, 16, 16)) == pytest.approx(small, rel=0.01)
+    def net(layers: int) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            *[Exp() for _ in range(layers)], torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)
+        )
+
+    x, image = torch.rand(2, 3, 16, 16), 3 * 16 * 16 * 4
+    one, three = grad_bytes_per_row(net(1), x), grad_bytes_per_row(net(3), x)
+    assert three - one == 2 * image  # two more saved outputs, a row's worth each
+    assert image <= one <= image + 200  # the exp output (the linear layer saves the same storage), the loss's few bytes
     heavy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4096), torch.nn.Linear(4096, 4096))
     assert grad_bytes_per_row(heavy, torch.rand(2, 3, 2, 2)) < 100_000  # 64 MiB of weights not counted
+
+
+def test_held_gates_in_smaller_passes_hold_each_row_at_its_own_clean_gates(tmp_path, trained_small, evalset):
+    """The held_gates intervention keeps the whole batch's clean gates; a pass of 5 rows (pass_rows,
+    or the default budget on large images) uses those rows' gates: the same cells as whole batches."""
+    from robustse.sweep_setup import intervention_models
+
+    model, _, _, ckpt = trained_small
+    base = SweepModel("se", model, str(ckpt), {"arch": "se_small_cnn"})
+    models = [base, *intervention_models([base], ["held_gates"])]
+    attacks = build_attacks([{"name": "pgd", "steps": 3}], norm="linf", seed=0, noise=False)
+    for out, rows in ((tmp_path / "whole", None), (tmp_path / "parts", 5)):
+        run_sweep(models, attacks, EPS, evalset, out, batch_size=32, progress=False, pass_rows=rows)
+    a, b = (ResultsStore(d / "results.db").examples() for d in (tmp_path / "whole", tmp_path / "parts"))
+    a, b = (t[t.model == "se@held_gates"].sort_values(["eps", "idx"]) for t in (a, b))
+    assert len(a) == len(b) == 64 * len(EPS)
+    assert (a.adv_pred.to_numpy() == b.adv_pred.to_numpy()).mean() > 0.99
+    assert torch.allclose(torch.tensor(a.adv_margin.to_numpy()), torch.tensor(b.adv_margin.to_numpy()), atol=1e-3)

@@ -124,3 +124,24 @@ def test_images_that_do_not_fit_the_model(tmp_path, data):
 def test_dataset_owned_options_are_refused(tmp_path, data):
     with pytest.raises(ModelError, match="'in_channels' is set from the dataset"):
         train_model("small_cnn", out=tmp_path / "m.safetensors", data=data, train=FAST, model_kwargs={"in_channels": 3})
+
+
+def test_fingerprint_of_a_registered_dataset_is_unchanged_by_the_image_size_setting(tmp_path):
+    """Checkpoints trained before ``[data] image_size`` existed must still be reused: without it, the
+    fingerprint's data fields are the five it always had; an image folder's size is part of it."""
+    import json
+    from pathlib import Path
+
+    from robustse.distributed import SINGLE
+    from robustse.train import _Job
+
+    def data_fields(data: DataConfig) -> dict:  # type: ignore[type-arg]
+        job = _Job(
+            "small_cnn", Path(tmp_path / "m.safetensors"), data, TrainConfig(), 0, {}, torch.device("cpu"), SINGLE
+        )
+        return json.loads(job.fingerprint)["data"]  # type: ignore[no-any-return]
+
+    assert data_fields(DataConfig()) == {
+        "dataset": "fashion-mnist", "data_root": None, "download": False, "train_subset": None, "eval_subset": None,
+    }  # fmt: skip
+    assert data_fields(DataConfig(dataset="imagefolder:x", image_size=32))["image_size"] == 32
