@@ -9,7 +9,7 @@ foolbox). Also printed: the bytes of one recorded clean pass of a batch (gates, 
 inputs and outputs, block outputs), which a probed batch holds while it is measured.
 
 The first two runs use the default: gradient and probe passes take as many rows as fit in the
-device's pass budget (1 GiB of autograd graph on a CPU). A third run takes the whole batch in one
+device's pass budget (512 MiB of autograd graph on a CPU). A third run takes the whole batch in one
 pass (``robustse sweep --pass-rows`` equal to the batch size), as every sweep did before the budget.
 
     python benchmarks/probe_memory.py [--model seresnet50] [--batch-size 32] [--images 64] [--steps 2]

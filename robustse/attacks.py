@@ -623,11 +623,11 @@ def pass_rows(rows: int | None) -> Iterator[None]:
         _PASS_ROWS.reset(token)
 
 
-CPU_PASS_MEMORY = 1 << 30  # bytes a gradient pass may hold by default (README "Performance")
+CPU_PASS_MEMORY = 1 << 29  # bytes a gradient pass may hold by default (README "Performance")
 
 
 def pass_memory(device: torch.device) -> int:
-    """The default memory budget of one gradient pass on ``device``: 1 GiB on a CPU, a quarter of
+    """The default memory budget of one gradient pass on ``device``: 512 MiB on a CPU, a quarter of
     a GPU's memory."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory) // 4
@@ -641,10 +641,10 @@ def grad_bytes_per_row(model: nn.Module, x: torch.Tensor) -> int:
     (the user's hooks do not see the pass)."""
     model = hookless_copy(model)
     held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    x = x[:1].expand(4, *x.shape[1:]).contiguous()
+    x = x[:1].expand(2, *x.shape[1:]).contiguous()
     with torch.random.fork_rng(devices=[]):  # a random layer's draws leave the sweep's stream alone
-        two, four = (_saved_bytes(model, x[:n], held) for n in (2, 4))
-    return max(0, -(-(four - two) // 2))  # the growth per row: what does not grow with the batch is not per row
+        one, two = (_saved_bytes(model, x[:n], held) for n in (1, 2))
+    return max(0, two - one)  # the growth per row: what does not grow with the batch is not per row
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor, held: set[int]) -> int:
