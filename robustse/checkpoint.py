@@ -141,6 +141,12 @@ def _preprocess_ok(v: object) -> bool:
     return sides_ok and crop_ok and v["interpolation"] in INTERPOLATIONS
 
 
+def stored_preprocess(meta: dict[str, Any]) -> Preprocess | None:
+    """The image-folder preparation recorded in (checked) metadata, None when there is none."""
+    p = meta.get("preprocess")
+    return None if p is None else Preprocess(tuple(p["size"]), float(p["crop_pct"]), p["interpolation"])
+
+
 def _gate_means_ok(v: object) -> bool:
     return isinstance(v, dict) and all(
         isinstance(k, str) and isinstance(m, list) and m and all(isinstance(x, (int, float)) and math.isfinite(x)
@@ -236,9 +242,8 @@ def load_checkpoint(
     if meta.get("gate_means"):
         check_gate_means(path, model, meta["gate_means"])
     model.load_state_dict(state, strict=not meta.get("foreign"))
-    if "preprocess" in meta:  # trained on an image folder: its photos are prepared this way
-        p = meta["preprocess"]
-        object.__setattr__(model, "preprocess", Preprocess(tuple(p["size"]), float(p["crop_pct"]), p["interpolation"]))
+    if (prepared := stored_preprocess(meta)) is not None:  # trained on an image folder: its photos' preparation
+        object.__setattr__(model, "preprocess", prepared)
     model.to(map_location)
     model.eval()
     return model, meta

@@ -330,19 +330,15 @@ def _given_models(patterns: tuple[str, ...]) -> list[ModelRow]:
 
 def _check_preparation(patterns: tuple[str, ...], data: DataConfig) -> None:
     """An image folder is evaluated at ``[data] image_size``: refuse a given checkpoint trained at another."""
-    from .checkpoint import read_metadata
+    from .checkpoint import read_metadata, stored_preprocess
 
     if not is_image_folder(data.dataset):
         return
     wanted = training_preprocess(data.image_size)
     for path in expand_paths(list(patterns)):
-        stored = read_metadata(path).get("preprocess")
-        if stored is not None and (tuple(stored["size"]), stored["crop_pct"], stored["interpolation"]) != (
-            wanted.size,
-            wanted.crop_pct,
-            wanted.interpolation,
-        ):
-            (h, w), n = stored["size"], wanted.size[0]
+        stored = stored_preprocess(read_metadata(path))
+        if stored is not None and stored != wanted:
+            (h, w), n = stored.size, wanted.size[0]
             raise SpecError(
                 f"models.checkpoints: {path} was trained on photos prepared at {h}x{w}, but [data] image_size "
                 f"prepares them at {n}x{n}: set image_size = {h} (or use checkpoints trained at {n})"
