@@ -641,9 +641,11 @@ def grad_bytes_per_row(model: nn.Module, x: torch.Tensor) -> int:
     (the user's hooks do not see the pass)."""
     model = hookless_copy(model)
     held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    x = x[:1].expand(2, *x.shape[1:]).contiguous()
-    with torch.random.fork_rng(devices=[]):  # a random layer's draws leave the sweep's stream alone
-        one, two = (_saved_bytes(model, x[:n], held) for n in (1, 2))
+    row = x[:1]
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # a random layer's draws leave the sweep's streams alone
+        # each pass on rows of its own storage: a view of a shared one would count the same bytes twice
+        one, two = (_saved_bytes(model, row.expand(n, *x.shape[1:]).clone(), held) for n in (1, 2))
     return max(0, two - one)  # the growth per row: what does not grow with the batch is not per row
 
 
@@ -689,20 +691,20 @@ def _by_pass_rows(
         return fn(x, y)
     parts = []
     for i in range(0, len(x), rows):
-        with rows_of_pass(slice(i, i + rows)):
+        with rows_of_pass(slice(i, i + rows), len(x)):
             parts.append(fn(x[i : i + rows], y[i : i + rows]))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-_PASS_SLICE: contextvars.ContextVar[slice | None] = contextvars.ContextVar("pass_slice", default=None)
+_PASS_SLICE: contextvars.ContextVar[tuple[slice, int] | None] = contextvars.ContextVar("pass_slice", default=None)
 
 
 @contextlib.contextmanager
-def rows_of_pass(rows: slice) -> Iterator[None]:
-    """Inside the block, forward passes carry the rows ``rows`` of the batch (under
+def rows_of_pass(rows: slice, total: int) -> Iterator[None]:
+    """Inside the block, forward passes carry the rows ``rows`` of a batch of ``total`` rows (under
     :func:`pass_rows`), so per-example values held for the whole batch (the held_gates
     intervention's clean gates) can pick their rows (:func:`rows_for_pass`)."""
-    token = _PASS_SLICE.set(rows)
+    token = _PASS_SLICE.set((rows, total))
     try:
         yield
     finally:
@@ -711,9 +713,22 @@ def rows_of_pass(rows: slice) -> Iterator[None]:
 
 def rows_for_pass(value: torch.Tensor, n: int) -> torch.Tensor:
     """The rows of the per-example ``value`` (one row per example of the batch) that a pass of
-    ``n`` rows carries: all of them outside :func:`rows_of_pass`."""
-    rows = _PASS_SLICE.get()
-    return value if rows is None or len(value) == n else value[rows]
+    ``n`` rows carries: all of them outside :func:`rows_of_pass`.
+
+    Raises:
+        ValueError: the pass is not of the batch ``value`` belongs to, row for row (another row
+            count, or a part of a batch of another size): its rows cannot be matched.
+    """
+    part = _PASS_SLICE.get()
+    # a part of the held batch: its rows; else the whole batch (or the same rows again, as for
+    # each eps of a stacked ladder)
+    picked = value[part[0]] if part is not None and part[1] == len(value) else value
+    if len(picked) != n:
+        raise ValueError(
+            f"a pass of {n} rows inside a per-example intervention held for {len(value)} rows: "
+            "every pass must carry the held batch, row for row"
+        )
+    return picked
 
 
 def _chunk_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -726,7 +726,6 @@ def drift_cmd(
     model."""
     from .attacks import check_epsilons
     from .config import SweepConfig
-    from .data import to_float
     from .drift import measure_drift, plot_drift
     from .sweep import build_attacks
     from .sweep_setup import load_drift_input
@@ -735,8 +734,7 @@ def drift_cmd(
     device = obj.device
     sm, ds = load_drift_input(checkpoint, SweepConfig(eval_subset=eval_subset), dataset, num_classes, data_root, device)
     (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=obj.seed, noise=False)
-    x, y = to_float(ds.x.to(device)), ds.y.to(device)
-    rows = measure_drift(sm.model, x, y, attack=attack, eps=eps)
+    rows = measure_drift(sm.model, ds.x, ds.y, attack=attack, eps=eps)
     if plot is not None:
         try:
             plot_drift(rows, str(plot))

@@ -124,6 +124,11 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).div_(255.0)
 
 
+def as_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float32 in [0, 1]; float images as they are."""
+    return to_float(x) if x.dtype == torch.uint8 else x
+
+
 # --------------------------------------------------------------------------- registry
 
 Builder = Callable[[Split, "Path | None", bool], Dataset]

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import metrics as M
 from .attacks import Attack, create_attack
+from .data import as_float_images
 from .probes import Recorder, capture, fixed_gates
 
 GATE_METRICS = (
@@ -322,6 +323,8 @@ def measure_drift(
 ) -> list[dict[str, Any]]:
     """Per-gate and per-block drift rows for ``attack`` and the noise control at ``eps``.
 
+    ``x`` may be uint8 images anywhere (each batch goes to the model's device and to float in
+    [0, 1] on its own, so a large set is never converted whole) or float images in [0, 1].
     Batch by batch: each batch's clean pass is recorded once, each perturbed pass is measured
     against it as it runs (:func:`perturbed_pass`), and only per-example values are kept.
 
@@ -331,9 +334,10 @@ def measure_drift(
     """
     noise = noise or create_attack("noise", norm=attack.norm, seed=attack.seed)
     perturbations = ((attack.name, attack), ("noise", noise))
+    device = next(model.parameters()).device
     columns: Columns = {}
     for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        xb, yb = as_float_images(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
         clean = snapshot(model, xb)
         for label, atk in perturbations:
             x_p = atk(model, xb, yb, epsilons=[eps]).adversarials[0]

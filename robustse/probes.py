@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .attacks import rows_for_pass
-from .data import to_float
+from .data import as_float_images
 from .models.layers import SEBlock
 
 
@@ -302,7 +302,7 @@ def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> d
         with capture(model) as rec:
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size].to(device)
-                model(to_float(xb) if xb.dtype == torch.uint8 else xb)
+                model(as_float_images(xb))
                 for name, s in rec.gates.items():
                     sums[name] = sums.get(name, 0) + s.double().sum(0)
     finally:

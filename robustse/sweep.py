@@ -91,9 +91,21 @@ def evalset_fingerprint(ds: Dataset) -> str:
     import hashlib
 
     h = hashlib.sha256(f"{ds.name}|{ds.split}|{tuple(ds.x.shape)}|".encode())
-    h.update(ds.x.contiguous().numpy().tobytes())
-    h.update(ds.y.contiguous().numpy().tobytes())
+    for t in (ds.x, ds.y):
+        _hash_rows(h, t)
     return h.hexdigest()
+
+
+FINGERPRINT_CHUNK = 1 << 26  # bytes hashed at a time: a large set (a scratch file) is never copied whole
+
+
+def _hash_rows(h: Any, t: torch.Tensor) -> None:
+    """Feed ``t``'s bytes (row-major) to the hash ``h`` a chunk of rows at a time, each chunk read
+    in place (a copy only of a chunk that is not contiguous)."""
+    row = max(1, t[:1].numel() * t.element_size())
+    step = max(1, FINGERPRINT_CHUNK // row)
+    for i in range(0, len(t), step):
+        h.update(t[i : i + step].contiguous().numpy().data.cast("B"))
 
 
 def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int, noise: bool = True) -> list[Attack]:
@@ -279,6 +291,9 @@ class Sweep:
         self.eps = sorted({float(e) for e in epsilons})
         if len(dataset) == 0:
             raise DataError(f"{dataset.name}: the evaluation set is empty")
+        held = [m.label for m in models if m.hold is not None]
+        if held and options.accuracy_only:  # survivors are a subset of rows; the held gates are per batch
+            raise SpecError(f"{held[0]}: a gate intervention cannot run with accuracy_only (it attacks whole batches)")
         self.ladders = {id(a): ladder_of(a, self.eps) for a in attacks}
         self.hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}
         self.stale: set[str] = set()  # models whose stored cells belong to weights that have since changed
@@ -287,6 +302,10 @@ class Sweep:
         self.computed = 0
         self.bar: Any = None
         self.x_all = self.y_all = torch.empty(0)
+        # rows per gradient and probe pass (None: the whole batch), and the most rows the pass
+        # budget allows: both set by _start, from options.pass_rows or a measurement
+        self.pass_rows: int | None = options.pass_rows
+        self.budget_rows: int | None = options.pass_rows
 
     # ----------------------------------------------------------------------------------- the run
 
@@ -300,7 +319,7 @@ class Sweep:
         try:
             plan = list(zip(pairs, self.prepare(pairs), strict=True))
             self._start(plan)
-            with pass_rows(self.opt.pass_rows):
+            with pass_rows(self.pass_rows):
                 for group in self._groups():
                     ladders = [[(atk, todo) for (m, atk), todo in plan if m is sm] for sm in group]
                     if len(group) > 1:
@@ -333,22 +352,21 @@ class Sweep:
         if self.debug and self.layout.is_main:
             self.debug(f"cells to run: {sum(len(todo) for _, todo in plan)} ({n} examples, batch {bs})")
         if self.opt.pass_rows is None:
-            self.opt.pass_rows = self._auto_pass_rows()
+            self.budget_rows = self._budget_rows()
+            self.pass_rows = None if self.budget_rows >= bs else self.budget_rows
         show = self.opt.progress and self.layout.is_main
         total = sum(n_batches * len(todo) for _, todo in plan)
         self.bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if show else True, dynamic_ncols=True)
 
-    def _auto_pass_rows(self) -> int | None:
-        """Without ``pass_rows``: the rows a gradient pass may take within the device's memory
-        budget (:func:`robustse.attacks.pass_memory`), from the largest autograd graph per row of
-        the models; None when a whole batch fits."""
+    def _budget_rows(self) -> int:
+        """The rows a gradient pass may take within the device's memory budget
+        (:func:`robustse.attacks.pass_memory`), from the largest autograd graph per row of the
+        models; logged when a batch does not fit."""
         x = to_float(self.x_all[:1])
         models = {_architecture(sm) if sm.meta.get("arch") else id(sm.model): sm.model for sm in self.models}
         per_row = max((grad_bytes_per_row(m.to(self.device), x) for m in models.values()), default=0)
         rows = rows_within(pass_memory(self.device), per_row)
-        if rows >= self.opt.batch_size:
-            return None
-        if self.log and self.layout.is_main:
+        if rows < self.opt.batch_size and self.log and self.layout.is_main:
             self.log(f"gradient and probe passes take {rows} rows at a time ({per_row / 2**20:.1f} MiB per row; "
                      "--pass-rows sets it)")  # fmt: skip
         return rows
@@ -396,9 +414,10 @@ class Sweep:
         return [g for group in groups.values() for g in self._fitting(group)]
 
     def _fitting(self, group: list[SweepModel]) -> list[list[SweepModel]]:
-        """``group`` stacked when its K·B rows fit one pass (``pass_rows``), else one model at a
-        time: a pass cut out of the stacked rows would split the members' rows."""
-        rows = self.opt.pass_rows
+        """``group`` stacked when its K·B rows fit one pass (``pass_rows``, else the pass budget's
+        rows), else one model at a time: a pass cut out of the stacked rows would split the
+        members' rows."""
+        rows = self.budget_rows
         if len(group) == 1 or rows is None or len(group) * self.opt.batch_size <= rows:
             return [group]
         if self.log and self.layout.is_main:
@@ -606,10 +625,10 @@ class Sweep:
         """Probe one batch, ``pass_rows`` rows at a time; keep each recorded clean pass for the
         model's next ladders (within budget)."""
         (b, i), (xb, adv, yb) = where, batch
-        rows = self.opt.pass_rows or len(xb)
+        rows = self.pass_rows or len(xb)
         for j in range(0, len(xb), rows):
             part, key = slice(j, j + rows), (b, j)
-            with rows_of_pass(part):  # a held intervention's clean gates: these rows'
+            with rows_of_pass(part, len(xb)):  # a held intervention's clean gates: these rows'
                 lad.frozen_clean[key], snap = probe.add(
                     lad.sm.model, xb[part], adv[part], yb[part], i + j,
                     frozen_clean=lad.frozen_clean.get(key), clean=lad.snaps.get(key),

@@ -170,6 +170,24 @@ def test_drift_command_se_and_plain(tmp_path, trained_small):
     assert bad.exit_code == 2 and "Linf eps 2.0 > 1" in bad.stderr
 
 
+def test_measure_drift_takes_uint8_images_a_batch_at_a_time(trained_small, real_fmnist):
+    """uint8 images are made float per batch (a large set is never converted whole): the same rows
+    as the float set given whole."""
+    from robustse.attacks import create_attack
+    from robustse.data import load_dataset, to_float
+    from robustse.drift import measure_drift
+
+    model = trained_small[0]
+    ds = load_dataset("fashion-mnist", split="test").subset(24, seed=5)
+    atk = create_attack("pgd", steps=2, seed=0)
+    as_uint8 = measure_drift(model, ds.x, ds.y, attack=atk, eps=0.03, batch_size=10)
+    as_float = measure_drift(model, to_float(ds.x), ds.y, attack=atk, eps=0.03, batch_size=10)
+    assert len(as_uint8) == len(as_float) > 4
+    for a, b in zip(as_uint8, as_float, strict=True):
+        assert a.keys() == b.keys() and a["site"] == b["site"]
+        assert all(a[k] == pytest.approx(b[k], rel=1e-5, nan_ok=True) for k in a if isinstance(a[k], float))
+
+
 def test_gate_reaction_splits_the_output_change_exactly():
     u, s = torch.rand(4, 6, 3, 3), torch.rand(4, 6)
     up, sp = u + 0.1 * torch.randn_like(u), (s + 0.05 * torch.randn_like(s)).clamp(0, 1)

@@ -247,3 +247,32 @@ def test_stacked_rows_that_do_not_fit_a_pass_are_attacked_one_model_at_a_time(th
     key = ["model", "attack_key", "eps", "idx"]
     ea, eb = (out[flag][1].sort_values(key).reset_index(drop=True) for flag in (False, True))
     assert ea[["adv_pred", "adv_margin"]].equals(eb[["adv_pred", "adv_margin"]])
+
+
+def test_stacked_rows_past_the_pass_budget_are_attacked_one_model_at_a_time(three_seeds, tmp_path, monkeypatch):
+    """With no pass_rows, a batch of 40 fits the budget of 60 rows but three stacked seeds (120 rows)
+    do not: they go one at a time, whole batches each, and the options are left as given."""
+    import robustse.attacks as A
+    import robustse.sweep as S
+    from robustse.config import SweepConfig
+    from robustse.sweep_setup import sweep_checkpoints
+
+    monkeypatch.setattr(S, "grad_bytes_per_row", lambda model, x: 1000)
+    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 60 * 1000)
+    calls: list[int] = []
+    together = S.Sweep._adversarials_together
+    monkeypatch.setattr(
+        S.Sweep, "_adversarials_together", lambda self, lads, *a: calls.append(1) or together(self, lads, *a)
+    )
+    seen: list[int] = []
+    grad = A._chunk_grad
+    monkeypatch.setattr(A, "_chunk_grad", lambda m, x, y, b: seen.append(len(x)) or grad(m, x, y, b))
+    cfg = SweepConfig(epsilons=(0.03,), attacks=({"name": "fgsm"},), eval_subset=80, batch_size=40, probes=False,
+                      seed_batching=True)  # fmt: skip
+    lines: list[str] = []
+    sweep_checkpoints(three_seeds, cfg, tmp_path / "run", progress=False, log=lines.append)
+    assert calls == [] and max(seen) == 40
+    assert sum("do not fit a pass of 60" in line for line in lines) == 1
+    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 200 * 1000)  # 120 rows fit: stacked
+    sweep_checkpoints(three_seeds, cfg, tmp_path / "stacked", progress=False)
+    assert calls and cfg.pass_rows is None

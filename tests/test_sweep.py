@@ -532,6 +532,13 @@ def test_grad_bytes_per_row_counts_activations_not_weights():
     one, three = grad_bytes_per_row(net(1), x), grad_bytes_per_row(net(3), x)
     assert three - one == 2 * image  # two more saved outputs, a row's worth each
     assert image <= one <= image + 200  # the exp output (the linear layer saves the same storage), the loss's few bytes
+
+    class Square(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x  # saves its input (the image) for backward
+
+    square = torch.nn.Sequential(Square(), torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    assert image <= grad_bytes_per_row(square, x) <= image + 200  # the input it saves: a row's worth per row
     heavy = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4096), torch.nn.Linear(4096, 4096))
     assert grad_bytes_per_row(heavy, torch.rand(2, 3, 2, 2)) < 100_000  # 64 MiB of weights not counted
 
@@ -552,3 +559,49 @@ def test_held_gates_in_smaller_passes_hold_each_row_at_its_own_clean_gates(tmp_p
     assert len(a) == len(b) == 64 * len(EPS)
     assert (a.adv_pred.to_numpy() == b.adv_pred.to_numpy()).mean() > 0.99
     assert torch.allclose(torch.tensor(a.adv_margin.to_numpy()), torch.tensor(b.adv_margin.to_numpy()), atol=1e-3)
+
+
+def test_evalset_fingerprint_is_the_hash_of_the_whole_set_taken_a_chunk_at_a_time(evalset, monkeypatch):
+    """The store's identity of an evaluation set: the same digest whether the images are hashed
+    whole or a few rows at a time (a large set is never copied whole), and one pixel changes it."""
+    import dataclasses
+    import hashlib
+
+    import robustse.sweep as S
+
+    whole = hashlib.sha256(f"{evalset.name}|{evalset.split}|{tuple(evalset.x.shape)}|".encode())
+    whole.update(evalset.x.numpy().tobytes())
+    whole.update(evalset.y.numpy().tobytes())
+    monkeypatch.setattr(S, "FINGERPRINT_CHUNK", 3 * evalset.x[:1].numel())  # 3 rows at a time
+    assert S.evalset_fingerprint(evalset) == whole.hexdigest()
+    x = evalset.x.clone()
+    x[40, 0, 5, 5] ^= 1
+    assert S.evalset_fingerprint(dataclasses.replace(evalset, x=x)) != whole.hexdigest()
+
+
+def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, trained_small, evalset):
+    """held_gates pins each row of its batch to that row's clean gates: a pass of other rows (a
+    subset of survivors, cut into parts or not) cannot be matched and is refused, never given
+    another row's gates; so accuracy_only (survivors only) is refused for an intervention."""
+    from robustse.attacks import _input_grad, pass_rows, rows_for_pass, rows_of_pass
+    from robustse.errors import SpecError
+    from robustse.probes import held_gates
+    from robustse.sweep_setup import intervention_models
+
+    v = torch.arange(8.0)[:, None]
+    with rows_of_pass(slice(4, 8), 8):
+        assert torch.equal(rows_for_pass(v, 4), v[4:])
+    with rows_of_pass(slice(0, 4), 6), pytest.raises(ValueError, match="held for 8 rows"):
+        rows_for_pass(v, 4)  # a part of 6 survivors: not rows of the held batch
+    model, x = trained_small[0], to_float(evalset.x[:8])
+    y = model(x).argmax(1)
+    with held_gates(model, x), pass_rows(3):
+        _input_grad(model, x, y, 8)  # the held batch in parts of 3: fine
+        with pytest.raises(ValueError, match="row for row"):
+            _input_grad(model, x[:5], y[:5], 5)
+    base = SweepModel("se", model, str(trained_small[3]), {"arch": "se_small_cnn"})
+    models = [base, *intervention_models([base], ["held_gates"])]
+    attacks = build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False)
+    with pytest.raises(SpecError, match="cannot run with accuracy_only"):
+        run_sweep(models, attacks, EPS, evalset, tmp_path / "acc", accuracy_only=True, progress=False)
+    assert not (tmp_path / "acc").exists()
