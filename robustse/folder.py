@@ -17,6 +17,7 @@ sub-folders has both splits; any other folder is a test split only.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -134,38 +135,59 @@ class ImageFolder:
 
 
 def scratch_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """A uint8 tensor of ``shape`` backed by a file under the temporary folder (``$TMPDIR``), its
-    blocks allocated up front and its name removed at once: the pages live in the OS's page cache,
-    which the kernel writes back and evicts under memory pressure, and the file disappears when
-    the tensor does (even if the process is killed).
+    """A uint8 tensor of ``shape`` backed by a file under the temporary folder (``$TMPDIR``) whose
+    name is removed before anything is written to it and whose blocks are allocated up front: the
+    pages live in the OS's page cache, which the kernel writes back and evicts under memory
+    pressure, and the file disappears with the tensor (or the process, even a killed one).
 
     Raises:
         DataError: the folder lacks room for the file plus ``SCRATCH_SPARE``, or cannot hold it.
     """
     need = math.prod(shape)
     folder = tempfile.gettempdir()
-    free = shutil.disk_usage(folder).free
-    if need + SCRATCH_SPARE > free:
-        raise DataError(
-            f"{need / 2**30:.1f} GiB decoded need a scratch file in {folder}, which has {free / 2**30:.1f} GiB free "
-            "(set TMPDIR to a larger disk)"
-        )
-    fd, path = tempfile.mkstemp(prefix="robustse-images-", suffix=".u8")
+    fd = _nameless_file(folder, need)
     try:
         _allocate(fd, need)
-        return torch.from_file(path, shared=True, size=need, dtype=torch.uint8).view(shape)
-    except (OSError, RuntimeError) as exc:  # no room, or no mapping (address-space limit)
-        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
-        raise DataError(f"cannot make a {need / 2**30:.1f} GiB scratch file in {folder} ({reason})") from None
+        pages = mmap.mmap(fd, need)  # shared with the file; the tensor keeps the mapping alive
+        return torch.frombuffer(pages, dtype=torch.uint8).view(shape)
+    except (OSError, ValueError) as exc:  # no room, or no mapping (an address-space limit)
+        raise DataError(f"cannot make a {need / 2**30:.1f} GiB scratch file in {folder} ({_reason(exc)})") from None
     finally:
         os.close(fd)
-        os.unlink(path)
+
+
+def _nameless_file(folder: str, need: int) -> int:
+    """An open file in ``folder``, its name already removed, once the folder has room for ``need``
+    bytes plus ``SCRATCH_SPARE``."""
+    try:
+        free = shutil.disk_usage(folder).free
+        if need + SCRATCH_SPARE <= free:
+            fd, path = tempfile.mkstemp(prefix="robustse-images-", suffix=".u8", dir=folder)
+            os.unlink(path)
+            return fd
+    except OSError as exc:  # not a folder, or not writable
+        raise DataError(f"cannot make a scratch file in {folder} ({_reason(exc)})") from None
+    raise DataError(
+        f"{need / 2**30:.1f} GiB decoded need a scratch file in {folder}, which has {free / 2**30:.1f} GiB free "
+        "(set TMPDIR to a larger disk)"
+    )
+
+
+def _reason(exc: Exception) -> str:
+    """An OS error's own words (its strerror), else the first line of its message."""
+    return getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
 
 
 def absolute_name(name: str) -> str:
     """``imagefolder:<DIR>`` with DIR made absolute (what a checkpoint records, so later commands
-    find the folder from any working directory); other names as they are."""
-    return PREFIX + str(Path(name[len(PREFIX) :]).expanduser().resolve()) if is_image_folder(name) else name
+    find the folder from any working directory; a symbolic link is kept, not followed); other
+    names as they are."""
+    return PREFIX + os.path.abspath(folder_root(name)) if is_image_folder(name) else name
+
+
+def folder_root(name: str) -> Path:
+    """The folder of ``imagefolder:<DIR>``, ``~`` expanded (an unknown ``~user`` is left as written)."""
+    return Path(os.path.expanduser(name[len(PREFIX) :]))
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -184,7 +206,7 @@ def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = N
         DataError: not a folder, no class sub-folders, no images, a sub-folder missing from
             ``classes.txt``, or a split the folder does not have.
     """
-    root = Path(name[len(PREFIX) :]).expanduser()
+    root = folder_root(name)
     if not root.is_dir():
         raise DataError(f"{name}: no such folder")
     folder = _split_folder(name, root, split)

@@ -132,7 +132,7 @@ def run_experiment(
         >>> run_experiment("attacks/quick.toml")  # doctest: +SKIP
     """
     run = _Run.start(spec, out_dir, device=device, progress=progress, log=log, layout=layout)
-    splits = run.timed("data", lambda: load_splits(run.spec.data))
+    splits = run.timed("data", lambda: load_splits(run.spec.data, training=not run.spec.models.checkpoints))
     run.result.rows = run.timed("train", lambda: run.models(splits))
     if layout.is_main:
         _write_rows(run.out / "models.csv", run.result.rows)

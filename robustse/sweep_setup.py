@@ -16,7 +16,7 @@ from .config import SweepConfig
 from .data import Dataset, load_split
 from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
-from .folder import ImageFolder
+from .folder import ImageFolder, absolute_name
 from .models.external import Preprocess
 from .predict import check_input_fits, fit_temperature, logits_of
 from .probes import find_gates, fixed_gates, held_gates
@@ -29,7 +29,7 @@ def sweep_checkpoints(
     cfg: SweepConfig,
     out: Path,
     *,
-    splits: tuple[Dataset, Dataset] | None = None,
+    splits: tuple[Dataset | ImageFolder, Dataset] | None = None,
     data_root: PathLike | None = None,
     num_classes: int | None = None,
     dataset: str | None = None,
@@ -178,7 +178,7 @@ def load_sweep_models(
 def fill_gate_means(
     models: list[SweepModel],
     *,
-    train_split: Dataset | None = None,
+    train_split: Dataset | ImageFolder | None = None,
     data_root: PathLike | None = None,
     download: bool = False,
     dataset: str | None = None,
@@ -276,7 +276,7 @@ def load_test_split(
         DataError: the models were trained on different datasets.
     """
     if given is None:
-        names = {m.meta.get("dataset") or "fashion-mnist" for m in models}
+        names = {absolute_name(str(m.meta.get("dataset") or "fashion-mnist")) for m in models}  # one folder, one name
         if len(names) != 1:
             raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
         name = str(names.pop())

@@ -62,16 +62,20 @@ class TrainResult:
     start_epoch: int = 0  # > 0 when the run resumed; == epochs when it was already complete
 
 
-def load_splits(data: DataConfig) -> tuple[Dataset, Dataset]:
+def load_splits(data: DataConfig, *, training: bool = True) -> tuple[Any, Dataset]:
     """Train and test splits of ``data``, with its seeded subsets applied (an image folder's
-    decoded at ``data.image_size``)."""
+    decoded at ``data.image_size``).
+
+    Without ``training`` (models given, not trained) the train split is returned whole and an
+    image folder's only listed: the sweep decodes just the images its gate means need.
+    """
     prepare = training_preprocess(data.image_size)  # image folders only
 
-    def split(name: Split, n: int | None) -> Dataset:
+    def split(name: Split, n: int | None, decode: bool = True) -> Any:
         listing = load_split(data.dataset, split=name, root=data.data_root, download=data.download, preprocess=prepare)
-        return listing.subset(n, seed=SUBSET_SEED)
+        return listing.subset(n, seed=SUBSET_SEED) if decode else listing
 
-    train, test = split("train", data.train_subset), split("test", data.eval_subset)
+    train, test = split("train", data.train_subset, training), split("test", data.eval_subset)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"{data.dataset}: empty split after subsetting")
     return train, test

@@ -95,24 +95,39 @@ def test_preprocessing_matches_timms_own_eval_transform(imagenet_dir):
 
 def test_large_selections_decode_into_a_scratch_file_that_is_already_gone(imagenet_dir, monkeypatch, tmp_path):
     """Past the in-memory size the decoded images live in a memory-mapped file under $TMPDIR: the
-    same pixels, file-backed storage, and no file left in the folder (removed once mapped)."""
+    same pixels, a mapping of a file whose name was removed before it was filled, nothing left
+    in the folder, and the mapping gone with the tensor."""
+    import gc
     import tempfile
 
     import robustse.folder as folder
+
+    def scratch_mappings() -> list[str]:  # this process's mappings of deleted scratch files
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        return [m for m in maps if str(tmp_path / "robustse-images-") in m and m.endswith("(deleted)")]
 
     listing = load_image_folder(f"imagefolder:{imagenet_dir}", "test")
     in_memory = listing.subset(6, seed=1)
     monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 5 * 3 * 224 * 224)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert listing.subset(5, seed=1).x.untyped_storage().filename is None  # 5 images fit in memory
+    assert listing.subset(5, seed=1) is not None and scratch_mappings() == []  # 5 images fit in memory
+    named: list[list[Path]] = []  # what the folder holds while the file's blocks are allocated
+    allocate = folder._allocate
+    monkeypatch.setattr(folder, "_allocate", lambda fd, n: named.append(list(tmp_path.iterdir())) or allocate(fd, n))
     mapped = listing.subset(6, seed=1)
-    assert mapped.x.untyped_storage().filename.startswith(str(tmp_path / "robustse-images-"))
+    assert named == [[]] and len(scratch_mappings()) == 1 and list(tmp_path.iterdir()) == []
     assert torch.equal(mapped.x, in_memory.x) and torch.equal(mapped.y, in_memory.y)
-    assert list(tmp_path.iterdir()) == []
+    del mapped
+    gc.collect()
+    assert scratch_mappings() == []
 
 
-def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar_dir, monkeypatch):
+def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar_dir, monkeypatch, tmp_path):
+    import tempfile
+
     import robustse.folder as folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(folder, "SCRATCH_SPARE", 1 << 62)  # more than any disk has free
@@ -124,11 +139,15 @@ def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar
     monkeypatch.setattr(folder, "SCRATCH_SPARE", 0)
 
     def no_mapping(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise RuntimeError("unable to mmap 491520 bytes from file: Cannot allocate memory (12)")
+        raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(torch, "from_file", no_mapping)  # e.g. an address-space limit (ulimit -v)
-    with pytest.raises(DataError, match="cannot make a 0.0 GiB scratch file in .* .unable to mmap"):
+    monkeypatch.setattr(folder.mmap, "mmap", no_mapping)  # e.g. an address-space limit (ulimit -v)
+    with pytest.raises(DataError, match="cannot make a 0.0 GiB scratch file in .* .Cannot allocate memory"):
         train.subset(None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # TMPDIR not a folder
+    with pytest.raises(DataError, match="cannot make a scratch file in .*missing .No such file or directory"):
+        train.subset(None)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -338,7 +357,7 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
     ckpt = out / "models" / "se_small_cnn_s0.safetensors"
     meta = read_metadata(ckpt)
     assert meta["preprocess"] == {"size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}
-    assert meta["dataset"] == f"imagefolder:{cifar_dir.resolve()}"  # found from any working directory
+    assert meta["dataset"] == f"imagefolder:{cifar_dir}"  # absolute: found from any working directory
     assert load_checkpoint(ckpt)[0].preprocess == Preprocess((32, 32), 1.0, "bilinear")
     monkeypatch.chdir(tmp_path)
     res = _cli("--quiet", "sweep", str(ckpt), "--eps", "0,0.01", "--attack", "fgsm", "--out", str(tmp_path / "again"))
@@ -357,6 +376,17 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
 
     given.write_text(given.read_text().replace("[models]", "image_size = 32\n[models]"))
     check_experiment(load_spec(given))  # trained at the size [data] asks for: accepted
+    from robustse.folder import ImageFolder
+
+    decoded: list[tuple[str, int]] = []  # given models are not trained: the train split is only listed
+    decode = ImageFolder.decode
+    monkeypatch.setattr(
+        ImageFolder, "decode", lambda self, idx: decoded.append((self.split, len(idx))) or decode(self, idx)
+    )
+    given.write_text(given.read_text() + '[sweep]\nepsilons = [0.01]\nattacks = [{name = "fgsm"}]\nbatch_size = 16\n')
+    res = _cli("--quiet", "experiment", "--spec", str(given), "--out", str(tmp_path / "given"))
+    assert res.exit_code == 0, res.output
+    assert [split for split, _ in decoded] == ["test"]  # gate means: in the checkpoints since training
 
 
 def test_image_size_is_for_image_folders_and_has_limits(cifar_dir, tmp_path):
@@ -386,3 +416,24 @@ def test_bad_preprocess_metadata_is_refused_in_one_line(tmp_path, bad):
     path = save_checkpoint(rs.create_model("small_cnn"), tmp_path / "m.safetensors", meta={"preprocess": bad})
     with pytest.raises(CheckpointError, match="metadata 'preprocess' must be"):
         load_checkpoint(path)
+
+
+def test_folder_names_are_absolute_keep_links_and_refuse_unknown_users(cifar_dir, tmp_path, monkeypatch):
+    """A checkpoint records the folder as an absolute path without following a symbolic link (the
+    name the user gave); a relative name and the absolute one are the same dataset; `~nouser/x`
+    is a missing folder, not a crash."""
+    from robustse.folder import absolute_name
+    from robustse.sweep import SweepModel
+    from robustse.sweep_setup import load_test_split
+
+    link = tmp_path / "link"
+    link.symlink_to(cifar_dir, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_name("imagefolder:link") == f"imagefolder:{link}"
+    assert absolute_name("imagefolder:link/../link/") == f"imagefolder:{link}"
+    assert absolute_name("fashion-mnist") == "fashion-mnist"
+    models = [SweepModel(f"m{i}", torch.nn.Identity(), "", {"dataset": name})
+              for i, name in enumerate(("imagefolder:link", f"imagefolder:{link}"))]  # fmt: skip
+    assert len(load_test_split(models)) == len(load_image_folder(f"imagefolder:{cifar_dir}", "test"))
+    with pytest.raises(DataError, match="no such folder"):
+        load_image_folder("imagefolder:~no_such_user_robustse/x", "test")
