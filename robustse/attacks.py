@@ -712,20 +712,28 @@ def rows_of_pass(rows: slice, total: int) -> Iterator[None]:
 
 
 def rows_for_pass(value: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows of the per-example ``value`` (one row per example of the batch) that a pass of
-    ``n`` rows carries: all of them outside :func:`rows_of_pass`.
+    """The rows of the per-example ``value`` (one row per example of a batch of B) that a pass of
+    ``n`` rows carries: all of them outside :func:`rows_of_pass`; ``value`` itself when it was
+    taken for the pass's own rows (B = n); several epsilons stacked as one batch (E·B rows,
+    eps-major, as :meth:`Attack._ladder` lays them out) carry them once per eps.
 
     Raises:
-        ValueError: the pass is not of the batch ``value`` belongs to, row for row (another row
-            count, or a part of a batch of another size): its rows cannot be matched.
+        ValueError: the pass is not of the batch ``value`` belongs to, row for row (a row count
+            that is not a multiple of B, or a part of such a batch): its rows cannot be matched.
     """
-    part = _PASS_SLICE.get()
-    # a part of the held batch: its rows; else the whole batch (or the same rows again, as for
-    # each eps of a stacked ladder)
-    picked = value[part[0]] if part is not None and part[1] == len(value) else value
+    rows, total = _PASS_SLICE.get() or (slice(0, n), n)
+    b = len(value)
+    if total == b:  # the held batch, or a part of it
+        picked = value[rows]
+    elif b == n:  # taken for this pass's own rows (clean_gates records s(x) per part)
+        picked = value
+    elif b and total % b == 0:  # E copies of the batch, or a part of them
+        picked = value[torch.arange(total, device=value.device)[rows] % b]
+    else:
+        picked = value[:0]
     if len(picked) != n:
         raise ValueError(
-            f"a pass of {n} rows inside a per-example intervention held for {len(value)} rows: "
+            f"a pass of {n} rows inside a per-example intervention held for {b} rows: "
             "every pass must carry the held batch, row for row"
         )
     return picked

@@ -124,6 +124,16 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).div_(255.0)
 
 
+FORWARD_PIXELS = 1 << 21  # image pixels per forward-only pass: ≈ 41 images at 224², the cap at 28²
+
+
+def forward_rows(x: torch.Tensor, cap: int) -> int:
+    """Images per forward-only pass (prediction, calibration, gate means) over the images ``x``
+    (N, C, H, W): ``cap``, fewer for large images, so a pass's activations stay about the same
+    size whatever the resolution (about 1 GiB at 224² for a ResNet-50)."""
+    return max(1, min(cap, FORWARD_PIXELS // max(1, x.shape[-1] * x.shape[-2])))
+
+
 def as_float_images(x: torch.Tensor) -> torch.Tensor:
     """uint8 images → float32 in [0, 1]; float images as they are."""
     return to_float(x) if x.dtype == torch.uint8 else x

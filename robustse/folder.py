@@ -21,6 +21,7 @@ import mmap
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,8 @@ class ImageFolder:
 
 
 def scratch_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """A uint8 tensor of ``shape`` backed by a file under the temporary folder (``$TMPDIR``) whose
+    """A uint8 tensor of ``shape`` backed by a file in ``$TMPDIR`` (the system's temporary folder
+    when unset; a ``$TMPDIR`` that cannot hold the file is an error, not silently replaced) whose
     name is removed before anything is written to it and whose blocks are allocated up front: the
     pages live in the OS's page cache, which the kernel writes back and evicts under memory
     pressure, and the file disappears with the tensor (or the process, even a killed one).
@@ -144,7 +146,7 @@ def scratch_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
         DataError: the folder lacks room for the file plus ``SCRATCH_SPARE``, or cannot hold it.
     """
     need = math.prod(shape)
-    folder = tempfile.gettempdir()
+    folder = os.environ.get("TMPDIR") or tempfile.gettempdir()
     fd = _nameless_file(folder, need)
     try:
         _allocate(fd, need)
@@ -180,9 +182,17 @@ def _reason(exc: Exception) -> str:
 
 def absolute_name(name: str) -> str:
     """``imagefolder:<DIR>`` with DIR made absolute (what a checkpoint records, so later commands
-    find the folder from any working directory; a symbolic link is kept, not followed); other
-    names as they are."""
-    return PREFIX + os.path.abspath(folder_root(name)) if is_image_folder(name) else name
+    find the folder from any working directory): prefixed with the working directory, nothing
+    else changed (a symbolic link is not followed and ``..`` not collapsed, so the name leads to
+    the folder the OS opened); other names as they are."""
+    return PREFIX + str(Path.cwd() / folder_root(name)) if is_image_folder(name) else name
+
+
+def dataset_identity(name: str) -> str:
+    """What makes two dataset names the same dataset: an image folder's real path (every
+    spelling of one folder, relative, absolute or through links, is one dataset); other names
+    as they are."""
+    return PREFIX + os.path.realpath(folder_root(name)) if is_image_folder(name) else name
 
 
 def folder_root(name: str) -> Path:
@@ -203,15 +213,19 @@ def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = N
     """List ``imagefolder:<DIR>``'s ``split`` (no image is read yet).
 
     Raises:
-        DataError: not a folder, no class sub-folders, no images, a sub-folder missing from
-            ``classes.txt``, or a split the folder does not have.
+        DataError: not a folder, a sub-folder that cannot be listed, no class sub-folders, no
+            images, a sub-folder missing from ``classes.txt`` or a name listed twice in it, or a
+            split the folder does not have.
     """
     root = folder_root(name)
     if not root.is_dir():
         raise DataError(f"{name}: no such folder")
-    folder = _split_folder(name, root, split)
-    classes = _class_list(name, root, _split_folders(root) or [folder])
-    files, labels = _list_images(name, folder, classes)
+    try:
+        folder = _split_folder(name, root, split)
+        classes = _class_list(name, root, _split_folders(root) or [folder])
+        files, labels = _list_images(name, folder, classes)
+    except OSError as exc:  # a sub-folder that cannot be listed (permissions, a dangling mount)
+        raise DataError(f"{name}: cannot list {exc.filename or 'a sub-folder'} ({exc.strerror or exc})") from None
     return ImageFolder(name, split, files, torch.tensor(labels, dtype=torch.int64), classes, preprocess or Preprocess())
 
 
@@ -244,6 +258,9 @@ def _class_list(name: str, root: Path, folders: list[Path]) -> tuple[str, ...]:
         classes = tuple(line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{listed}: cannot read the class list ({exc})") from None
+    twice = sorted(c for c, k in Counter(classes).items() if k > 1)
+    if twice:  # two labels for one folder
+        raise DataError(f"{listed}: class {twice[0]!r} is listed more than once")
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{name}: sub-folder {unknown[0]!r} is not in {CLASS_LIST} ({len(classes)} classes)")

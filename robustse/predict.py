@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import Dataset, to_float
+from .data import Dataset, forward_rows, to_float
 from .errors import InputMismatchError
 
 
@@ -18,11 +18,13 @@ from .errors import InputMismatchError
 def predict(
     model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Predicted labels (N,) of ``model`` (put in eval mode) on all of ``ds``."""
+    """Predicted labels (N,) of ``model`` (put in eval mode) on all of ``ds``, ``batch_size``
+    images a pass at most (fewer for large images: :func:`~robustse.data.forward_rows`)."""
     model.eval()
     preds = []
-    for i in range(0, len(ds), batch_size):
-        x = to_float(ds.x[i : i + batch_size].to(device))
+    rows = forward_rows(ds.x, batch_size)
+    for i in range(0, len(ds), rows):
+        x = to_float(ds.x[i : i + rows].to(device))
         preds.append(model(x).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
 
@@ -31,9 +33,11 @@ def predict(
 def logits_of(
     model: nn.Module, ds: Dataset, *, batch_size: int = 512, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Logits (N, K) of ``model`` (put in eval mode) on all of ``ds``, on the CPU."""
+    """Logits (N, K) of ``model`` (put in eval mode) on all of ``ds``, on the CPU (batched as
+    :func:`predict`)."""
     model.eval()
-    out = [model(to_float(ds.x[i : i + batch_size].to(device))).cpu() for i in range(0, len(ds), batch_size)]
+    rows = forward_rows(ds.x, batch_size)
+    out = [model(to_float(ds.x[i : i + rows].to(device))).cpu() for i in range(0, len(ds), rows)]
     return torch.cat(out) if out else torch.empty(0)
 
 

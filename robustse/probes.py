@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .attacks import rows_for_pass
-from .data import as_float_images
+from .data import as_float_images, forward_rows
 from .models.layers import SEBlock
 
 
@@ -281,6 +281,26 @@ def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, han
 # --------------------------------------------------------------------------- gate interventions
 
 
+class _GateSums(Recorder):
+    """Sums each gate's excitations over the examples as the hooks see them; keeps nothing else
+    (no activation is copied or held, whatever the image size)."""
+
+    keeps_tensors = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def gate(self, name: str, s: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0) + s.double().sum(0)
+
+    def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+    def block(self, name: str, h: torch.Tensor) -> None:
+        pass
+
+
 @torch.no_grad()
 def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> dict[str, torch.Tensor]:
     """Mean excitation of every gate over the images ``x``: what ``frozen_mean`` fixes the gates to.
@@ -289,7 +309,7 @@ def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> d
         model: the model (evaluated in eval mode, restored afterwards).
         x: images, uint8 (N, C, H, W) as datasets hold them, or floats in [0, 1]; pass the
             training set (or a seeded subset of it).
-        batch_size: images per forward pass.
+        batch_size: the most images per forward pass (fewer for large images: :func:`forward_rows`).
 
     Returns:
         ``{gate name: s̄}`` with s̄ of shape (C,); empty for a plain model.
@@ -297,18 +317,16 @@ def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> d
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    sums: dict[str, torch.Tensor] = {}
+    rows = forward_rows(x, batch_size)
     try:
-        with capture(model) as rec:
-            for i in range(0, len(x), batch_size):
-                xb = x[i : i + batch_size].to(device)
-                model(as_float_images(xb))
-                for name, s in rec.gates.items():
-                    sums[name] = sums.get(name, 0) + s.double().sum(0)
+        with capture(model, recorder=_GateSums()) as rec:
+            for i in range(0, len(x), rows):
+                model(as_float_images(x[i : i + rows].to(device)))
     finally:
         model.train(was_training)
     # on the CPU: small, stored in metadata, and sent between torchrun ranks inside probes
-    return {name: (v / len(x)).float().cpu() for name, v in sums.items()}
+    assert isinstance(rec, _GateSums)
+    return {name: (v / len(x)).float().cpu() for name, v in rec.sums.items()}
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from .data import Dataset, to_float
 from .distributed import SINGLE, Dist
 from .drift import CellProbe, snapshot_bytes
 from .errors import DataError, ModelError, SpecError
+from .folder import dataset_identity
 from .metrics import margin
 from .probes import find_gates
 from .stats import wilson_interval, worst_case_examples
@@ -90,7 +91,7 @@ def evalset_fingerprint(ds: Dataset) -> str:
     """SHA-256 of an evaluation set's name, split, images and labels."""
     import hashlib
 
-    h = hashlib.sha256(f"{ds.name}|{ds.split}|{tuple(ds.x.shape)}|".encode())
+    h = hashlib.sha256(f"{dataset_identity(ds.name)}|{ds.split}|{tuple(ds.x.shape)}|".encode())
     for t in (ds.x, ds.y):
         _hash_rows(h, t)
     return h.hexdigest()

@@ -16,7 +16,7 @@ from .config import SweepConfig
 from .data import Dataset, load_split
 from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
-from .folder import ImageFolder, absolute_name
+from .folder import ImageFolder, dataset_identity
 from .models.external import Preprocess
 from .predict import check_input_fits, fit_temperature, logits_of
 from .probes import find_gates, fixed_gates, held_gates
@@ -276,7 +276,7 @@ def load_test_split(
         DataError: the models were trained on different datasets.
     """
     if given is None:
-        names = {absolute_name(str(m.meta.get("dataset") or "fashion-mnist")) for m in models}  # one folder, one name
+        names = {dataset_identity(str(m.meta.get("dataset") or "fashion-mnist")) for m in models}
         if len(names) != 1:
             raise DataError(f"the models were trained on different datasets ({', '.join(sorted(names))})")
         name = str(names.pop())

@@ -101,3 +101,30 @@ def test_streamed_site_metrics_equal_those_of_a_second_snapshot(name):
     for key, v in expected.items():
         assert torch.equal(values[key].nan_to_num(-1.0), v.nan_to_num(-1.0)), key
     assert torch.equal(logits, pert.logits) and all(torch.equal(gates[k], pert.gates[k]) for k in pert.gates)
+
+
+def test_gate_means_of_a_timm_se_resnet_equal_a_whole_recorded_pass(monkeypatch):
+    """The training-set gate means (frozen_mean) of a timm SE-ResNet, whose blocks change the SE
+    output in place: summed gate by gate inside the hooks, a few large images per pass, equal
+    to the mean of one whole recorded pass; no activation is copied or kept (only gates, (C,))."""
+    import robustse.data as D
+    from robustse.probes import gate_means
+
+    model = timm.create_model("seresnet18", num_classes=5).eval()
+    x = (torch.rand(7, 3, 96, 96) * 255).to(torch.uint8)
+    with torch.no_grad(), capture(model) as rec:
+        model(x.float() / 255)
+    assert (
+        D.forward_rows(torch.zeros(1, 1, 28, 28), 500) == 500 and D.forward_rows(torch.zeros(1, 3, 224, 224), 500) == 41
+    )
+    monkeypatch.setattr(D, "FORWARD_PIXELS", 3 * 96 * 96)  # 3 images a pass: 3 + 3 + 1
+    assert D.forward_rows(x, 500) == 3
+    clones = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or clone(t, *a, **k))
+    means = gate_means(model, x)
+    assert clones == []  # nothing recorded for later
+    assert list(means) == list(rec.gates)
+    for name, s in rec.gates.items():
+        assert means[name].shape == (s.shape[1],)
+        assert torch.allclose(means[name], s.mean(0), atol=1e-5)

@@ -93,12 +93,12 @@ def test_preprocessing_matches_timms_own_eval_transform(imagenet_dir):
     assert float((ours - theirs).abs().max()) < 1e-6
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the mappings from Linux's /proc")
 def test_large_selections_decode_into_a_scratch_file_that_is_already_gone(imagenet_dir, monkeypatch, tmp_path):
     """Past the in-memory size the decoded images live in a memory-mapped file under $TMPDIR: the
     same pixels, a mapping of a file whose name was removed before it was filled, nothing left
     in the folder, and the mapping gone with the tensor."""
     import gc
-    import tempfile
 
     import robustse.folder as folder
 
@@ -109,7 +109,7 @@ def test_large_selections_decode_into_a_scratch_file_that_is_already_gone(imagen
     listing = load_image_folder(f"imagefolder:{imagenet_dir}", "test")
     in_memory = listing.subset(6, seed=1)
     monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 5 * 3 * 224 * 224)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     assert listing.subset(5, seed=1) is not None and scratch_mappings() == []  # 5 images fit in memory
     named: list[list[Path]] = []  # what the folder holds while the file's blocks are allocated
     allocate = folder._allocate
@@ -123,11 +123,9 @@ def test_large_selections_decode_into_a_scratch_file_that_is_already_gone(imagen
 
 
 def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar_dir, monkeypatch, tmp_path):
-    import tempfile
-
     import robustse.folder as folder
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
 
     monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(folder, "SCRATCH_SPARE", 1 << 62)  # more than any disk has free
@@ -144,7 +142,7 @@ def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar
     monkeypatch.setattr(folder.mmap, "mmap", no_mapping)  # e.g. an address-space limit (ulimit -v)
     with pytest.raises(DataError, match="cannot make a 0.0 GiB scratch file in .* .Cannot allocate memory"):
         train.subset(None)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # TMPDIR not a folder
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "missing"))  # not a folder: said, not silently replaced
     with pytest.raises(DataError, match="cannot make a scratch file in .*missing .No such file or directory"):
         train.subset(None)
     assert list(tmp_path.iterdir()) == []
@@ -156,6 +154,7 @@ def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar
         ({}, "no class sub-folders"),
         ({"a/readme.txt": b"x"}, "no images"),
         ({"zzz/x.jpg": b"x", "classes.txt": b"a\nb\n"}, "'zzz' is not in classes.txt"),
+        ({"a/x.jpg": b"x", "classes.txt": b"a\nb\na\n"}, "class 'a' is listed more than once"),
     ],
 )
 def test_bad_folders_are_refused(tmp_path, layout, message):
@@ -164,6 +163,22 @@ def test_bad_folders_are_refused(tmp_path, layout, message):
         (tmp_path / rel).write_bytes(data)
     with pytest.raises(DataError, match=message):
         load_image_folder(f"imagefolder:{tmp_path}", "test")
+
+
+def test_a_class_folder_that_cannot_be_listed_is_one_line(imagenet_dir, seresnet18_weights, monkeypatch):
+    """A sub-folder the user may not read (root ignores permissions, so the OS error is simulated)."""
+    locked = next(p for p in imagenet_dir.iterdir() if p.is_dir())
+    iterdir = Path.iterdir
+
+    def refuse(self: Path):  # type: ignore[no-untyped-def]
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    res = _cli("drift", f"timm:seresnet18={seresnet18_weights}", "--dataset", f"imagefolder:{imagenet_dir}")
+    assert res.exit_code == 2 and f"cannot list {locked} (Permission denied)" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
 
 
 def test_a_folder_without_train_and_val_has_no_training_split(imagenet_dir):
@@ -419,10 +434,11 @@ def test_bad_preprocess_metadata_is_refused_in_one_line(tmp_path, bad):
 
 
 def test_folder_names_are_absolute_keep_links_and_refuse_unknown_users(cifar_dir, tmp_path, monkeypatch):
-    """A checkpoint records the folder as an absolute path without following a symbolic link (the
-    name the user gave); a relative name and the absolute one are the same dataset; `~nouser/x`
-    is a missing folder, not a crash."""
-    from robustse.folder import absolute_name
+    """A checkpoint records the folder as an absolute path that leads where the given one led (a
+    symbolic link not followed, `..` not collapsed: after a link it means the link target's
+    parent); every spelling of one folder is one dataset; `~nouser/x` is a missing folder, not a
+    crash."""
+    from robustse.folder import absolute_name, dataset_identity
     from robustse.sweep import SweepModel
     from robustse.sweep_setup import load_test_split
 
@@ -430,8 +446,17 @@ def test_folder_names_are_absolute_keep_links_and_refuse_unknown_users(cifar_dir
     link.symlink_to(cifar_dir, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     assert absolute_name("imagefolder:link") == f"imagefolder:{link}"
-    assert absolute_name("imagefolder:link/../link/") == f"imagefolder:{link}"
-    assert absolute_name("fashion-mnist") == "fashion-mnist"
+    assert absolute_name("imagefolder:link/../link/") == f"imagefolder:{link}/../link"
+    assert absolute_name("fashion-mnist") == "fashion-mnist" == dataset_identity("fashion-mnist")
+    (cifar_dir.parent / "sibling").mkdir(exist_ok=True)  # link/.. is cifar_dir's parent, not tmp_path
+    assert Path(absolute_name("imagefolder:link/../sibling")[len("imagefolder:") :]).is_dir()
+    spellings = (
+        "imagefolder:link",
+        f"imagefolder:{link}/",
+        f"imagefolder:{cifar_dir}",
+        f"imagefolder:link/../{cifar_dir.name}",
+    )
+    assert {dataset_identity(n) for n in spellings} == {f"imagefolder:{cifar_dir.resolve()}"}
     models = [SweepModel(f"m{i}", torch.nn.Identity(), "", {"dataset": name})
               for i, name in enumerate(("imagefolder:link", f"imagefolder:{link}"))]  # fmt: skip
     assert len(load_test_split(models)) == len(load_image_folder(f"imagefolder:{cifar_dir}", "test"))

@@ -583,7 +583,7 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
     """held_gates pins each row of its batch to that row's clean gates: a pass of other rows (a
     subset of survivors, cut into parts or not) cannot be matched and is refused, never given
     another row's gates; so accuracy_only (survivors only) is refused for an intervention."""
-    from robustse.attacks import _input_grad, pass_rows, rows_for_pass, rows_of_pass
+    from robustse.attacks import _input_grad, create_attack, pass_rows, rows_for_pass, rows_of_pass
     from robustse.errors import SpecError
     from robustse.probes import held_gates
     from robustse.sweep_setup import intervention_models
@@ -599,6 +599,13 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
         _input_grad(model, x, y, 8)  # the held batch in parts of 3: fine
         with pytest.raises(ValueError, match="row for row"):
             _input_grad(model, x[:5], y[:5], 5)
+    pgd = create_attack("pgd", steps=2, random_start=False)  # two eps stacked: 16 rows, each held row twice
+    with held_gates(model, x):
+        alone = [pgd(model, x, y, epsilons=[e]).adversarials[0] for e in (0.01, 0.03)]
+        for rows in (None, 3, 8):
+            with pass_rows(rows):
+                together = pgd(model, x, y, epsilons=[0.01, 0.03]).adversarials
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(alone, together, strict=True)), rows
     base = SweepModel("se", model, str(trained_small[3]), {"arch": "se_small_cnn"})
     models = [base, *intervention_models([base], ["held_gates"])]
     attacks = build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False)
