@@ -232,21 +232,32 @@ def _looks_like_path(target: str) -> bool:
     return Path(target).exists() or target.endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in target
 
 
+def _arch_and_weights(target: str, arch: str | None) -> tuple[str, str | None]:
+    """``ARCH=WEIGHTS`` (as sweep and drift take foreign weights) → (WEIGHTS, ARCH); a checkpoint
+    path (and ``--arch``) as they are."""
+    name, eq, weights = target.rpartition("=")
+    if eq and name and arch is None and not Path(target).exists():
+        return weights, name
+    return target, arch
+
+
 @cli.command("inspect")
 @click.argument("target")
-@num_classes_option("Classes, when TARGET is an architecture name.")
+@num_classes_option("Classes, when TARGET is an architecture name or ARCH=WEIGHTS.")
 @click.option("--in-channels", type=click.IntRange(min=1), default=None, help="Input channels (name only).")
 @click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: str | None, as_json: bool) -> None:
-    """Show layers, parameters and SE gates of an architecture NAME or a CHECKPOINT file."""
+    """Show layers, parameters and SE gates of an architecture NAME, a CHECKPOINT file, or foreign
+    weights as ARCH=WEIGHTS."""
     from .checkpoint import load_checkpoint
     from .models import Block, create_model
     from .probes import find_gates, gate_channels
 
     meta: dict[str, Any] = {}
-    if _looks_like_path(target):
-        model, meta = load_checkpoint(target, arch=arch, arch_kwargs={"num_classes": num_classes})
+    path, arch = _arch_and_weights(target, arch)
+    if path != target or _looks_like_path(target):
+        model, meta = load_checkpoint(path, arch=arch, arch_kwargs={"num_classes": num_classes})
     else:
         kwargs: dict[str, Any] = {"num_classes": num_classes}
         if in_channels is not None:
@@ -404,41 +415,51 @@ def _echo_accuracy(label: str, meta: dict[str, Any], *, extra: str = "") -> None
 
 
 @cli.command("eval")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint")
 @data_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
-@num_classes_option("Classes of a foreign checkpoint.")
+@num_classes_option("Classes of a foreign checkpoint [default: the dataset's, or 10].", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 def eval_cmd(
     obj: Ctx,
-    checkpoint: Path,
+    checkpoint: str,
     dataset: str | None,
     data_root: Path | None,
     download: bool,
     eval_subset: int | None,
     batch_size: int,
     arch: str | None,
-    num_classes: int,
+    num_classes: int | None,
     as_json: bool,
 ) -> None:
-    """Clean test accuracy of CHECKPOINT, with a 95% Wilson interval."""
+    """Clean test accuracy of CHECKPOINT (or foreign weights as ARCH=WEIGHTS), with a 95% Wilson
+    interval."""
     from .checkpoint import load_checkpoint
     from .data import load_split
     from .errors import DataError
+    from .folder import ImageFolder
     from .predict import check_input_fits, predict
+    from .sweep_setup import fit_probe
     from .train import SUBSET_SEED
 
     device = obj.device
-    model, meta = load_checkpoint(checkpoint, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device)
+    path, arch = _arch_and_weights(checkpoint, arch)
+    test = load_split(dataset, split="test", root=data_root, download=download) if dataset else None
+    classes = num_classes or (test.num_classes if test is not None else 10)
+    model, meta = load_checkpoint(path, arch=arch, arch_kwargs={"num_classes": classes}, map_location=device)
     name = dataset or meta.get("dataset") or "fashion-mnist"
     preprocess = getattr(model, "preprocess", None)
-    test = load_split(name, split="test", root=data_root, download=download, preprocess=preprocess)
-    ds = test.subset(eval_subset, seed=SUBSET_SEED)
-    if len(ds) == 0:
+    if test is None:
+        test = load_split(name, split="test", root=data_root, download=download, preprocess=preprocess)
+    elif isinstance(test, ImageFolder) and preprocess is not None:
+        test.preprocess = preprocess
+    if len(test) == 0:
         raise DataError(f"{name}: the test split is empty")
-    check_input_fits(model, ds, device=device, channels=meta.get("arch_kwargs", {}).get("in_channels"))
+    channels = meta.get("arch_kwargs", {}).get("in_channels")
+    check_input_fits(model, fit_probe(test), device=device, channels=channels)  # before decoding a folder
+    ds = test.subset(eval_subset, seed=SUBSET_SEED)
     from .sweep_setup import nonfinite_weights
 
     bad = nonfinite_weights(model)

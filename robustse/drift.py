@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .attacks import Attack, create_attack
+from .attacks import Attack, create_attack, grad_bytes_per_row, pass_memory, rows_within
 from .data import as_float_images
 from .probes import Recorder, capture, fixed_gates
 
@@ -319,12 +319,13 @@ def measure_drift(
     attack: Attack,
     eps: float,
     noise: Attack | None = None,
-    batch_size: int = 100,
+    batch_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Per-gate and per-block drift rows for ``attack`` and the noise control at ``eps``.
 
     ``x`` may be uint8 images anywhere (each batch goes to the model's device and to float in
     [0, 1] on its own, so a large set is never converted whole) or float images in [0, 1].
+    ``batch_size`` defaults to :func:`drift_batch_size`.
     Batch by batch: each batch's clean pass is recorded once, each perturbed pass is measured
     against it as it runs (:func:`perturbed_pass`), and only per-example values are kept.
 
@@ -335,6 +336,7 @@ def measure_drift(
     noise = noise or create_attack("noise", norm=attack.norm, seed=attack.seed)
     perturbations = ((attack.name, attack), ("noise", noise))
     device = next(model.parameters()).device
+    batch_size = batch_size or drift_batch_size(model, as_float_images(x[:1].to(device)))
     columns: Columns = {}
     for i in range(0, len(x), batch_size):
         xb, yb = as_float_images(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
@@ -347,6 +349,17 @@ def measure_drift(
             for key, v in values.items():
                 columns.setdefault((label, key), []).append(v.double().cpu())
     return _drift_rows(columns, [label for label, _ in perturbations], eps)
+
+
+DRIFT_BATCH = 100  # the most images per batch of measure_drift
+
+
+def drift_batch_size(model: nn.Module, x: torch.Tensor) -> int:
+    """Images per batch of :func:`measure_drift`: ``DRIFT_BATCH``, fewer where an attack's
+    gradient pass on that many would not fit the device's pass budget (full-size images:
+    :func:`robustse.attacks.pass_memory`), so drift's memory follows the budget, not the batch."""
+    per_row = grad_bytes_per_row(model, x)
+    return min(DRIFT_BATCH, rows_within(pass_memory(x.device), per_row))
 
 
 Columns = dict[tuple[str, Any], list[torch.Tensor]]  # (perturbation, key) → per-batch values

@@ -304,10 +304,16 @@ def evaluation_set(models: list[SweepModel], test: Dataset | ImageFolder, cfg: S
     Raises:
         DataError: images that do not fit a model.
     """
-    ds = test.subset(cfg.eval_subset, seed=SUBSET_SEED)
+    probe = fit_probe(test)  # a misfit costs no decoding
     for m in models:
-        check_input_fits(m.model, ds, channels=m.meta.get("arch_kwargs", {}).get("in_channels"), who=m.label)
-    return ds
+        check_input_fits(m.model, probe, channels=m.meta.get("arch_kwargs", {}).get("in_channels"), who=m.label)
+    return test.subset(cfg.eval_subset, seed=SUBSET_SEED)
+
+
+def fit_probe(test: Dataset | ImageFolder) -> Dataset:
+    """What :func:`~robustse.predict.check_input_fits` needs of ``test`` before its selection is
+    decoded: an image folder's first two images (and its classes), or the in-memory set itself."""
+    return test.decode(torch.arange(min(2, len(test)))) if isinstance(test, ImageFolder) else test
 
 
 def fit_temperatures(

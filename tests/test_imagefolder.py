@@ -274,6 +274,27 @@ def test_cli_refuses_bad_image_folders_in_one_line(imagenet_dir, seresnet18_weig
         assert len(res.output.strip().splitlines()) == 1
 
 
+def test_a_wrong_class_count_is_one_line_before_the_selection_is_decoded(imagenet_dir, seresnet18_weights, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """Weights with 1,000 outputs on a folder whose sorted sub-folders are its only classes: one
+    line naming both counts, after two photos are decoded to check the fit, not the selection."""
+    from robustse.folder import ImageFolder
+
+    no_list = tmp_path / "no_list"
+    shutil.copytree(imagenet_dir, no_list, ignore=shutil.ignore_patterns("classes.txt"))
+    n_classes = sum(p.is_dir() for p in no_list.iterdir())
+    decoded: list[int] = []
+    decode = ImageFolder.decode
+    monkeypatch.setattr(ImageFolder, "decode", lambda self, idx: decoded.append(len(idx)) or decode(self, idx))
+    for command, extra in (("sweep", ["--out", str(tmp_path / "out")]), ("drift", ["--json"])):
+        decoded.clear()
+        res = _cli(command, f"timm:seresnet18={seresnet18_weights}", "--dataset", f"imagefolder:{no_list}",
+                   "--num-classes", "1000", "--eps", "0.004", "--attack", "fgsm", *extra)  # fmt: skip
+        assert res.exit_code == 2 and f"has {n_classes} classes but" in res.output and "outputs 1000" in res.output
+        assert len(res.output.strip().splitlines()) == 1 and decoded == [2], (command, res.output, decoded)
+    assert not (tmp_path / "out").exists()
+
+
 def test_senet_imagenet_spec_runs_with_local_weights_and_folder(imagenet_dir, seresnet18_weights, tmp_path):
     """attacks/senet_imagenet.toml as shipped, with its weight files and folder pointed at the test's
     (ResNet-18 sized for speed): `robustse sweep --spec` reads the models and the dataset from it."""
@@ -462,3 +483,61 @@ def test_folder_names_are_absolute_keep_links_and_refuse_unknown_users(cifar_dir
     assert len(load_test_split(models)) == len(load_image_folder(f"imagefolder:{cifar_dir}", "test"))
     with pytest.raises(DataError, match="no such folder"):
         load_image_folder("imagefolder:~no_such_user_robustse/x", "test")
+
+
+def test_eval_and_inspect_take_timm_weights_as_arch_equals_weights(imagenet_dir, seresnet18_weights):
+    """`eval` and `inspect` take foreign weights as sweep and drift do (ARCH=WEIGHTS); eval's class
+    count defaults to the dataset's (the 1,000 of classes.txt), and its accuracy is the model's
+    own predictions on the photos prepared per its pretrained config."""
+    from robustse.checkpoint import load_checkpoint
+    from robustse.folder import load_image_folder
+    from robustse.predict import predict
+
+    target = f"timm:seresnet18={seresnet18_weights}"
+    res = _cli("--quiet", "eval", target, "--dataset", f"imagefolder:{imagenet_dir}", "--eval-subset", "6", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    model, _ = load_checkpoint(seresnet18_weights, arch="timm:seresnet18", arch_kwargs={"num_classes": 1000})
+    ds = load_image_folder(f"imagefolder:{imagenet_dir}", "test", model.preprocess).subset(6)
+    assert out["eval_examples"] == 6 and out["clean_accuracy"] == float((predict(model, ds) == ds.y).float().mean())
+    res = _cli("inspect", target, "--num-classes", "1000", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert len(info["gates"]) == 8 and {g["type"] for g in info["gates"]} == {"Sigmoid"}
+    bad = _cli("inspect", target)  # 10 classes by default: the 1,000-way head does not fit, in one line
+    assert bad.exit_code == 2 and "does not fit timm:seresnet18" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_more_than_a_batch_of_photos_decode_in_worker_processes_in_order(cifar_dir, tmp_path, monkeypatch):
+    """Past one 64-image batch the photos are decoded by DataLoader workers: the same pixels, in
+    the listing's order, as one image at a time in this process; a bad photo among them is still
+    one line naming it."""
+    import torch.utils.data as tud
+
+    import robustse.folder as folder
+    from robustse.folder import prepare_image
+
+    many = tmp_path / "many"
+    for k in range(2):  # 80 photos: two copies of the 40 training photos under new names
+        for f in (cifar_dir / "train").glob("*/*"):
+            (many / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, many / f.parent.name / f"{k}_{f.name}")
+    workers: list[int] = []
+    loader = tud.DataLoader
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        workers.append(kwargs.get("num_workers", 0))
+        return loader(*args, **kwargs)
+
+    monkeypatch.setattr(folder.torch.utils.data, "DataLoader", counted)
+    monkeypatch.setattr(folder.os, "cpu_count", lambda: 2)
+    listing = load_image_folder(f"imagefolder:{many}", "test", Preprocess((32, 32), 1.0, "bilinear"))
+    ds = listing.subset(None)
+    assert len(ds) == 80 and workers == [2]
+    one_by_one = torch.stack([prepare_image(f, listing.preprocess) for f in listing.files])
+    assert torch.equal(ds.x, one_by_one)
+    bad = sorted(many.glob("*/*"))[70]
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"{bad.name}: unreadable image"):
+        load_image_folder(f"imagefolder:{many}", "test", listing.preprocess).subset(None)

@@ -170,18 +170,26 @@ def test_drift_command_se_and_plain(tmp_path, trained_small):
     assert bad.exit_code == 2 and "Linf eps 2.0 > 1" in bad.stderr
 
 
-def test_measure_drift_takes_uint8_images_a_batch_at_a_time(trained_small, real_fmnist):
-    """uint8 images are made float per batch (a large set is never converted whole): the same rows
-    as the float set given whole."""
+def test_measure_drift_takes_uint8_images_a_batch_at_a_time(trained_small, real_fmnist, monkeypatch):
+    """uint8 images are made float per batch (a large set is never converted whole), batches as
+    large as the pass budget allows (7 rows' gradient graph here: batches of 7): the same rows as
+    the float set given whole in batches of 7 (random starts are drawn per batch)."""
+    import robustse.attacks as A
+    import robustse.drift as D
     from robustse.attacks import create_attack
     from robustse.data import load_dataset, to_float
-    from robustse.drift import measure_drift
 
     model = trained_small[0]
     ds = load_dataset("fashion-mnist", split="test").subset(24, seed=5)
     atk = create_attack("pgd", steps=2, seed=0)
-    as_uint8 = measure_drift(model, ds.x, ds.y, attack=atk, eps=0.03, batch_size=10)
-    as_float = measure_drift(model, to_float(ds.x), ds.y, attack=atk, eps=0.03, batch_size=10)
+    as_float = D.measure_drift(model, to_float(ds.x), ds.y, attack=atk, eps=0.03, batch_size=7)
+    per_row = A.grad_bytes_per_row(model, to_float(ds.x[:1]))
+    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 7 * per_row + per_row // 2)
+    converted: list[int] = []
+    convert = D.as_float_images
+    monkeypatch.setattr(D, "as_float_images", lambda x: converted.append(len(x)) or convert(x))
+    as_uint8 = D.measure_drift(model, ds.x, ds.y, attack=atk, eps=0.03)
+    assert converted == [1, 7, 7, 7, 3]  # one row to measure the graph, then batch by batch
     assert len(as_uint8) == len(as_float) > 4
     for a, b in zip(as_uint8, as_float, strict=True):
         assert a.keys() == b.keys() and a["site"] == b["site"]
