@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python benchmarks/attack_engine.py
 	$(BIN)/python benchmarks/capture_overhead.py
 	$(BIN)/python benchmarks/sweep_throughput.py
+	$(BIN)/python benchmarks/probe_memory.py
 
 # On a machine with a GPU: the CUDA tests, then the throughput benchmarks on the GPU, one summary.
 gpu-check: setup

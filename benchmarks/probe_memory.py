@@ -11,6 +11,12 @@ inputs and outputs, block outputs), which a probed batch holds while it is measu
 The first two runs use the default: gradient and probe passes take as many rows as fit in the
 device's pass budget (512 MiB of autograd graph on a CPU). A third run takes the whole batch in one
 pass (``robustse sweep --pass-rows`` equal to the batch size), as every sweep did before the budget.
+A fourth runs the real command, ``robustse sweep timm:<model>=W.safetensors --dataset
+imagefolder:DIR``, on a folder with ``train/`` and ``val/`` (half as many more photos in each
+beyond ``--images``): everything the first three leave out — loading the weights, the calibration
+temperature fitted on held-out photos, the training-set gate means, and the ``held_gates`` and
+``frozen_mean`` interventions swept beside the model (three models, so its images/s are not
+comparable with the rows above; its peak RSS is).
 
     python benchmarks/probe_memory.py [--model seresnet50] [--batch-size 32] [--images 64] [--steps 2]
 """
@@ -42,6 +48,39 @@ def image_folder(root: Path, images: int) -> Path:
     return root
 
 
+def split_folder(root: Path, images: int) -> Path:
+    """``root/train`` and ``root/val`` as :func:`image_folder` makes them (``images`` each), the
+    class list at ``root``."""
+    for split in ("train", "val"):
+        image_folder(root / split, images)
+        (root / split / "classes.txt").rename(root / "classes.txt")
+    return root
+
+
+def command(args: argparse.Namespace) -> None:
+    """The ``robustse sweep`` command itself, in this process, on random timm weights from a file."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from robustse.cli import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        weights = Path(tmp) / f"{args.model}.safetensors"
+        save_file(timm.create_model(args.model, pretrained=False).state_dict(), str(weights))
+        folder = split_folder(Path(tmp) / "folder", args.images + args.images // 2)
+        argv = ["--quiet", "sweep", f"timm:{args.model}={weights}", "--dataset", f"imagefolder:{folder}",
+                "--eval-subset", str(args.images), "--batch-size", str(args.batch_size),
+                "--attack", f"pgd(steps={args.steps})", "--eps", f"0,{args.eps}",
+                "--out", str(Path(tmp) / "run")]  # fmt: skip
+        t0 = time.perf_counter()
+        cli.main(argv, standalone_mode=False)
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak": peak, "images_per_s": args.images / seconds, "snapshot": 0}))
+
+
 def child(args: argparse.Namespace) -> None:
     """One configuration: sweep, then print its measurements as JSON."""
     import torch
@@ -51,6 +90,8 @@ def child(args: argparse.Namespace) -> None:
     from robustse.folder import load_image_folder
     from robustse.sweep import SweepModel, build_attacks, run_sweep
 
+    if args.child == "command":
+        return command(args)
     rs.tune_allocator()
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -77,6 +118,9 @@ def run(mode: str, args: argparse.Namespace) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+MODES = ("no-probes", "probes", "probes-whole-batch")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="seresnet50")
@@ -84,15 +128,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--eps", type=float, default=0.002)
-    p.add_argument("--child", choices=["probes", "no-probes", "probes-whole-batch"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*MODES, "command"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     gib = 2**30
     print(f"timm:{args.model} at its input size, batch {args.batch_size}, {args.images} images, "
           f"PGD-{args.steps} + noise at eps 0 and {args.eps:g}, CPU")  # fmt: skip
-    rows = {mode: run(mode, args) for mode in ("no-probes", "probes", "probes-whole-batch")}
-    label = {"probes-whole-batch": f"probes, --pass-rows {args.batch_size}"}
+    rows = {mode: run(mode, args) for mode in (*MODES, "command")}
+    label = {"probes-whole-batch": f"probes, --pass-rows {args.batch_size}", "command": "sweep command (3 models)"}
     print(f"{'sweep':<24} {'peak RSS GiB':>12} {'images/s':>9} {'vs no probes':>13}")
     base = rows["no-probes"]
     for mode, r in rows.items():

@@ -189,7 +189,7 @@ class _Run:
         self.result.timings[phase] = time.perf_counter() - t0
         return value
 
-    def models(self, splits: tuple[Dataset, Dataset]) -> list[ModelRow]:
+    def models(self, splits: tuple[Any, Dataset]) -> list[ModelRow]:
         """The spec's given checkpoints, or every planned model trained (or reused)."""
         if self.spec.models.checkpoints:
             return _given_models(self.spec.models.checkpoints)
@@ -238,7 +238,7 @@ class _Run:
             self.log(f"{pm.label}: clean accuracy {row.clean_accuracy:.4f} [{row.ci_low:.4f}, {row.ci_high:.4f}]")
         return row
 
-    def sweep(self, splits: tuple[Dataset, Dataset]) -> SweepResult:
+    def sweep(self, splits: tuple[Any, Dataset]) -> SweepResult:
         """The spec's sweep over every model of the run."""
         assert self.spec.sweep is not None
         return sweep_checkpoints(

@@ -200,12 +200,13 @@ def capture(
     ses, blocks = _se_modules(model), find_blocks(model)  # the one walk over the model
     rec = recorder or Recorder()
     copies = _needs_clone(ses, blocks) if clone is None else clone
-    keep = _Keeper(detach=detach, clone=copies and rec.keeps_tensors)
+    # a recorder that reduces inside the hooks keeps nothing: nothing to copy, nothing to guard
+    keep = _Keeper(detach=detach, clone=copies and rec.keeps_tensors, guard=rec.keeps_tensors)
     handles: list[RemovableHandle] = []
     try:
         _hook_gates(ses, rec, keep, handles)
         _hook_blocks(blocks, rec, keep, handles)
-        if not keep.clone and handles and rec.keeps_tensors:  # the in-place guard brackets every forward pass
+        if keep.guard and handles:  # the in-place guard brackets every forward pass
             handles += [model.register_forward_pre_hook(keep.start), model.register_forward_hook(keep.end)]
         yield rec
     finally:
@@ -229,15 +230,16 @@ class _Keeper:
     hook on the whole model) raises if any of them changed later in the same forward pass.
     """
 
-    def __init__(self, *, detach: bool, clone: bool) -> None:
-        self.detach, self.clone = detach, clone
+    def __init__(self, *, detach: bool, clone: bool, guard: bool = True) -> None:
+        self.detach, self.clone, self.guard = detach, clone, guard and not clone
         self.versions: list[tuple[str, torch.Tensor, int]] = []
 
     def __call__(self, t: torch.Tensor, where: str) -> torch.Tensor:
         t = t.detach() if self.detach else t
         if self.clone:
             return t.clone()
-        self.versions.append((where, t, t._version))
+        if self.guard:  # held (with its version) until the end of the forward pass
+            self.versions.append((where, t, t._version))
         return t
 
     def start(self, m, inp):  # type: ignore[no-untyped-def]
@@ -279,6 +281,29 @@ def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, han
 
 
 # --------------------------------------------------------------------------- gate interventions
+
+
+class _GatesOnly(Recorder):
+    """Keeps each gate's excitations (copied: small, (B, C)) and nothing else, so a pass whose
+    gates are wanted holds no activation beyond the forward pass itself."""
+
+    keeps_tensors = False
+
+    def gate(self, name: str, s: torch.Tensor) -> None:
+        self.gates[name] = s.clone()
+
+    def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+    def block(self, name: str, h: torch.Tensor) -> None:
+        pass
+
+
+def clean_gate_values(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every gate's excitation s(x), (B, C), from one forward pass that keeps nothing else."""
+    with torch.no_grad(), capture(model, recorder=_GatesOnly()) as rec:
+        model(x)
+    return dict(rec.gates)
 
 
 class _GateSums(Recorder):
@@ -367,9 +392,7 @@ def clean_gates_logits(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -
     The perturbation still flows through every layer, but the gates cannot adapt to it, which
     isolates what the *adaptive* gating contributes (README "Metrics").
     """
-    with capture(model) as rec:
-        model(x)
-    with fixed_gates(model, rec.gates):
+    with fixed_gates(model, clean_gate_values(model, x)):
         return model(x_adv)
 
 
@@ -381,7 +404,5 @@ def held_gates(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     Every forward pass inside must be of a batch of ``len(x)`` examples, row for row, or of the
     rows that :func:`robustse.attacks.rows_of_pass` names.
     """
-    with torch.no_grad(), capture(model) as rec:
-        model(x)
-    with fixed_gates(model, dict(rec.gates)):
+    with fixed_gates(model, clean_gate_values(model, x)):  # nothing but the gates is held meanwhile
         yield

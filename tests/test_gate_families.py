@@ -119,11 +119,16 @@ def test_gate_means_of_a_timm_se_resnet_equal_a_whole_recorded_pass(monkeypatch)
     )
     monkeypatch.setattr(D, "FORWARD_PIXELS", 3 * 96 * 96)  # 3 images a pass: 3 + 3 + 1
     assert D.forward_rows(x, 500) == 3
+    import robustse.probes as P
+
+    keepers: list[P._Keeper] = []
+    keeper = P._Keeper
+    monkeypatch.setattr(P, "_Keeper", lambda **kw: keepers.append(keeper(**kw)) or keepers[-1])
     clones = []
     clone = torch.Tensor.clone
     monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or clone(t, *a, **k))
     means = gate_means(model, x)
-    assert clones == []  # nothing recorded for later
+    assert clones == [] and len(keepers) == 1 and keepers[0].versions == []  # nothing copied, nothing held
     assert list(means) == list(rec.gates)
     for name, s in rec.gates.items():
         assert means[name].shape == (s.shape[1],)
