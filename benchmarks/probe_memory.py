@@ -73,6 +73,7 @@ def command(args: argparse.Namespace) -> None:
         argv = ["--quiet", "sweep", f"timm:{args.model}={weights}", "--dataset", f"imagefolder:{folder}",
                 "--eval-subset", str(args.images), "--batch-size", str(args.batch_size),
                 "--attack", f"pgd(steps={args.steps})", "--eps", f"0,{args.eps}",
+                "--intervention", "held_gates", "--intervention", "frozen_mean",
                 "--out", str(Path(tmp) / "run")]  # fmt: skip
         t0 = time.perf_counter()
         cli.main(argv, standalone_mode=False)
