@@ -293,10 +293,11 @@ class ResultsStore:
             StoreError: the store was written for another ``what`` (never silently mixed).
         """
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row is None:
+        if row is None:  # first use, unless a concurrent sweep records it first: then its value counts
             with self.writing():
-                self.conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
-        elif row[0] != value:
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row[0] != value:
             raise StoreError(f"{self.path} holds results for a different {what}; use another --out or move it away")
 
     def set_meta(self, key: str, value: str) -> None:

@@ -276,6 +276,37 @@ def test_two_sweeps_into_one_run_directory_share_the_work(trained_small, tmp_pat
     assert rows == len(keys) * 200
 
 
+def test_an_identity_recorded_by_a_concurrent_sweep_in_between_counts(tmp_path):
+    """Two sweeps find no evaluation-set identity and both record theirs: the second's insert is
+    the no-op, and its value is checked against the first's (the same: fine; another: one line),
+    never an IntegrityError (the race the two-process test above hits only sometimes)."""
+    import contextlib
+
+    from robustse.errors import StoreError
+    from robustse.store import ResultsStore
+
+    for theirs, ok in (("abc", True), ("xyz", False)):
+        path = tmp_path / f"{theirs}.db"
+        mine, other = ResultsStore(path), ResultsStore(path)
+        writing = mine.writing
+
+        @contextlib.contextmanager
+        def after_the_other(*args, _w=writing, _o=other, _v=theirs, **kwargs):  # type: ignore[no-untyped-def]
+            _o.check_identity("evalset", _v, "evaluation set")  # it records first, after my SELECT
+            with _w(*args, **kwargs) as conn:
+                yield conn
+
+        mine.writing = after_the_other  # type: ignore[method-assign]
+        if ok:
+            mine.check_identity("evalset", "abc", "evaluation set")
+        else:
+            with pytest.raises(StoreError, match="holds results for a different evaluation set"):
+                mine.check_identity("evalset", "abc", "evaluation set")
+        assert other.get_meta("evalset") == theirs
+        mine.close()
+        other.close()
+
+
 def test_a_store_locked_by_another_process_is_one_line_and_kept(trained_small, tmp_path, monkeypatch):
     import robustse.store
 
