@@ -235,7 +235,7 @@ def _looks_like_path(target: str) -> bool:
 def _arch_and_weights(target: str, arch: str | None) -> tuple[str, str | None]:
     """``ARCH=WEIGHTS`` (as sweep and drift take foreign weights) → (WEIGHTS, ARCH); a checkpoint
     path (and ``--arch``) as they are."""
-    name, eq, weights = target.rpartition("=")
+    name, eq, weights = target.partition("=")  # an architecture name has no "=", a path may
     if eq and name and arch is None and not Path(target).exists():
         return weights, name
     return target, arch
@@ -458,7 +458,7 @@ def eval_cmd(
     if len(test) == 0:
         raise DataError(f"{name}: the test split is empty")
     channels = meta.get("arch_kwargs", {}).get("in_channels")
-    check_input_fits(model, fit_probe(test), device=device, channels=channels)  # before decoding a folder
+    check_input_fits(model, fit_probe(test, eval_subset), device=device, channels=channels)  # before decoding
     ds = test.subset(eval_subset, seed=SUBSET_SEED)
     from .sweep_setup import nonfinite_weights
 

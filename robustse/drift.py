@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .attacks import Attack, create_attack, grad_bytes_per_row, pass_memory, rows_within
+from .attacks import Attack, create_attack, grad_bytes_per_row, pass_memory, pass_rows, rows_within
 from .data import as_float_images
 from .probes import Recorder, capture, fixed_gates
 
@@ -319,15 +319,18 @@ def measure_drift(
     attack: Attack,
     eps: float,
     noise: Attack | None = None,
-    batch_size: int | None = None,
+    batch_size: int = 100,
+    rows: int | None = None,
 ) -> list[dict[str, Any]]:
     """Per-gate and per-block drift rows for ``attack`` and the noise control at ``eps``.
 
     ``x`` may be uint8 images anywhere (each batch goes to the model's device and to float in
     [0, 1] on its own, so a large set is never converted whole) or float images in [0, 1].
-    ``batch_size`` defaults to :func:`drift_batch_size`.
-    Batch by batch: each batch's clean pass is recorded once, each perturbed pass is measured
-    against it as it runs (:func:`perturbed_pass`), and only per-example values are kept.
+    Batch by batch (``batch_size`` images, each batch its own random stream, so the draws are
+    the same on every device): the attacks run with gradient passes of ``rows`` rows
+    (:func:`robustse.attacks.pass_rows`; default :func:`drift_rows`, the pass budget's), then
+    ``rows`` at a time each clean pass is recorded once and each perturbed pass is measured
+    against it as it runs (:func:`perturbed_pass`); only per-example values are kept.
 
     Returns:
         One dict per (perturbation, site): ``perturbation`` (attack name or ``noise``), ``kind``
@@ -336,30 +339,34 @@ def measure_drift(
     noise = noise or create_attack("noise", norm=attack.norm, seed=attack.seed)
     perturbations = ((attack.name, attack), ("noise", noise))
     device = next(model.parameters()).device
-    batch_size = batch_size or drift_batch_size(model, as_float_images(x[:1].to(device)))
+    rows = rows or drift_rows(model, as_float_images(x[:1].to(device)), batch_size)
     columns: Columns = {}
-    for i in range(0, len(x), batch_size):
+    for b, i in enumerate(range(0, len(x), batch_size)):
         xb, yb = as_float_images(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
-        clean = snapshot(model, xb)
-        for label, atk in perturbations:
-            x_p = atk(model, xb, yb, epsilons=[eps]).adversarials[0]
-            f_p, _, values = perturbed_pass(model, clean, xb, x_p)
-            values[("out", "", "logit_sensitivity")] = M.logit_sensitivity(clean.logits, f_p, x_p - xb)
-            values[("out", "", "flip_rate")] = M.flip(clean.logits, f_p).double()
-            for key, v in values.items():
-                columns.setdefault((label, key), []).append(v.double().cpu())
+        with pass_rows(rows):
+            moved = [atk(model, xb, yb, epsilons=[eps], stream=b).adversarials[0] for _, atk in perturbations]
+        for j in range(0, len(xb), rows):
+            _measure_part(model, xb[j : j + rows], [x_p[j : j + rows] for x_p in moved], perturbations, columns)
     return _drift_rows(columns, [label for label, _ in perturbations], eps)
 
 
-DRIFT_BATCH = 100  # the most images per batch of measure_drift
+def _measure_part(model: nn.Module, xb: torch.Tensor, moved: list[torch.Tensor], perturbations, columns) -> None:  # type: ignore[no-untyped-def]
+    """Record the clean pass of ``xb`` once; measure each perturbed pass against it into ``columns``."""
+    clean = snapshot(model, xb)
+    for (label, _), x_p in zip(perturbations, moved, strict=True):
+        f_p, _, values = perturbed_pass(model, clean, xb, x_p)
+        values[("out", "", "logit_sensitivity")] = M.logit_sensitivity(clean.logits, f_p, x_p - xb)
+        values[("out", "", "flip_rate")] = M.flip(clean.logits, f_p).double()
+        for key, v in values.items():
+            columns.setdefault((label, key), []).append(v.double().cpu())
 
 
-def drift_batch_size(model: nn.Module, x: torch.Tensor) -> int:
-    """Images per batch of :func:`measure_drift`: ``DRIFT_BATCH``, fewer where an attack's
-    gradient pass on that many would not fit the device's pass budget (full-size images:
-    :func:`robustse.attacks.pass_memory`), so drift's memory follows the budget, not the batch."""
-    per_row = grad_bytes_per_row(model, x)
-    return min(DRIFT_BATCH, rows_within(pass_memory(x.device), per_row))
+def drift_rows(model: nn.Module, x: torch.Tensor, batch_size: int) -> int:
+    """Rows per gradient pass and per recorded clean pass of :func:`measure_drift`: the batch,
+    fewer where an attack's gradient pass on it would not fit the device's pass budget
+    (full-size images: :func:`robustse.attacks.pass_memory`), so drift's memory follows the
+    budget, not the batch."""
+    return min(batch_size, rows_within(pass_memory(x.device), grad_bytes_per_row(model, x)))
 
 
 Columns = dict[tuple[str, Any], list[torch.Tensor]]  # (perturbation, key) → per-batch values

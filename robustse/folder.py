@@ -86,12 +86,20 @@ class ImageFolder:
         Raises:
             DataError: ``n < 1``, an unreadable image, or more decoded pixels than allowed.
         """
+        return self.decode(self.selection(n, seed=seed))
+
+    def selection(self, n: int | None, *, seed: int = 0) -> torch.Tensor:
+        """The sorted indices :meth:`subset` decodes.
+
+        Raises:
+            DataError: ``n < 1``.
+        """
         if n is not None and n < 1:
             raise DataError(f"{self.name}/{self.split}: subset size must be >= 1 (got {n})")
         if n is None or n >= len(self):
-            return self.decode(torch.arange(len(self)))
+            return torch.arange(len(self))
         gen = torch.Generator().manual_seed(seed)
-        return self.decode(torch.randperm(len(self), generator=gen)[:n].sort().values)
+        return torch.randperm(len(self), generator=gen)[:n].sort().values
 
     def held_out(self, n: int | None, *, seed: int = 0, size: int = 2000) -> Dataset | None:
         """Up to ``size`` images that ``subset(n, seed=seed)`` leaves out, decoded; None when
@@ -218,9 +226,9 @@ def load_image_folder(name: str, split: Split, preprocess: Preprocess | None = N
             split the folder does not have.
     """
     root = folder_root(name)
-    if not root.is_dir():
-        raise DataError(f"{name}: no such folder")
     try:
+        if not root.is_dir():
+            raise DataError(f"{name}: no such folder")
         folder = _split_folder(name, root, split)
         classes = _class_list(name, root, _split_folders(root) or [folder])
         files, labels = _list_images(name, folder, classes)

@@ -290,7 +290,8 @@ class _GatesOnly(Recorder):
     keeps_tensors = False
 
     def gate(self, name: str, s: torch.Tensor) -> None:
-        self.gates[name] = s.clone()
+        with torch.inference_mode(False):  # a normal tensor even under inference_mode: attacks may save it
+            self.gates[name] = s.clone()
 
     def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
         pass

@@ -156,7 +156,7 @@ def load_sweep_models(
     models = []
     files: list[Path] = []
     for p in paths:
-        arch, eq, weights = p.rpartition("=")
+        arch, eq, weights = p.partition("=")  # an architecture name has no "=", a path may
         if eq and arch and not Path(p).exists():
             model, meta = load_checkpoint(
                 weights, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device
@@ -304,16 +304,19 @@ def evaluation_set(models: list[SweepModel], test: Dataset | ImageFolder, cfg: S
     Raises:
         DataError: images that do not fit a model.
     """
-    probe = fit_probe(test)  # a misfit costs no decoding
+    probe = fit_probe(test, cfg.eval_subset)  # a misfit costs no decoding
     for m in models:
         check_input_fits(m.model, probe, channels=m.meta.get("arch_kwargs", {}).get("in_channels"), who=m.label)
     return test.subset(cfg.eval_subset, seed=SUBSET_SEED)
 
 
-def fit_probe(test: Dataset | ImageFolder) -> Dataset:
-    """What :func:`~robustse.predict.check_input_fits` needs of ``test`` before its selection is
-    decoded: an image folder's first two images (and its classes), or the in-memory set itself."""
-    return test.decode(torch.arange(min(2, len(test)))) if isinstance(test, ImageFolder) else test
+def fit_probe(test: Dataset | ImageFolder, n: int | None) -> Dataset:
+    """What :func:`~robustse.predict.check_input_fits` needs of ``test`` before its seeded
+    selection of ``n`` is decoded: an image folder's first two images of that selection (and its
+    classes), or the in-memory set itself."""
+    if isinstance(test, ImageFolder):
+        return test.decode(test.selection(n, seed=SUBSET_SEED)[:2])
+    return test
 
 
 def fit_temperatures(

@@ -541,3 +541,35 @@ def test_more_than_a_batch_of_photos_decode_in_worker_processes_in_order(cifar_d
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match=f"{bad.name}: unreadable image"):
         load_image_folder(f"imagefolder:{many}", "test", listing.preprocess).subset(None)
+
+
+def test_a_bad_photo_outside_the_selection_is_never_decoded(imagenet_dir, seresnet18_weights, tmp_path):
+    """The fit check decodes two photos of the seeded selection itself: a corrupt photo the
+    selection leaves out stops nothing (one inside it is one line, as tested above)."""
+    from robustse.train import SUBSET_SEED
+
+    broken = tmp_path / "broken"
+    shutil.copytree(imagenet_dir, broken)
+    listing = load_image_folder(f"imagefolder:{broken}", "test")
+    chosen = set(listing.selection(3, seed=SUBSET_SEED).tolist())
+    outside = min(set(range(len(listing))) - chosen)
+    assert outside < 2  # among the first two in listing order
+    listing.files[outside].write_bytes(b"not an image")
+    res = _cli("--quiet", "eval", f"timm:seresnet18={seresnet18_weights}", "--dataset", f"imagefolder:{broken}",
+               "--eval-subset", "3", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["eval_examples"] == 3
+
+
+def test_weights_paths_may_hold_an_equals_sign(seresnet18_weights, tmp_path):
+    """ARCH=WEIGHTS splits at the first "=" (architecture names have none; paths may)."""
+    from robustse.cli import _arch_and_weights
+    from robustse.sweep_setup import load_sweep_models
+
+    assert _arch_and_weights("timm:resnet50=runs/lr=0.1/w.pth", None) == ("runs/lr=0.1/w.pth", "timm:resnet50")
+    assert _arch_and_weights("ckpt.safetensors", "resnet20") == ("ckpt.safetensors", "resnet20")
+    odd = tmp_path / "lr=0.1" / "w.safetensors"
+    odd.parent.mkdir()
+    shutil.copy(seresnet18_weights, odd)
+    (sm,) = load_sweep_models([f"timm:seresnet18={odd}"], num_classes=1000)
+    assert sm.checkpoint == str(odd) and len(rs.find_gates(sm.model)) == 8

@@ -612,3 +612,19 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
     with pytest.raises(SpecError, match="cannot run with accuracy_only"):
         run_sweep(models, attacks, EPS, evalset, tmp_path / "acc", accuracy_only=True, progress=False)
     assert not (tmp_path / "acc").exists()
+
+
+def test_held_gates_work_under_inference_mode(trained_small, evalset):
+    """An attack inside inference_mode gets the same adversarials as outside, also with its gates
+    held (the held values are taken as normal tensors, which the attack's passes may save)."""
+    from robustse.attacks import create_attack
+    from robustse.probes import held_gates
+
+    model, x = trained_small[0], to_float(evalset.x[:8])
+    y = evalset.y[:8]
+    pgd = create_attack("pgd", steps=2, seed=0)
+    with torch.no_grad(), held_gates(model, x):
+        outside = pgd(model, x, y, epsilons=[0.03]).adversarials[0]
+    with torch.inference_mode(), held_gates(model, x):
+        inside = pgd(model, x, y, epsilons=[0.03]).adversarials[0]
+    assert torch.equal(inside, outside)
