@@ -292,8 +292,10 @@ class Sweep:
         self.eps = sorted({float(e) for e in epsilons})
         if len(dataset) == 0:
             raise DataError(f"{dataset.name}: the evaluation set is empty")
-        held = [m.label for m in models if m.hold is not None]
-        if held and options.accuracy_only:  # survivors are a subset of rows; the held gates are per batch
+        # survivors are a subset of a batch's rows: per-example held gates cannot follow them
+        # (frozen_mean's means are the same for every row and can)
+        held = [m.label for m in models if m.hold is not None and m.meta.get("intervention") != "frozen_mean"]
+        if held and options.accuracy_only:
             raise SpecError(f"{held[0]}: a gate intervention cannot run with accuracy_only (it attacks whole batches)")
         self.ladders = {id(a): ladder_of(a, self.eps) for a in attacks}
         self.hashes = {sm.label: weight_hash(sm.model.state_dict()) for sm in models}

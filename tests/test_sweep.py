@@ -609,9 +609,16 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
     base = SweepModel("se", model, str(trained_small[3]), {"arch": "se_small_cnn"})
     models = [base, *intervention_models([base], ["held_gates"])]
     attacks = build_attacks([{"name": "fgsm"}], norm="linf", seed=0, noise=False)
-    with pytest.raises(SpecError, match="cannot run with accuracy_only"):
+    with pytest.raises(SpecError, match="se@held_gates: a gate intervention cannot run with accuracy_only"):
         run_sweep(models, attacks, EPS, evalset, tmp_path / "acc", accuracy_only=True, progress=False)
     assert not (tmp_path / "acc").exists()
+    from robustse.checkpoint import read_metadata
+
+    base = SweepModel("se", model, str(trained_small[3]), read_metadata(trained_small[3]))
+    frozen = intervention_models([base], ["frozen_mean"])  # the same means for every row: survivors are fine
+    run_sweep([base, *frozen], attacks, EPS, evalset, tmp_path / "frozen", accuracy_only=True, progress=False)
+    cells = ResultsStore(tmp_path / "frozen" / "results.db").cells()
+    assert set(cells.model) == {"se", "se@frozen_mean"} and len(cells) == 2 * len(EPS)
 
 
 def test_held_gates_work_under_inference_mode(trained_small, evalset):
