@@ -235,10 +235,10 @@ def _looks_like_path(target: str) -> bool:
 def _arch_and_weights(target: str, arch: str | None) -> tuple[str, str | None]:
     """``ARCH=WEIGHTS`` (as sweep and drift take foreign weights) → (WEIGHTS, ARCH); a checkpoint
     path (and ``--arch``) as they are."""
-    name, eq, weights = target.partition("=")  # an architecture name has no "=", a path may
-    if eq and name and arch is None and not Path(target).exists():
-        return weights, name
-    return target, arch
+    from .sweep_setup import arch_and_weights
+
+    foreign = arch_and_weights(target) if arch is None else None
+    return (foreign[1], foreign[0]) if foreign else (target, arch)
 
 
 @cli.command("inspect")
@@ -441,13 +441,12 @@ def eval_cmd(
     from .errors import DataError
     from .folder import ImageFolder
     from .predict import check_input_fits, predict
-    from .sweep_setup import fit_probe
+    from .sweep_setup import fit_probe, given_dataset
     from .train import SUBSET_SEED
 
     device = obj.device
     path, arch = _arch_and_weights(checkpoint, arch)
-    test = load_split(dataset, split="test", root=data_root, download=download) if dataset else None
-    classes = num_classes or (test.num_classes if test is not None else 10)
+    test, classes = given_dataset(dataset, num_classes, data_root, download)
     model, meta = load_checkpoint(path, arch=arch, arch_kwargs={"num_classes": classes}, map_location=device)
     name = dataset or meta.get("dataset") or "fashion-mnist"
     preprocess = getattr(model, "preprocess", None)

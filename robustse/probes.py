@@ -283,21 +283,25 @@ def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, han
 # --------------------------------------------------------------------------- gate interventions
 
 
-class _GatesOnly(Recorder):
-    """Keeps each gate's excitations (copied: small, (B, C)) and nothing else, so a pass whose
-    gates are wanted holds no activation beyond the forward pass itself."""
+class _GateRecorder(Recorder):
+    """A recorder of the gates alone: gating-block inputs and outputs and block outputs are
+    ignored, so nothing but what :meth:`gate` keeps outlives the forward pass."""
 
     keeps_tensors = False
-
-    def gate(self, name: str, s: torch.Tensor) -> None:
-        with torch.inference_mode(False):  # a normal tensor even under inference_mode: attacks may save it
-            self.gates[name] = s.clone()
 
     def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
         pass
 
     def block(self, name: str, h: torch.Tensor) -> None:
         pass
+
+
+class _GatesOnly(_GateRecorder):
+    """Keeps each gate's excitations (copied: small, (B, C))."""
+
+    def gate(self, name: str, s: torch.Tensor) -> None:
+        with torch.inference_mode(False):  # a normal tensor even under inference_mode: attacks may save it
+            self.gates[name] = s.clone()
 
 
 def clean_gate_values(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -307,11 +311,9 @@ def clean_gate_values(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tens
     return dict(rec.gates)
 
 
-class _GateSums(Recorder):
-    """Sums each gate's excitations over the examples as the hooks see them; keeps nothing else
-    (no activation is copied or held, whatever the image size)."""
-
-    keeps_tensors = False
+class _GateSums(_GateRecorder):
+    """Sums each gate's excitations over the examples as the hooks see them (no activation is
+    copied or held, whatever the image size)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -319,12 +321,6 @@ class _GateSums(Recorder):
 
     def gate(self, name: str, s: torch.Tensor) -> None:
         self.sums[name] = self.sums.get(name, 0) + s.double().sum(0)
-
-    def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
-        pass
-
-    def block(self, name: str, h: torch.Tensor) -> None:
-        pass
 
 
 @torch.no_grad()

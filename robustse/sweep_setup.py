@@ -51,7 +51,7 @@ def sweep_checkpoints(
         device, progress, log, debug, layout: as for :func:`robustse.sweep.run_sweep`.
     """
     dataset = dataset or cfg.dataset
-    given, classes = _given_dataset(dataset if splits is None else None, num_classes, data_root)
+    given, classes = given_dataset(dataset if splits is None else None, num_classes, data_root)
     models = load_sweep_models(paths, device=device, num_classes=classes)
     warn_nonfinite(models, log)
     attacks = build_attacks(cfg.attacks, norm=cfg.norm, seed=cfg.seed)
@@ -156,8 +156,9 @@ def load_sweep_models(
     models = []
     files: list[Path] = []
     for p in paths:
-        arch, eq, weights = p.partition("=")  # an architecture name has no "=", a path may
-        if eq and arch and not Path(p).exists():
+        foreign = arch_and_weights(p)
+        if foreign is not None:
+            arch, weights = foreign
             model, meta = load_checkpoint(
                 weights, arch=arch, arch_kwargs={"num_classes": num_classes}, map_location=device
             )
@@ -247,18 +248,25 @@ def load_drift_input(
     device: torch.device | str,
 ) -> tuple[SweepModel, Dataset]:
     """``robustse drift``'s model (a checkpoint or ``ARCH=WEIGHTS``) and its evaluation images."""
-    given, classes = _given_dataset(dataset, num_classes, data_root)
+    given, classes = given_dataset(dataset, num_classes, data_root)
     (sm,) = load_sweep_models([checkpoint], device=device, num_classes=classes)
     return sm, evaluation_set([sm], load_test_split([sm], data_root=data_root, given=given), cfg)
 
 
-def _given_dataset(
-    dataset: str | None, num_classes: int | None, data_root: PathLike | None
+def given_dataset(
+    dataset: str | None, num_classes: int | None, data_root: PathLike | None, download: bool = False
 ) -> tuple[Dataset | ImageFolder | None, int]:
-    """The dataset named on the command line (an image folder only listed), and the class count
-    of foreign ``ARCH=WEIGHTS`` models: as given, else the dataset's, else 10."""
-    given = load_split(dataset, root=data_root) if dataset else None
+    """The test split of the dataset named on the command line (an image folder only listed),
+    and the class count of foreign ``ARCH=WEIGHTS`` models: as given, else the dataset's, else 10."""
+    given = load_split(dataset, root=data_root, download=download) if dataset else None
     return given, num_classes or (given.num_classes if given is not None else 10)
+
+
+def arch_and_weights(text: str) -> tuple[str, str] | None:
+    """``ARCH=WEIGHTS`` → (ARCH, WEIGHTS), split at the first ``=`` (an architecture name has
+    none, a path may); None for a path (an existing file named with ``=`` included)."""
+    arch, eq, weights = text.partition("=")
+    return (arch, weights) if eq and arch and not Path(text).exists() else None
 
 
 def load_test_split(
