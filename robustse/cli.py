@@ -829,11 +829,14 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
 
 def _verdict_summary(rep: Any) -> None:
     """The report's Answer and its verdict table, one line per measurement and eps."""
-    from .report import headline
+    from .answer import QUESTION
+    from .report import headline, in_pp
 
-    for sentence in rep.answer:
-        click.echo(sentence)
-    c = headline(rep.comparison, rep.main_attack)
+    for a in rep.answers:
+        click.echo(f"[{a.family}, arm {a.arm}] {QUESTION} {a.bottom_line} — {a.reason}")
+        for line in a.lines:
+            click.echo(f"  {line.text}")
+    c = in_pp(headline(rep.comparison, rep.main_attack))
     if c.empty:
         click.echo("verdict: no SE model with a same-seed baseline to compare")
     else:
@@ -841,7 +844,8 @@ def _verdict_summary(rep: Any) -> None:
         for _, r in c.iterrows():
             click.echo(
                 f"  {r.arm:<8} {r.family:<12} vs {r.baseline:<7} {r.endpoint:<9} {r.measurement:<25} {r.attack:<10} "
-                f"eps={r.eps:<6g} {r['diff']:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] p={r.p_adjusted:.3g} "
+                f"eps={r.eps:<6g} {r['diff']:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] {r.unit:<2} "
+                f"p={r.p_adjusted:.3g} "
                 f"pairs={r.n_pairs}  {r.verdict}"
             )
     click.echo(f"report: {rep.html} and {rep.markdown.name}")
@@ -857,7 +861,12 @@ def _verdict_summary(rep: Any) -> None:
 )
 @click.option("--alpha", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=None)
 @click.option("--gallery-eps", type=float, default=None, help="Eps of the gallery and heatmaps [default: middle].")
-@click.option("--json", "as_json", is_flag=True, help="Print the statistics table as JSON.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the Answer (bottom line and lines), the verdict and ratio tables as strict JSON.",
+)
 @pass_ctx
 def report_cmd(
     obj: Ctx, run_dir: Path, bootstrap: int | None, alpha: float | None, gallery_eps: float | None, as_json: bool
@@ -868,8 +877,15 @@ def report_cmd(
 
     rep = build_report(run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, log=obj.log)
     if as_json:
-        payload = {"report": str(rep.html), "comparisons": rep.comparison.to_dict(orient="records")}
-        click.echo(json.dumps(payload, indent=2, default=str))
+        from .jsonout import dumps
+
+        payload = {
+            "report": str(rep.html),
+            "answers": [a.as_dict() for a in rep.answers],
+            "comparisons": rep.comparison.to_dict(orient="records"),
+            "ratios": rep.ratios.to_dict(orient="records") if rep.ratios is not None else [],
+        }
+        click.echo(dumps(payload))
     else:
         _verdict_summary(rep)
 

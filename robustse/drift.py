@@ -27,6 +27,7 @@ GATE_METRICS = (
     "adaptive_damping", "adaptive_share", "adaptive_alignment",
 )  # fmt: skip
 BLOCK_METRICS = ("amplification",)
+SQUEEZE_METRICS = ("input_drift", "squeeze_drift", "squeeze_attenuation")  # kind "squeeze", per SE site
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -39,12 +40,14 @@ class Snapshot:
     gate_inputs: dict[str, torch.Tensor]
     gate_outputs: dict[str, torch.Tensor]
     blocks: dict[str, torch.Tensor]
+    site_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def snapshot_bytes(snap: Snapshot) -> int:
-    """Memory held by a snapshot's tensors."""
-    tables = (snap.gates, snap.gate_inputs, snap.gate_outputs, snap.blocks)
-    return snap.logits.nbytes + sum(t.nbytes for table in tables for t in table.values())
+    """Memory held by a snapshot's tensors (an SE site's input is its gate's input: counted once)."""
+    tables = (snap.gates, snap.gate_inputs, snap.gate_outputs, snap.blocks, snap.site_inputs)
+    distinct = {id(t): t for table in tables for t in table.values()}
+    return snap.logits.nbytes + sum(t.nbytes for t in distinct.values())
 
 
 @torch.no_grad()
@@ -52,7 +55,7 @@ def snapshot(model: nn.Module, x: torch.Tensor) -> Snapshot:
     """One recorded forward pass of ``x``."""
     with capture(model) as rec:
         logits = model(x)
-    return Snapshot(logits, rec.gates, rec.gate_inputs, rec.gate_outputs, rec.blocks)
+    return Snapshot(logits, rec.gates, rec.gate_inputs, rec.gate_outputs, rec.blocks, rec.site_inputs)
 
 
 def site_metrics(
@@ -65,6 +68,9 @@ def site_metrics(
         moved_site = (pert.gates[name], pert.gate_inputs[name], pert.gate_outputs[name])
         for metric, v in gate_metrics(seen, moved_site).items():
             out["gate", name, metric] = v
+    for name, u in clean.site_inputs.items():
+        for metric, v in squeeze_metrics(u, pert.site_inputs[name]).items():
+            out["squeeze", name, metric] = v
     moved = M.relative_change(x, x_p)  # ‖δ‖/‖x‖, the same for every block
     for name, h in clean.blocks.items():
         out["block", name, "amplification"] = M.drift_ratio(M.relative_change(h, pert.blocks[name]), moved)
@@ -91,6 +97,12 @@ def gate_metrics(clean: Site, pert: Site) -> dict[str, torch.Tensor]:
     }
 
 
+def squeeze_metrics(u: torch.Tensor, u_p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example ``SQUEEZE_METRICS`` of one SE site from its clean and perturbed input u."""
+    inp, squeezed = M.relative_change(u, u_p), M.squeeze_drift(u, u_p)
+    return {"input_drift": inp, "squeeze_drift": squeezed, "squeeze_attenuation": M.drift_ratio(squeezed, inp)}
+
+
 class _SiteReducer(Recorder):
     """A perturbed pass measured against a recorded clean one inside the hooks: each gating
     block's and block's tensors become their (B,) metrics as soon as they are seen, so the pass
@@ -108,6 +120,10 @@ class _SiteReducer(Recorder):
         seen = (c.gates[name], c.gate_inputs[name], c.gate_outputs[name])
         for metric, v in gate_metrics(seen, (self.gates[name], u, y)).items():
             self.values["gate", name, metric] = v
+
+    def site(self, name: str, u: torch.Tensor) -> None:
+        for metric, v in squeeze_metrics(self.clean.site_inputs[name], u).items():
+            self.values["squeeze", name, metric] = v
 
     def block(self, name: str, h: torch.Tensor) -> None:
         drift = M.relative_change(self.clean.blocks[name], h)
@@ -127,7 +143,7 @@ def perturbed_pass(
     reducer = _SiteReducer(clean, M.relative_change(x, x_p))
     with capture(model, recorder=reducer):
         logits = model(x_p)
-    kinds = ("gate", "block")  # the order of site_metrics: every gate, then every block
+    kinds = ("gate", "squeeze", "block")  # the order of site_metrics: gates, SE sites, blocks
     return logits, reducer.gates, {k: v for kind in kinds for k, v in reducer.values.items() if k[0] == kind}
 
 
@@ -294,7 +310,7 @@ class CellProbe:
 
 
 # Ratios are averaged as means of logs (geometric means): a halving and a doubling cancel.
-RATIO_METRICS = ("channel_gain", "adaptive_damping", "adaptive_share")
+RATIO_METRICS = ("channel_gain", "adaptive_damping", "adaptive_share", "squeeze_attenuation")
 
 
 def _mean(t: torch.Tensor) -> float:

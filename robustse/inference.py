@@ -1,7 +1,8 @@
 """The experiment's answer at the seed level (README "Statistics and the verdict"): SE vs its plain
 twin and vs the static-gate control per measurement and eps, the primary endpoint and the
-exploratory rest, the gates' causal effect (held − adaptive, white-box) and adaptive damping
-under attack vs noise. Tables in, tables out (numpy and pandas; no torch).
+exploratory rest, and the gates' causal effect (held − adaptive, white-box); the ratio
+measurements are in :mod:`robustse.ratios`, the Answer in :mod:`robustse.answer`. Tables in,
+tables out (numpy and pandas; no torch).
 
 Every comparison pairs models by seed (:func:`robustse.stats.compare_twins`): the trained model is
 the unit of replication and the examples, shared by all models, add their own sampling variance.
@@ -17,16 +18,16 @@ import pandas as pd
 
 from . import stats as S
 from ._types import intervention_label
-from .attack_roles import attack_role
 
 PRIMARY = "robust_accuracy"
+PERCENT_MEASURES = ("robust_accuracy", "flip_rate")  # fractions, shown in percentage points
 # Equivalence margins per measurement (the same units as the measurement): ±1 pp of accuracy or
-# flip rate, ±0.05 in log sensitivity ratio (about 5%), ±0.02 in mean log adaptive damping.
+# flip rate, ±0.05 in log sensitivity ratio (about 5%); the ratio measurements' margins are in
+# robustse.ratios.MARGINS.
 MARGINS: dict[str, float] = {
     "robust_accuracy": 0.01,
     "flip_rate": 0.01,
     "log_sensitivity_vs_noise": 0.05,
-    "log_adaptive_damping": 0.02,
 }
 VERDICT_COLUMNS = [
     "arm", "family", "baseline", "endpoint", "measurement", "attack", "eps", "se_mean", "base_mean", "diff",
@@ -209,145 +210,3 @@ def _effect_rows(g, what, pairs, worst, alpha, margin) -> list[dict[str, Any]]: 
         }
         for eps, c in zip(eps_list, S.adjust_family(comps), strict=True)
     ]  # fmt: skip
-
-
-# --------------------------------------------------------------------------- adaptive damping
-
-ADAPTIVE_COLUMNS = [
-    "arm", "family", "attack", "eps", "attack_damping", "noise_damping", "ratio", "ci_low", "ci_high", "p",
-    "p_adjusted", "verdict", "n_pairs", "n_examples",
-]  # fmt: skip
-
-
-def adaptive_damping_table(
-    site_examples: pd.DataFrame | None, models: pd.DataFrame, *, alpha: float = 0.05
-) -> pd.DataFrame:
-    """Adaptive damping ‖Δy‖/‖s⊙Δu‖ under each attack vs under the noise control at the same
-    eps, per SE model the geometric mean over gates and examples; the attack/noise ratio with its
-    CI over seeds (paired per model and example, on logs) and Holm across eps per attack. A ratio
-    below 1 with verdict ``attack damped more``: the gates' reaction shrinks adversarial
-    perturbations more than random ones."""
-    log = _log_adaptive(site_examples)
-    rows: list[dict[str, Any]] = []
-    if log is None:
-        return pd.DataFrame(rows, columns=ADAPTIVE_COLUMNS)
-    for g in se_groups(models):
-        rows += _adaptive_rows(g, log[log.model.isin(g["se"])], g["se"], alpha)
-    return pd.DataFrame(rows, columns=ADAPTIVE_COLUMNS)
-
-
-def _log_adaptive(site_examples: pd.DataFrame | None) -> pd.DataFrame | None:
-    """Per model, attack, eps and example: the mean over gates of log adaptive damping."""
-    if site_examples is None or site_examples.empty:
-        return None
-    d = site_examples[(site_examples.metric == "adaptive_damping") & (site_examples.eps > 0)]
-    d = d[d.value > 0]
-    if d.empty:
-        return None
-    d = d.assign(value=np.log(d.value.to_numpy(dtype=float)))
-    return d.groupby(["model", "attack", "norm", "eps", "idx"], as_index=False).value.mean()
-
-
-def _adaptive_rows(g: dict[str, Any], log: pd.DataFrame, se: list[str], alpha: float) -> list[dict[str, Any]]:
-    rows = []
-    controls = {a for a in set(log.attack) if attack_role(a) == "control"}
-    for attack in [a for a in dict.fromkeys(log.attack) if attack_role(a) == "attack"]:
-        comps, eps_list = [], []
-        for eps in sorted(set(log[log.attack == attack].eps)):
-            at = log[(log.attack == attack) & (log.eps == eps)]
-            noise = log[log.attack.isin(controls) & (log.eps == eps) & log.norm.isin(set(at.norm))]
-            a = at.pivot_table(index="model", columns="idx", values="value").reindex(se)
-            b = noise.pivot_table(index="model", columns="idx", values="value").reindex(index=se, columns=a.columns)
-            if a.isna().all().all() or b.isna().all().all():
-                continue
-            comps.append(S.compare_paired_models(a.to_numpy(), b.to_numpy(), alpha=alpha,
-                                                 margin=MARGINS["log_adaptive_damping"]))  # fmt: skip
-            eps_list.append(float(eps))
-        rows += [_adaptive_row(g, attack, eps, c) for eps, c in zip(eps_list, S.adjust_family(comps), strict=True)]
-    return rows
-
-
-def _adaptive_row(g: dict[str, Any], attack: str, eps: float, c: Any) -> dict[str, Any]:
-    verdict = {"a damps": "attack damped more", "a amplifies": "noise damped more"}.get(c.verdict, c.verdict)
-    return {
-        "arm": g["arm"], "family": g["family"], "attack": attack, "eps": eps,
-        "attack_damping": float(np.exp(c.se_mean)), "noise_damping": float(np.exp(c.plain_mean)),
-        "ratio": float(np.exp(c.diff)), "ci_low": float(np.exp(c.ci_low)), "ci_high": float(np.exp(c.ci_high)),
-        "p": c.p, "p_adjusted": c.p_adjusted, "verdict": verdict, "n_pairs": c.n_pairs, "n_examples": c.n_examples,
-    }  # fmt: skip
-
-
-# --------------------------------------------------------------------------- the Answer
-
-PERCENT_MEASURES = ("robust_accuracy", "flip_rate")
-
-
-def _closest(table: pd.DataFrame, eps: float) -> pd.DataFrame:
-    """The rows of ``table`` at the eps closest to ``eps``."""
-    if table.empty:
-        return table
-    at = table.eps.iloc[(table.eps - eps).abs().to_numpy().argmin()]
-    return table[table.eps == at]
-
-
-def _effect(diff: float, lo: float, hi: float, percent: bool) -> str:
-    if percent:
-        return f"{100 * diff:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-    return f"{diff:+.3g} [{lo:+.3g}, {hi:+.3g}]"
-
-
-def _outcome(verdicts: pd.DataFrame, eps: float, primary: str) -> str:
-    rows = _closest(verdicts[verdicts.endpoint == "primary"], eps)
-    if rows.empty:
-        return (
-            "Outcome: no SE model has a plain twin or static control with the same seed here, so there is no verdict."
-        )
-    percent = primary in PERCENT_MEASURES
-    parts = [
-        f"SE − {r.baseline} = {_effect(r.diff, r.ci_low, r.ci_high, percent)} over {r.n_pairs} seed pairs "
-        f"(Holm p = {r.p_adjusted:.2g}): {r.verdict}"
-        for r in rows.itertuples()
-    ]
-    name = primary.replace("_", " ") + (" (worst case over the attacks)" if primary == PRIMARY else "")
-    return f"Outcome — primary endpoint {name} at eps = {rows.eps.iloc[0]:g}: " + "; ".join(parts) + "."
-
-
-def _cause(effects: pd.DataFrame, eps: float) -> str:
-    rows = _closest(effects[effects.intervention == "held_gates"], eps)
-    if rows.empty:
-        return ("Cause: not measured — the sweep attacked no held-gates intervention "
-                "(list it in [sweep] interventions).")  # fmt: skip
-    r = rows.iloc[0]
-    return (
-        f"Cause — with every gate held at its clean value (same weights, attacked white-box) robust accuracy "
-        f"at eps = {r.eps:g} changes by {_effect(r['diff'], r.ci_low, r.ci_high, True)} over {r.n_pairs} models "
-        f"(Holm p = {r.p_adjusted:.2g}): {r.verdict}."
-    )
-
-
-def _mechanism(adaptive: pd.DataFrame, eps: float, main: str | None) -> str:
-    rows = _closest(adaptive[adaptive.attack == main] if main in set(adaptive.attack) else adaptive, eps)
-    if rows.empty:
-        return "Mechanism: not measured — no SE model was probed (probes off, or no SE model)."
-    r = rows.iloc[0]
-    return (
-        f"Mechanism — at eps = {r.eps:g} the gates' reaction scales the SE output change by "
-        f"{r.attack_damping:.3f} under {r.attack} and {r.noise_damping:.3f} under random noise (geometric means of "
-        f"‖Δy‖/‖s⊙Δu‖); attack/noise = {r.ratio:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] over {r.n_pairs} models "
-        f"(Holm p = {r.p_adjusted:.2g}): {r.verdict}."
-    )
-
-
-def answer(
-    verdicts: pd.DataFrame,
-    gate_effects: pd.DataFrame,
-    adaptive: pd.DataFrame,
-    *,
-    eps: float,
-    primary: str = PRIMARY,
-    main: str | None = None,
-) -> list[str]:
-    """The report's Answer, three sentences generated from the tables at (the eps closest to)
-    ``eps``: outcome (primary endpoint, SE vs plain and vs static), cause (held − adaptive gates)
-    and mechanism (adaptive damping, attack vs noise), each with effect, CI, pairs and verdict."""
-    return [_outcome(verdicts, eps, primary), _cause(gate_effects, eps), _mechanism(adaptive, eps, main)]

@@ -126,6 +126,26 @@ def adaptive_alignment(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Te
     return _ratio((a * b).sum(1), den)
 
 
+def spatial_mean(u: torch.Tensor) -> torch.Tensor:
+    """z = mean over every dimension after the channel one: (B, C, H, W) → (B, C), the squeezed
+    global state an SE block sees (Hu et al. 2018, Eq. 2)."""
+    return u.flatten(2).mean(2) if u.dim() > 2 else u
+
+
+def squeeze_drift(u: torch.Tensor, u_prime: torch.Tensor) -> torch.Tensor:
+    """‖z' − z‖ / ‖z‖ per example for z the spatial mean of u: how far the squeezed global state
+    moves. 0 for a perturbation of u whose spatial mean is 0 in every channel."""
+    return relative_change(spatial_mean(u), spatial_mean(u_prime))
+
+
+def squeeze_attenuation(u: torch.Tensor, u_prime: torch.Tensor) -> torch.Tensor:
+    """squeeze drift / feature-map drift ‖u' − u‖/‖u‖ per example: < 1 when the squeeze moves
+    less than the feature map it summarizes (the premise "the global state hasn't changed
+    much"); exactly 1 for u and a perturbation that are constant over space; NaN where u did not
+    move."""
+    return drift_ratio(squeeze_drift(u, u_prime), relative_change(u, u_prime))
+
+
 def amplification(h: torch.Tensor, h_prime: torch.Tensor, x: torch.Tensor, x_prime: torch.Tensor) -> torch.Tensor:
     """(‖h' − h‖/‖h‖) / (‖δ‖/‖x‖) per example for one block output; NaN where δ = 0."""
     return drift_ratio(relative_change(h, h_prime), relative_change(x, x_prime))

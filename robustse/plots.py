@@ -19,7 +19,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from .attack_roles import attack_role  # noqa: E402
 
-PLAIN, SE = "#1f77b4", "#ff7f0e"
+PLAIN, SE, STATIC = "#1f77b4", "#ff7f0e", "#2ca02c"
+KIND_COLOURS = {"plain": PLAIN, "se": SE, "static": STATIC}
 GRID = {"alpha": 0.3, "lw": 0.5}
 
 
@@ -50,27 +51,30 @@ def _empty(message: str) -> Figure:
 
 
 def robust_accuracy(curves: Any) -> Figure:
-    """Robust accuracy vs eps for each twin, mean over seeds with its bootstrap CI band.
+    """Robust accuracy vs eps for each family member (plain, SE, static control), mean over seeds
+    with its bootstrap CI band.
 
     Args:
-        curves: DataFrame ``arm, family, se, eps, mean, ci_low, ci_high``.
+        curves: DataFrame ``arm, family, se, eps, mean, ci_low, ci_high`` and optionally ``kind``
+            (plain / se / static; without it ``se`` decides).
     """
     panels = list(dict.fromkeys(zip(curves.arm, curves.family, strict=True)))
     if not panels:
         return _empty("no robust-accuracy cells")
+    kinds = curves["kind"] if "kind" in curves else curves.se.map({True: "se", False: "plain"})
     fig, axes = _grid(len(panels))
     for ax, (arm, family) in zip(axes, panels, strict=False):
-        for se, color in ((False, PLAIN), (True, SE)):
-            c = curves[(curves.arm == arm) & (curves.family == family) & (curves.se == se)].sort_values("eps")
+        for kind, color in KIND_COLOURS.items():
+            c = curves[(curves.arm == arm) & (curves.family == family) & (kinds == kind)].sort_values("eps")
             if c.empty:
                 continue
-            label = f"{'se_' if se else ''}{family}"
+            label = family if kind == "plain" else f"{kind}_{family}"
             ax.plot(c.eps, c["mean"], "o-", color=color, label=label, ms=3)
-            ax.fill_between(c.eps, c.ci_low, c.ci_high, color=color, alpha=0.25, lw=0)
+            ax.fill_between(c.eps, c.ci_low, c.ci_high, color=color, alpha=0.2, lw=0)
         ax.set(title=f"{family} ({arm})", xlabel="eps (pixels)", ylabel="robust accuracy", ylim=(-0.02, 1.02))
         ax.grid(**GRID)
         ax.legend(fontsize=8)
-    fig.suptitle("Robust accuracy (worst case), 95% CI")
+    fig.suptitle("Robust accuracy (worst case), 95% CI", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -267,5 +271,96 @@ def interventions(table: Any) -> Figure:
         ax.grid(**GRID)
         ax.legend(fontsize=7)
     fig.suptitle("Gate interventions on the same perturbations")
+    fig.tight_layout()
+    return fig
+
+
+def gate_effects(table: Any, margin: float = 0.01) -> Figure:
+    """The gates' white-box effect: robust accuracy of each intervention minus the intact SE
+    model's, in pp vs eps, with its 95% CI over models and the ±margin band (equivalence).
+
+    Args:
+        table: :func:`robustse.inference.gate_effect_table` output.
+    """
+    if table is None or table.empty:
+        return _empty("no gate interventions attacked (list them in [sweep] interventions)")
+    panels = list(dict.fromkeys(zip(table.arm, table.family, strict=True)))
+    fig, axes = _grid(len(panels))
+    for ax, (arm, family) in zip(axes, panels, strict=False):
+        sub = table[(table.arm == arm) & (table.family == family)]
+        for (name, c), marker in zip(sub.groupby("intervention", sort=False), "os^", strict=False):
+            c = c.sort_values("eps")
+            err = [100 * (c["diff"] - c.ci_low), 100 * (c.ci_high - c["diff"])]
+            ax.errorbar(c.eps, 100 * c["diff"], yerr=err, fmt=f"{marker}-", ms=4, capsize=3, label=f"{name} − adaptive")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhspan(-100 * margin, 100 * margin, color="grey", alpha=0.12, lw=0, label="equivalence margin")
+        ax.set(title=f"se_{family} ({arm})", xlabel="eps (pixels)", ylabel="Δ robust accuracy (pp)")
+        ax.grid(**GRID)
+        ax.legend(fontsize=7)
+    fig.suptitle("Cause: held − adaptive gates, 95% CI", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def reaction_ratios(ratios: Any) -> Figure:
+    """The gates' reaction under each attack (solid) and under the noise control (dashed): output
+    reaction at the logits and adaptive damping per SE block, geometric means with 95% CIs over
+    models; 1 = the reaction changes nothing, > 1 it enlarges the change.
+
+    Args:
+        ratios: :func:`robustse.ratios.ratio_table` output.
+    """
+    names = {"output_reaction": "output reaction (logits)", "adaptive_damping": "adaptive damping (per SE block)"}
+    t = ratios[ratios.measurement.isin(list(names)) & (ratios.models == "se")] if ratios is not None else None
+    if t is None or t.empty:
+        return _empty("no gate reaction measured (no SE model probed)")
+    panels = list(dict.fromkeys(zip(t.arm, t.family, t.measurement, strict=True)))
+    fig, axes = _grid(len(panels))
+    for ax, (arm, family, m) in zip(axes, panels, strict=False):
+        sub = t[(t.arm == arm) & (t.family == family) & (t.measurement == m)]
+        for attack, c in sub.groupby("attack", sort=False):
+            c = c.sort_values("eps")
+            line = ax.plot(c.eps, c.a_value, "o-", ms=3, label=str(attack))[0]
+            ax.fill_between(c.eps, c.a_ci_low, c.a_ci_high, color=line.get_color(), alpha=0.2, lw=0)
+        noise = sub[sub.attack == sub.attack.iloc[0]].sort_values("eps")
+        ax.plot(noise.eps, noise.b_value, "s--", color="grey", ms=3, label="random noise")
+        ax.fill_between(noise.eps, noise.b_ci_low, noise.b_ci_high, color="grey", alpha=0.15, lw=0)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set(title=f"se_{family} ({arm}): {names[m]}", xlabel="eps (pixels)", ylabel="adaptive / held gates")
+        ax.grid(**GRID)
+        ax.legend(fontsize=7)
+    fig.suptitle("Mechanism: the gates' reaction (> 1 enlarges), 95% CI", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def squeeze_attenuation(per_site: Any, eps: float) -> Figure:
+    """The premise per SE site: squeeze drift / feature-map drift under the attack and under noise,
+    for the SE models and the same sites of the plain twins and static controls (log scale).
+
+    Args:
+        per_site: DataFrame ``arm, family, kind, site, perturbation, value`` (geometric means).
+    """
+    if per_site is None or per_site.empty:
+        return _empty("squeeze attenuation not measured (probes off, or a store written before it)")
+    panels = list(dict.fromkeys(zip(per_site.arm, per_site.family, strict=True)))
+    fig, axes = _grid(len(panels), width=5.5)
+    for ax, (arm, family) in zip(axes, panels, strict=False):
+        sub = per_site[(per_site.arm == arm) & (per_site.family == family)]
+        sites = list(dict.fromkeys(sub.site))
+        for kind, c in sub.groupby("kind", sort=False):
+            for pert, d in c.groupby("perturbation", sort=False):
+                x = [sites.index(s) for s in d.site]
+                style = "--" if pert == "noise" else "-"
+                ax.plot(x, d.value, f"o{style}", color=KIND_COLOURS.get(str(kind), "black"), ms=4,
+                        label=f"{kind}, {pert}")  # fmt: skip
+        ax.set_xticks(range(len(sites)))
+        ax.set_xticklabels([_short(s) for s in sites], fontsize=7)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set(title=f"{family} ({arm}), eps = {eps:g}", xlabel="SE site", ylabel="‖Δz‖/‖z‖ ÷ ‖Δu‖/‖u‖")
+        ax.grid(**GRID)
+        ax.legend(fontsize=7)
+    fig.suptitle("Premise: squeeze drift / feature-map drift", fontsize=10)
     fig.tight_layout()
     return fig

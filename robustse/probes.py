@@ -75,6 +75,29 @@ def _se_modules(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     return found
 
 
+def _gateless_sites(model: nn.Module) -> dict[str, nn.Module]:
+    """robustse's SE sites without a gate: the plain twin's :class:`~robustse.models.layers.EmptySite`
+    and the static control's :class:`~robustse.models.layers.StaticGate`, by module name."""
+    from .models.layers import EmptySite, StaticGate
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (EmptySite, StaticGate))}
+
+
+def site_of(gate_name: str) -> str:
+    """The site of a gate: the name of the gating block that holds it (``blocks.0.se.gate`` → ``blocks.0.se``)."""
+    return gate_name.rsplit(".", 1)[0] if "." in gate_name else ""
+
+
+def find_sites(model: nn.Module) -> list[str]:
+    """The SE sites of ``model`` in forward order: each gating block's module name, and in
+    robustse's plain twins and static controls the module in the SE block's place, so that
+    the three members of a family share their site names (``blocks.0.se``, ...). A forward
+    hook there sees the SE block's input u (the premise's feature map, README "Metrics")."""
+    names = [site_of(g) for g in _se_modules(model)] + list(_gateless_sites(model))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(dict.fromkeys(names), key=lambda n: order.get(n, -1))
+
+
 def gate_channels(model: nn.Module, name: str) -> int | None:
     """How many channels the gate ``name`` scales (None when its block does not say)."""
     block = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
@@ -143,6 +166,8 @@ class Recorder:
         gates: ``{gate name: s}``, the excitation vectors, (B, C).
         gate_inputs: ``{gate name: u}``, the SE block's input, (B, C, H, W).
         gate_outputs: ``{gate name: y}``, the SE block's output s ⊙ u, (B, C, H, W).
+        site_inputs: ``{site name: u}``, the input of each SE site (:func:`find_sites`), for
+            plain, static and SE models alike (for an SE model the same tensors as ``gate_inputs``).
         blocks: ``{block name: h}``, each block's output, for plain and SE models alike.
     """
 
@@ -152,6 +177,7 @@ class Recorder:
         self.gates: dict[str, torch.Tensor] = {}
         self.gate_inputs: dict[str, torch.Tensor] = {}
         self.gate_outputs: dict[str, torch.Tensor] = {}
+        self.site_inputs: dict[str, torch.Tensor] = {}
         self.blocks: dict[str, torch.Tensor] = {}
 
     def gate(self, name: str, s: torch.Tensor) -> None:
@@ -161,6 +187,10 @@ class Recorder:
     def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
         """The input u and output y of the gating block whose gate is ``name`` (after :meth:`gate`)."""
         self.gate_inputs[name], self.gate_outputs[name] = u, y
+
+    def site(self, name: str, u: torch.Tensor) -> None:
+        """The input u of the SE site ``name`` (after :meth:`se` for a gating block)."""
+        self.site_inputs[name] = u
 
     def block(self, name: str, h: torch.Tensor) -> None:
         """A block's output h."""
@@ -197,7 +227,7 @@ def capture(
         >>> rec.gates["blocks.0.se.gate"].shape  # doctest: +SKIP
         torch.Size([8, 16])
     """
-    ses, blocks = _se_modules(model), find_blocks(model)  # the one walk over the model
+    ses, blocks, bare = _se_modules(model), find_blocks(model), _gateless_sites(model)
     rec = recorder or Recorder()
     copies = _needs_clone(ses, blocks) if clone is None else clone
     # a recorder that reduces inside the hooks keeps nothing: nothing to copy, nothing to guard
@@ -205,6 +235,7 @@ def capture(
     handles: list[RemovableHandle] = []
     try:
         _hook_gates(ses, rec, keep, handles)
+        _hook_sites(bare, rec, keep, handles)
         _hook_blocks(blocks, rec, keep, handles)
         if keep.guard and handles:  # the in-place guard brackets every forward pass
             handles += [model.register_forward_pre_hook(keep.start), model.register_forward_hook(keep.end)]
@@ -265,9 +296,21 @@ def _hook_gates(
             rec.gate(name, keep(out, name).flatten(1))  # (B, C, 1, 1) in torchvision → (B, C)
 
         def on_se(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
-            rec.se(name, keep(inp[0], name), keep(out, name))
+            u = keep(inp[0], name)
+            rec.se(name, u, keep(out, name))
+            rec.site(site_of(name), u)
 
         handles += [gate.register_forward_hook(on_gate), se.register_forward_hook(on_se)]
+
+
+def _hook_sites(sites: dict[str, nn.Module], rec: Recorder, keep: _Keeper, handles: list[RemovableHandle]) -> None:
+    """Record the input u of each gateless SE site (plain twin, static control)."""
+    for site_name, module in sites.items():
+
+        def on_site(m, inp, out, name=site_name):  # type: ignore[no-untyped-def]
+            rec.site(name, keep(inp[0], name))
+
+        handles.append(module.register_forward_hook(on_site))
 
 
 def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, handles: list[RemovableHandle]) -> None:
@@ -290,6 +333,9 @@ class _GateRecorder(Recorder):
     keeps_tensors = False
 
     def se(self, name: str, u: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+    def site(self, name: str, u: torch.Tensor) -> None:
         pass
 
     def block(self, name: str, h: torch.Tensor) -> None:

@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import answer as A
 from . import inference as I
 from . import plots
+from . import ratios as R
 from . import stats as S
 from ._types import PathLike, split_intervention
 from .attack_roles import attack_role, names_with_role
@@ -44,7 +46,9 @@ from .store import ResultsStore
 VERDICT_COLOURS = {
     "SE damps": "#1a7f37", "SE amplifies": "#cf222e", "equivalent": "#0969da", "inconclusive": "#6e7781",
     "too few seeds": "#8c959f", "no evidence": "#6e7781", "reaction hurts": "#cf222e", "reaction helps": "#1a7f37",
-    "attack damped more": "#1a7f37", "noise damped more": "#cf222e",
+    "attack damped more": "#1a7f37", "noise damped more": "#cf222e", "negligible": "#57606a",
+    "attack attenuated more": "#1a7f37", "noise attenuated more": "#9a6700", "SE lower": "#1a7f37",
+    "SE higher": "#cf222e", "Yes": "#1a7f37", "No": "#cf222e", "Not settled": "#6e7781",
 }  # fmt: skip
 STATUS_COLOURS = {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}
 NEUTRAL_COLOUR = "#6e7781"
@@ -63,6 +67,8 @@ MEASURE_NAMES = {
 HEADLINE_MEASURES = ["flip_rate", "amplification_last_block"]
 STATS_COLUMNS = ["arm", "family", "baseline", "endpoint", "measurement", "attack", "eps", "se_mean", "base_mean",
                  "diff", "ci_low", "ci_high", "p_adjusted", "verdict", "n_pairs"]  # fmt: skip
+RATIO_SHOWN = ["arm", "family", "measurement", "models", "comparison", "attack", "eps", "a_value", "b_value", "ratio",
+               "ci_low", "ci_high", "p_adjusted", "verdict", "n_models"]  # fmt: skip
 CHECK_COLUMNS = ["model", "name", "status", "detail"]
 MODEL_COLUMNS = ["label", "family", "se", "arm", "seed", "kind"]
 TEMPLATE = "report.html.j2"
@@ -81,6 +87,8 @@ class ReportResult:
     seconds: float = 0.0
     csv: dict[str, Path] = field(default_factory=dict)
     answer: list[str] = field(default_factory=list)
+    answers: list[A.Answer] = field(default_factory=list)
+    ratios: Any = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,8 @@ class Analysis:
     gate_effects: pd.DataFrame
     adaptive: pd.DataFrame
     answer: list[str]
+    answers: list[A.Answer]
+    ratios: pd.DataFrame
     acc_curves: pd.DataFrame
     sens_curves: pd.DataFrame
     drift_sites: pd.DataFrame
@@ -170,6 +180,8 @@ class ReportContext:
     gate_effects: Any = None
     adaptive: Any = None
     primary: str = I.PRIMARY
+    answers: list[A.Answer] = field(default_factory=list)
+    ratios: Any = None
 
     @classmethod
     def of(cls, data: RunData, a: Analysis, opts: ReportOptions, figures: dict[str, ReportFigure]) -> ReportContext:
@@ -180,7 +192,7 @@ class ReportContext:
             eps=a.eps, gallery_eps=a.gallery_eps, alpha=opts.alpha, n_boot=opts.n_boot, manifest=data.manifest,
             spec=data.spec, titles={k: f.title for k, f in figures.items()},
             n_examples=int(data.examples.idx.nunique()), answer=a.answer, gate_effects=a.gate_effects,
-            adaptive=a.adaptive, primary=opts.primary,
+            adaptive=a.adaptive, primary=opts.primary, answers=a.answers, ratios=a.ratios,
         )  # fmt: skip
 
 
@@ -225,7 +237,17 @@ def build_report(
         log(f"report: {html_path} ({seconds:.1f}s)")
     paths = {k: f.path for k, f in figures.items()}
     return ReportResult(
-        html_path, md_path, paths, analysis.comparison, data.checks, analysis.main, seconds, csv, analysis.answer
+        html_path,
+        md_path,
+        paths,
+        analysis.comparison,
+        data.checks,
+        analysis.main,
+        seconds,
+        csv,
+        analysis.answer,
+        analysis.answers,
+        analysis.ratios,
     )
 
 
@@ -400,12 +422,14 @@ def analyse(data: RunData, opts: ReportOptions, log: Callable[[str], None] | Non
     main = _main_attack(list(dict.fromkeys(ex.attack)))
     g_eps = _gallery_eps(eps_all, opts.gallery_eps)
     effects = I.gate_effect_table(ex, models, alpha=opts.alpha)
-    adaptive = I.adaptive_damping_table(site_ex, models, alpha=opts.alpha)
-    answer = I.answer(comparison, effects, adaptive, eps=g_eps, primary=opts.primary, main=main)
+    adaptive = R.adaptive_damping_table(site_ex, models, alpha=opts.alpha)
+    ratios = R.ratio_table(ex, site_ex, models, main=main, alpha=opts.alpha)
+    answers = A.answers(A.Tables(comparison, effects, ratios, g_eps, opts.primary, main), models)
     return Analysis(
         comparison=comparison, damping=damp, interventions=inter, groups=groups, main=main, eps=eps_all,
-        gallery_eps=g_eps, gate_effects=effects, adaptive=adaptive, answer=answer,
-        acc_curves=_accuracy_curves(ex, groups, opts),
+        gallery_eps=g_eps, gate_effects=effects, adaptive=adaptive,
+        answer=[s for a in answers for s in a.sentences()], answers=answers, ratios=ratios,
+        acc_curves=_accuracy_curves(ex, models, groups, opts),
         sens_curves=_sensitivity_curves(ex, groups, main, opts), drift_sites=_drift_sites(data.sites, models, groups),
         profile=_profile(data.sites, models, main),
     )  # fmt: skip
@@ -443,16 +467,30 @@ def _concat(rows: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["arm", "family", "se"])
 
 
-def _accuracy_curves(examples: pd.DataFrame, groups: list[dict[str, Any]], opts: ReportOptions) -> pd.DataFrame:
-    """Worst-case robust accuracy vs eps per twin, mean over seeds with its bootstrap CI."""
+def _accuracy_curves(
+    examples: pd.DataFrame, models: pd.DataFrame, groups: list[dict[str, Any]], opts: ReportOptions
+) -> pd.DataFrame:
+    """Worst-case robust accuracy vs eps per family member (plain, SE and, where trained, the static
+    control), mean over seeds with its bootstrap CI; ``kind`` names the member."""
     worst = S.worst_case_examples(examples)
-    return _concat(
-        [
-            S.group_curve(worst, labels, "correct", **_resampling(opts)).assign(arm=g["arm"], family=g["family"], se=se)
-            for g in groups
-            for se, labels in _twins(g)
-        ]
-    )
+    rows = []
+    for g in groups:
+        members = {"plain": g["plain"], "se": g["se"], "static": _statics(models, g)}
+        for kind, labels in members.items():
+            if labels:
+                curve = S.group_curve(worst, labels, "correct", **_resampling(opts))
+                rows.append(curve.assign(arm=g["arm"], family=g["family"], se=kind == "se", kind=kind))
+    return _concat(rows)
+
+
+def _statics(models: pd.DataFrame, g: dict[str, Any]) -> list[str]:
+    """The static controls of a twin group: its arm's, else those of the arm its plain twins came from."""
+    kinds = S.model_kinds(models)
+    for arm in (g["arm"], g["plain_arm"]):
+        rows = models[(kinds == "static") & (models.arm == arm) & (models.family == g["family"])]
+        if not rows.empty:
+            return list(rows.label)
+    return []
 
 
 def _sensitivity_curves(
@@ -507,7 +545,26 @@ def _figures(data: RunData, a: Analysis) -> dict[str, tuple[str, Any]]:
     eps = a.gallery_eps
     damping = a.damping if a.damping is not None else pd.DataFrame(columns=["eps"])
     return {
-        "robust_accuracy": ("Robust accuracy vs eps", plots.robust_accuracy(a.acc_curves)),
+        "robust_accuracy": (
+            "Outcome: robust accuracy (worst case over the attacks) vs eps for SE, plain and static, "
+            "mean over seeds with 95% CI",
+            plots.robust_accuracy(a.acc_curves),
+        ),
+        "squeeze": (
+            f"Premise: how much of the feature-map change reaches the squeezed state per SE site at eps = "
+            f"{eps:g} (1 = all of it), attack solid and noise dashed, SE and the same sites of the baselines",
+            plots.squeeze_attenuation(_squeeze_sites(data, a), eps),
+        ),
+        "gate_effects": (
+            "Cause: robust accuracy with the gates held (or frozen) minus adaptive, attacked white-box, "
+            "in pp with 95% CI (> 0: the gates' reaction hurts)",
+            plots.gate_effects(a.gate_effects),
+        ),
+        "reaction": (
+            "Mechanism: the gates' reaction (adaptive / held gates for the same x′) under each attack and "
+            "under noise, 95% CI (> 1: the reaction enlarges the change)",
+            plots.reaction_ratios(a.ratios),
+        ),
         "sensitivity": ("Output sensitivity vs eps: attack vs noise", plots.sensitivity(a.sens_curves)),
         "gate_drift": ("Gate drift per gate vs eps", plots.gate_drift(a.drift_sites)),
         "damping": (f"Damping per gate at eps = {eps:g}", plots.damping(damping, eps)),
@@ -516,6 +573,25 @@ def _figures(data: RunData, a: Analysis) -> dict[str, tuple[str, Any]]:
         "gallery": (f"Adversarial examples ({a.main}, eps = {eps:g})", _gallery_figure(data, a)),
         "interventions": ("Gate interventions", plots.interventions(a.interventions)),
     }
+
+
+def _squeeze_sites(data: RunData, a: Analysis) -> pd.DataFrame:
+    """Squeeze attenuation per (arm, family, member kind, site) under the main attack and the noise
+    control at the gallery eps: the geometric mean over examples, then over the models."""
+    se = data.site_examples
+    if se.empty or a.main is None:
+        return pd.DataFrame()
+    d = se[(se.metric == "squeeze_attenuation") & np.isclose(se.eps, a.gallery_eps) & (se.value > 0)]
+    d = d[(d.attack == a.main) | d.attack.map(lambda n: attack_role(n) == "control")]
+    if d.empty:
+        return pd.DataFrame()
+    info = data.models.assign(kind=S.model_kinds(data.models))[["label", "arm", "family", "kind"]]
+    d = d.assign(value=np.log(d.value.astype(float)), perturbation=np.where(d.attack == a.main, a.main, "noise"))
+    per_model = d.groupby(["model", "site", "perturbation"], as_index=False, sort=False).value.mean()
+    per_model = per_model.merge(info.rename(columns={"label": "model"}), on="model")
+    keys = ["arm", "family", "kind", "site", "perturbation"]
+    out = per_model.groupby(keys, as_index=False, sort=False).value.mean()
+    return out.assign(value=np.exp(out.value))
 
 
 def _excitations_figure(data: RunData, a: Analysis) -> Any:
@@ -607,7 +683,9 @@ def _gallery_item(model: str, clean: Any, adv: Any, e: Any, idx: Any, names: lis
 
 def write_tables(data: RunData, a: Analysis) -> dict[str, Path]:
     """Write ``stats.csv`` (the seed-level verdicts), ``gate_effects.csv``, ``adaptive_damping.csv``,
-    ``damping.csv`` (channel gain), ``interventions.csv`` (transfer) and ``blocks.csv``."""
+    ``damping.csv`` (channel gain), ``interventions.csv`` (transfer), ``blocks.csv`` (every probed
+    site's summary per cell), ``squeeze.csv`` (its SE-site rows: the premise) and ``ratios.csv``
+    (premise and mechanism ratios at the seed level)."""
     run = data.run
     csv = {
         "stats": run / "stats.csv",
@@ -616,13 +694,19 @@ def write_tables(data: RunData, a: Analysis) -> dict[str, Path]:
         "damping": run / "damping.csv",
         "interventions": run / "interventions.csv",
         "blocks": run / "blocks.csv",
+        "squeeze": run / "squeeze.csv",
+        "ratios": run / "ratios.csv",
     }
     a.comparison.to_csv(csv["stats"], index=False)
     a.gate_effects.to_csv(csv["gate_effects"], index=False)
     a.adaptive.to_csv(csv["adaptive_damping"], index=False)
     (a.damping if a.damping is not None else pd.DataFrame()).to_csv(csv["damping"], index=False)
     a.interventions.to_csv(csv["interventions"], index=False)
-    data.sites.drop(columns=["cell_id"], errors="ignore").to_csv(csv["blocks"], index=False)
+    sites = data.sites.drop(columns=["cell_id"], errors="ignore")
+    sites.to_csv(csv["blocks"], index=False)
+    squeeze = sites[sites.kind == "squeeze"] if "kind" in sites else sites.iloc[:0]
+    squeeze.to_csv(csv["squeeze"], index=False)
+    a.ratios.to_csv(csv["ratios"], index=False)
     return csv
 
 
@@ -736,16 +820,36 @@ def _html_view(c: ReportContext, images: dict[str, bytes]) -> dict[str, Any]:
     return {
         "name": c.run.name, "dataset": c.dataset, "n_examples": c.n_examples, "models": ", ".join(c.models.label),
         "main": str(c.main), "check_summary": _check_summary(c.checks), "n_boot": c.n_boot, "alpha": c.alpha,
-        "verdicts": _verdict_groups(headline(c.comparison, c.main)), "has_groups": not c.comparison.empty,
-        "answer": c.answer, "primary": MEASURE_NAMES.get(c.primary, c.primary),
-        "gate_effects": _html_table(c.gate_effects), "adaptive": _html_table(c.adaptive),
+        "verdicts": _verdict_groups(in_pp(headline(c.comparison, c.main))), "has_groups": not c.comparison.empty,
+        "answers": c.answers, "answer": c.answer, "primary": MEASURE_NAMES.get(c.primary, c.primary),
+        "gate_effects": _html_table(in_pp(c.gate_effects)), "adaptive": _html_table(c.adaptive),
+        "ratios": _html_table(c.ratios, RATIO_SHOWN), "rule": A.RULE,
         "sensitivity_parts": _html_table(sensitivity_parts(c.comparison, c.main)),
         "verdict_colours": VERDICT_COLOURS, "gallery_eps": c.gallery_eps,
         "figures": [(c.titles[k], base64.b64encode(data).decode("ascii")) for k, data in images.items()],
-        "comparison": _html_table(c.comparison, STATS_COLUMNS), "damping": _html_table(_damping_at(c)),
+        "comparison": _html_table(in_pp(c.comparison), [*STATS_COLUMNS, "unit"]),
+        "damping": _html_table(_damping_at(c)),
         "interventions": _html_table(c.interventions), "checks": _html_table(c.checks, CHECK_COLUMNS),
         "provenance": _provenance(c), "spec": c.spec,
     }  # fmt: skip
+
+
+PP_COLUMNS = ("se_mean", "base_mean", "diff", "ci_low", "ci_high", "margin", "intervention_mean", "adaptive_mean",
+              "intervention_clean", "adaptive_clean")  # fmt: skip
+
+
+def in_pp(table: Any) -> Any:
+    """A copy of a verdict or gate-effect table with accuracy-type rows (robust accuracy, flip rate,
+    every gate-effect row) in percentage points and a ``unit`` column: one reading everywhere."""
+    if table is None or table.empty:
+        return table
+    t = table.copy()
+    rows = t.measurement.isin(I.PERCENT_MEASURES) if "measurement" in t else pd.Series(True, index=t.index)
+    for col in (c for c in PP_COLUMNS if c in t):
+        t[col] = t[col].astype(float)
+        t.loc[rows, col] = 100 * t.loc[rows, col]
+    t.insert(len(t.columns) - 1, "unit", np.where(rows, "pp", ""))
+    return t
 
 
 def _verdict_groups(head: Any) -> list[VerdictGroup]:
@@ -833,54 +937,83 @@ def render_markdown(context: ReportContext | dict[str, Any], figures: dict[str, 
     return "".join(line for part in parts for line in part)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]#!|~>])")  # table and inline markup; cells never start a line
+
+
+def md_escape(value: Any) -> str:
+    """One line of Markdown text that shows ``value`` literally: HTML-escaped (no tag passes),
+    line breaks folded to spaces, and every Markdown and table character backslash-escaped."""
+    text = " ".join(str(value).splitlines()) if value is not None else ""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
 def _md_table(df: Any, columns: list[str] | None = None) -> str:
     if df is None or df.empty:
         return "_none_\n"
     cols = columns or list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(md_escape(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[col]).replace("|", "\\|") for col in cols) + " |")
+        lines.append("| " + " | ".join(md_escape(_fmt(r[col])) for col in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _md_answers(c: ReportContext) -> list[str]:
+    out = ["## Answer\n"]
+    for a in c.answers:
+        out += [
+            f"### {md_escape(a.family)}, arm {md_escape(a.arm)}: {A.QUESTION}\n",
+            f"**{a.bottom_line}** — {md_escape(a.reason)}\n\n",
+            *(f"- {md_escape(line.text)}\n" for line in a.lines),
+            "\n",
+        ]
+    if not c.answers:
+        out.append("_No SE model in this run: nothing to answer._\n\n")
+    rule = "; ".join(A.RULE)
+    out.append(f"Every interval is a 95% confidence interval over seed pairs or models. Bottom-line rule: {rule}.\n\n")
+    return out
 
 
 def _md_verdict(c: ReportContext) -> list[str]:
     out = [
-        f"# Does SE gating damp adversarial perturbations? — `{c.run.name}`\n",
-        f"{c.dataset}, {c.n_examples} test examples; main attack **{c.main}**; sanity checks: "
+        f"# Does SE gating damp adversarial perturbations? — {md_escape(c.run.name)}\n",
+        f"{md_escape(c.dataset)}, {c.n_examples} test examples; main attack **{md_escape(c.main)}**; sanity checks: "
         f"**{_check_summary(c.checks)}**.\n",
-        "## Answer\n",
-        *(f"{sentence}\n\n" for sentence in c.answer),
+        *_md_answers(c),
         "## Verdict\n",
-        "SE − baseline (plain twin, or static-gate control) over seed pairs: t interval with seed-pair and "
+        "SE − baseline (plain twin, or static-gate control) over seed pairs: 95% t interval with seed-pair and "
         f"example-sampling variance; Holm within the primary endpoint ({c.primary}) and within the exploratory "
-        f"rest; a direction needs the adjusted p < {c.alpha:g}, `equivalent` two one-sided tests within the "
-        "margin, fewer than 5 pairs give `too few seeds`.\n",
+        f"rest; a direction needs the adjusted p < {c.alpha:g} and the estimate outside the margin, `negligible` is "
+        "significant inside it, `equivalent` two one-sided tests within the margin, fewer than 5 pairs give "
+        "`too few seeds`. Accuracy-type measures in percentage points (pp).\n",
     ]
-    head = headline(c.comparison, c.main)
+    head = in_pp(headline(c.comparison, c.main))
     if head.empty:
         return [*out, "_No SE model with a same-seed baseline in this run: no verdict._\n"]
-    effect = [f"{_fmt(d, 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]" for d, lo, hi in
-              zip(head["diff"], head.ci_low, head.ci_high, strict=True)]  # fmt: skip
+    effect = [f"{_fmt(d, 3)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}] {u}".strip() for d, lo, hi, u in
+              zip(head["diff"], head.ci_low, head.ci_high, head.unit, strict=True)]  # fmt: skip
     columns = ["arm", "family", "baseline", "endpoint", "measurement", "attack", "eps", "effect", "p_adjusted",
                "n_pairs", "verdict"]  # fmt: skip
     return [*out, _md_table(head.assign(effect=effect), columns)]
 
 
 def _md_figures(c: ReportContext, figures: dict[str, str]) -> list[str]:
-    return ["\n## Figures\n", *(f"![{c.titles[k]}](figures/{name})\n" for k, name in figures.items())]
+    return ["\n## Figures\n", *(f"![{md_escape(c.titles[k])}](figures/{name})\n" for k, name in figures.items())]
 
 
 def _md_statistics(c: ReportContext) -> list[str]:
     columns = [col for col in STATS_COLUMNS if col != "p"]
     return [
         "\n## Statistics\n",
-        _md_table(c.comparison, columns),
-        "\n### The gates' causal effect (intervention − adaptive, white-box)\n",
-        _md_table(c.gate_effects),
+        _md_table(in_pp(c.comparison), [*columns, "unit"]),
+        "\n### The gates' causal effect (intervention − adaptive, white-box; pp)\n",
+        _md_table(in_pp(c.gate_effects)),
+        "\n### Premise and mechanism: ratios at the seed level\n",
+        _md_table(c.ratios, RATIO_SHOWN),
         "\n### Adaptive damping, attack vs noise\n",
         _md_table(c.adaptive),
-        "\nFull tables: `stats.csv`, `gate_effects.csv`, `adaptive_damping.csv`, `damping.csv` (channel gain), "
-        "`interventions.csv` (transfer), `blocks.csv`, `results.csv`.\n",
+        "\nFull tables: `stats.csv`, `gate_effects.csv`, `ratios.csv`, `adaptive_damping.csv`, `damping.csv` "
+        "(channel gain), `interventions.csv` (transfer), `blocks.csv`, `squeeze.csv`, `results.csv` (CSV values are "
+        "fractions, not pp).\n",
     ]
 
 

@@ -1,20 +1,17 @@
-"""Statistics: confidence intervals, SE − plain differences, paired tests and the verdict
-(README "Statistics and the verdict").
+"""Statistics: confidence intervals, SE − baseline differences over seed pairs, paired tests and
+the verdict (README "Statistics and the verdict").
 
-Seeds are the unit of replication and examples are shared by every model, so every interval is a
-two-level bootstrap: resample the seeds (with replacement), then the examples (the same examples
-for both twins: they saw the same images), and take the percentile interval of the statistic.
-The paired test is a sign-flip permutation test on the per-example differences of the seed
-means, Holm-corrected across the epsilons of one measurement. The verdict of a measurement at
-one eps is computed from those numbers, never written by hand:
+The trained model is the unit of replication: :func:`compare_twins` pairs models by seed and
+gives a t interval whose variance adds the seed-pair term and the example-sampling term (the
+examples are shared by every model), with Welch–Satterthwaite degrees of freedom;
+:func:`compare_paired_models` does the same for one model measured two ways. Verdicts
+(:data:`TWIN_VERDICTS`): a direction (``SE damps`` / ``SE amplifies``) for a Holm-adjusted p
+below alpha whose estimate clears the measurement's equivalence margin, ``negligible`` for a
+significant difference inside the margin, ``equivalent`` (two one-sided tests within the
+margin), ``inconclusive``, and ``too few seeds`` below 5 pairs. The two-level bootstrap
+(:class:`Resampler`) draws only the descriptive bands of the figures and the transfer tables.
 
-* ``SE damps``: the CI of SE − plain lies entirely on the side where SE is less affected (lower
-  sensitivity, KL, flip rate, amplification; higher robust accuracy) and the Holm-corrected p is
-  below alpha;
-* ``SE amplifies``: the same on the other side;
-* ``no evidence``: anything else.
-
-Only numpy and pandas here (no torch): tables in, tables out.
+Only numpy, pandas and scipy here (no torch): tables in, tables out.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ import numpy as np
 from .attack_roles import ROLES, attack_role, is_attack
 
 Z95 = 1.959963984540054
-VERDICTS = ("SE damps", "no evidence", "SE amplifies")
 
 
 def wilson_interval(successes: int, n: int, *, z: float = Z95) -> tuple[float, float]:
@@ -544,8 +540,8 @@ def intervention_table(examples: Any, models: Any, *, n_boot: int = 2000, alpha:
 
 # --------------------------------------------------------------------------- twins: the model is the unit
 
-TWIN_VERDICTS = ("SE damps", "SE amplifies", "equivalent", "inconclusive", "too few seeds")
-PAIRED_VERDICTS = ("a damps", "a amplifies", "equivalent", "inconclusive", "too few seeds")
+TWIN_VERDICTS = ("SE damps", "SE amplifies", "negligible", "equivalent", "inconclusive", "too few seeds")
+PAIRED_VERDICTS = ("a damps", "a amplifies", "negligible", "equivalent", "inconclusive", "too few seeds")
 MIN_PAIRS = 5
 
 
@@ -666,14 +662,19 @@ def _t_tests(
 def _verdicts(
     diff: Any, p: Any, p_eq: Any, n_pairs: Any, *, alpha: float, higher_is_damping: bool,
     labels: tuple[str, str] = ("SE damps", "SE amplifies"), min_pairs: int = MIN_PAIRS,
+    margin: float | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """Verdicts from (possibly adjusted) p-values: a direction wins over ``equivalent`` (a
-    significant effect inside the margin is reported by its direction; ``p_equivalence`` tells)."""
+    """Verdicts from (possibly adjusted) p-values. A direction is claimed only for a significant
+    difference whose estimate clears the equivalence ``margin``; a significant difference inside
+    the margin is ``negligible`` (real, but smaller than what the margin calls relevant);
+    ``equivalent``: two one-sided tests within the margin; ``inconclusive``: none of these."""
     diff, p, p_eq, n_pairs = (np.asarray(v) for v in (diff, p, p_eq, n_pairs))
     sig = p < alpha
+    inside = np.abs(diff) < margin if margin is not None else np.zeros_like(sig)
     damping_side = diff > 0 if higher_is_damping else diff < 0
-    conditions = [n_pairs < min_pairs, sig & damping_side, sig & (diff != 0), p_eq < alpha]
-    return np.select(conditions, ["too few seeds", labels[0], labels[1], "equivalent"], "inconclusive")
+    conditions = [n_pairs < min_pairs, sig & inside, sig & damping_side, sig & (diff != 0), p_eq < alpha]
+    choices = ["too few seeds", "negligible", labels[0], labels[1], "equivalent"]
+    return np.select(conditions, choices, "inconclusive")
 
 
 def _twin_arrays(
@@ -690,7 +691,7 @@ def _twin_arrays(
     out |= _t_tests(out["diff"], out["se_of_diff"], out["df"], alpha=alpha, margin=margin)
     out["verdict"] = _verdicts(
         out["diff"], out["p"], out["p_equivalence"], out["n_pairs"],
-        alpha=alpha, higher_is_damping=higher_is_damping, labels=labels, min_pairs=min_pairs,
+        alpha=alpha, higher_is_damping=higher_is_damping, labels=labels, min_pairs=min_pairs, margin=margin,
     )  # fmt: skip
     return out
 
@@ -758,7 +759,7 @@ def compare_paired_models(
     c = compare_twins(a, b, alpha=alpha, margin=margin, higher_is_damping=higher_is_damping, min_pairs=min_pairs)
     labels = ("a damps", "a amplifies")
     v = _verdicts(c.diff, c.p, c.p_equivalence, c.n_pairs, alpha=alpha, higher_is_damping=higher_is_damping,
-                  labels=labels, min_pairs=min_pairs)  # fmt: skip
+                  labels=labels, min_pairs=min_pairs, margin=margin)  # fmt: skip
     return replace(c, labels=labels, verdict=str(v))
 
 
@@ -786,6 +787,6 @@ def adjust_family(comparisons: Sequence[TwinComparison], alpha: float | None = N
     for c, p, q in zip(comparisons, p_adj, p_eq_adj, strict=True):
         a = c.alpha if alpha is None else alpha
         v = _verdicts(c.diff, p, q, c.n_pairs, alpha=a, higher_is_damping=c.higher_is_damping,
-                      labels=c.labels, min_pairs=c.min_pairs)  # fmt: skip
+                      labels=c.labels, min_pairs=c.min_pairs, margin=c.margin)  # fmt: skip
         out.append(replace(c, p_adjusted=p, p_equivalence_adjusted=q, verdict=str(v), alpha=a))
     return out

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from robustse import inference as I
+from robustse import ratios as R
 
 N = 400
 
@@ -107,7 +108,7 @@ def test_adaptive_damping_attack_vs_noise():
                 rows.append(pd.DataFrame({"model": label, "attack": attack, "norm": "linf", "eps": 0.05,
                                           "idx": np.arange(200), "site": site, "metric": "adaptive_damping",
                                           "value": value}))  # fmt: skip
-    table = I.adaptive_damping_table(pd.concat(rows, ignore_index=True), models)
+    table = R.adaptive_damping_table(pd.concat(rows, ignore_index=True), models)
     (row,) = table.itertuples()
     assert row.attack == "pgd" and row.verdict == "attack damped more"
     assert row.ratio == pytest.approx(0.9, abs=0.02) and row.ci_low < 0.9 < row.ci_high < 1

@@ -45,7 +45,7 @@ def test_experiment_end_to_end_and_resume(tiny_run):
     assert ((c.ci_low <= c["diff"]) & (c["diff"] <= c.ci_high)).all()
     for name in ("stats.csv", "damping.csv", "interventions.csv", "blocks.csv", "results.csv"):
         assert (out / name).stat().st_size > 0, name
-    assert len(list((out / "figures").glob("*.png"))) == 8
+    assert len(list((out / "figures").glob("*.png"))) == 11
 
     again = run_experiment(spec, out, progress=False)  # everything is reused, nothing retrained
     assert [r.clean_accuracy for r in again.rows] == [r.clean_accuracy for r in res.rows]

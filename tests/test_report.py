@@ -33,7 +33,9 @@ PROBE = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images];
   document.body.setAttribute('data-images', imgs.length);
   document.body.setAttribute('data-broken', imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length);
+  document.body.setAttribute('data-scroll-width', document.documentElement.scrollWidth);
 });</script>"""
+WIDTH = 1400  # the page must fit this window without horizontal scrolling
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,7 @@ def render(chromium: str, page: Path, tmp: Path) -> dict:
     env = {**os.environ, "HOME": str(tmp)}  # a throwaway profile, never the user's
     dom = subprocess.run(
         [chromium, *CHROMIUM_FLAGS, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
+         f"--window-size={WIDTH},900",
          f"--user-data-dir={tmp / 'profile-dom'}", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
@@ -65,7 +68,9 @@ def render(chromium: str, page: Path, tmp: Path) -> dict:
     )  # fmt: skip
     images = re.search(r'data-images="(\d+)"', dom.stdout)
     broken = re.search(r'data-broken="(\d+)"', dom.stdout)
+    scroll = re.search(r'data-scroll-width="(\d+)"', dom.stdout)
     return {
+        "scroll_width": int(scroll.group(1)) if scroll else -1,
         "console": [line for line in dom.stderr.splitlines() if ":CONSOLE" in line],
         "images": int(images.group(1)) if images else -1,
         "broken": int(broken.group(1)) if broken else -1,
@@ -78,11 +83,13 @@ def test_the_browser_check_catches_broken_pages(chromium, tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text(
         "<!DOCTYPE html><html><body><p>x</p><img src='data:image/png;base64,AAAA'>"
-        "<script>console.error('boom')</script></body></html>"
+        "<script>console.error('boom')</script><table><tr><td style='min-width:2000px'>wide</td></tr></table>"
+        "</body></html>"
     )
     seen = render(chromium, bad, tmp_path)
     assert any("boom" in line for line in seen["console"])
     assert seen["images"] == 1 and seen["broken"] == 1
+    assert seen["scroll_width"] > WIDTH  # a page that scrolls sideways is caught
 
 
 def test_report_renders_in_headless_chromium(chromium, tiny_run, tmp_path):
@@ -92,7 +99,8 @@ def test_report_renders_in_headless_chromium(chromium, tiny_run, tmp_path):
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
     seen = render(chromium, page, tmp_path)
     assert seen["console"] == []
-    assert seen["images"] == 8 and seen["broken"] == 0
+    assert seen["images"] == 11 and seen["broken"] == 0
+    assert 0 < seen["scroll_width"] <= WIDTH  # no horizontal scroll at 1,400 px
     shot = seen["screenshot"][..., :3]
     assert shot.std() > 0.05  # not blank: text, tables and figures
     assert (shot.mean(axis=2) < 0.5).mean() > 0.01  # some dark ink on the page
@@ -107,7 +115,7 @@ def test_report_command_regenerates_from_the_store(tiny_run, tmp_path):
     result = CliRunner().invoke(cli, ["--quiet", "report", str(copy), "--bootstrap", "300"])
     assert result.exit_code == 0, result.output
     assert "verdict" in result.stdout and "robust_accuracy" in result.stdout
-    assert (copy / "report.html").exists() and len(list((copy / "figures").glob("*.png"))) == 8
+    assert (copy / "report.html").exists() and len(list((copy / "figures").glob("*.png"))) == 11
     md = (copy / "report.md").read_text()
     assert md.startswith("# Does SE gating damp") and "## Sanity checks" in md
     import pandas as pd

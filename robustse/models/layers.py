@@ -162,11 +162,18 @@ class StaticGate(nn.Module):
         return u * self.scale()[None, :, None, None]  # (B, C, H, W)
 
 
+class EmptySite(nn.Identity):
+    """The plain twin's SE site: the identity, marked so that probes find the same site in all
+    three family members (README "Metrics": the premise is measured at the SE block's input u
+    in the SE twin, the plain twin and the static control alike). No parameters, so checkpoints
+    are those of ``nn.Identity``."""
+
+
 def make_site(channels: int, se: dict[str, Any] | None) -> nn.Module:
-    """The module at an SE site: identity (``se=None``, plain twin), a :class:`StaticGate`
+    """The module at an SE site: :class:`EmptySite` (``se=None``, plain twin), a :class:`StaticGate`
     (``se={"kind": "static", ...}``) or an :class:`SEBlock` (any other options dict)."""
     if se is None:
-        return nn.Identity()
+        return EmptySite()
     opts = dict(se)
     if opts.pop("kind", "se") == "static":
         return StaticGate(channels, **opts)
