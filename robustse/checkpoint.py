@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from torch import nn
 
 from ._types import PathLike
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ModelError, WriteError
+from .files import write_bytes
 from .models import create_model, model_arch
 from .models.external import Preprocess
 from .provenance import library_versions
@@ -57,7 +57,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, meta: dict[str, Any] | 
     Example:
         >>> save_checkpoint(model, "models/se_cnn_s0.safetensors", meta={"seed": 0})  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     meta = dict(meta or {})
@@ -77,11 +77,9 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, meta: dict[str, Any] | 
         raise CheckpointError(f"checkpoint metadata is not JSON-serializable: {exc}") from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(state, str(tmp), metadata={META_KEY: header})
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write checkpoint ({exc.strerror or exc})") from None
+        write_bytes(path, save(state, metadata={META_KEY: header}))
+    except (OSError, WriteError) as exc:
+        raise CheckpointError(f"{path}: cannot write checkpoint ({getattr(exc, 'strerror', None) or exc})") from None
     return path
 
 

@@ -7,7 +7,6 @@ for anything the user can fix.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from .errors import RobustseError, SpecError
+from .jsonout import dumps as strict_json
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -217,7 +217,7 @@ def models_cmd(pattern: str, as_json: bool) -> None:
             }
         )
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(strict_json(rows))
         return
     if not rows:
         click.echo(f"no architecture matches {pattern!r}")
@@ -284,7 +284,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
         "checkpoint": {k: v for k, v in meta.items() if k not in ("history", "fingerprint")} if meta else None,
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        click.echo(strict_json(summary))
         return
     click.echo(f"{summary['arch']}: {summary['params']:,} parameters")
     if meta:
@@ -477,7 +477,7 @@ def eval_cmd(
         from .stats import wilson_interval
 
         result["ci95"] = list(wilson_interval(correct, len(ds)))
-        click.echo(json.dumps(result, indent=2))
+        click.echo(strict_json(result))
         return
     _echo_accuracy(f"{meta.get('arch')} on {name}", result)
 
@@ -541,7 +541,7 @@ def attacks_cmd(as_json: bool) -> None:
         for n in list_attacks()
     ]
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        click.echo(strict_json(rows))
         return
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
@@ -701,7 +701,7 @@ def _report_sweep(result: Any, *, as_json: bool, strict: bool) -> None:
             "checks": [dataclasses.asdict(c) for c in result.checks],
             "out": str(result.out_dir),
         }
-        click.echo(json.dumps(payload, indent=2))
+        click.echo(strict_json(payload))
     else:
         _sweep_summary(result)
     if strict and any(c.status == "fail" for c in result.checks):
@@ -761,7 +761,7 @@ def drift_cmd(
         except OSError as exc:
             raise SpecError(f"cannot write {plot} ({exc.strerror or exc})") from None
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(strict_json(rows))
         return
     gates = [r for r in rows if r["kind"] == "gate"]
     head = {r["perturbation"]: r for r in rows}
@@ -877,15 +877,13 @@ def report_cmd(
 
     rep = build_report(run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, log=obj.log)
     if as_json:
-        from .jsonout import dumps
-
         payload = {
             "report": str(rep.html),
             "answers": [a.as_dict() for a in rep.answers],
             "comparisons": rep.comparison.to_dict(orient="records"),
             "ratios": rep.ratios.to_dict(orient="records") if rep.ratios is not None else [],
         }
-        click.echo(dumps(payload))
+        click.echo(strict_json(payload))
     else:
         _verdict_summary(rep)
 

@@ -438,5 +438,16 @@ def plot_drift(rows: list[dict[str, Any]], path: str) -> None:
     eps = rows[0]["eps"] if rows else ""
     fig.suptitle(f"excitation drift at eps = {eps}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from pathlib import Path
+
+    from .errors import WriteError
+    from .files import replace_file
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise WriteError(f"{path}: unknown figure format .{fmt} (use .png, .svg or .pdf)")
+    try:
+        replace_file(Path(path), lambda fh: fig.savefig(fh, format=fmt, dpi=120))
+    finally:
+        plt.close(fig)

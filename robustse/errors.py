@@ -55,3 +55,8 @@ class AttackError(UserError):
 
 class StoreError(UserError):
     """The results store is unreadable, corrupt or belongs to another run (exit code 2)."""
+
+
+class WriteError(UserError):
+    """A file or directory robustse was asked to write cannot be written safely (a symbolic link
+    where a directory should be) or at all (read-only, full disk)."""

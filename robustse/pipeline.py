@@ -10,6 +10,7 @@ the device and the time of every phase.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from .config import ArmConfig, DataConfig, ExperimentSpec, dump_toml, load_spec
 from .data import Dataset, dataset_info
 from .distributed import SINGLE, Dist
 from .errors import SpecError
+from .files import write_text
 from .folder import is_image_folder, training_preprocess
 from .models import family_members, model_info
 from .provenance import run_provenance
@@ -178,7 +180,7 @@ class _Run:
         if layout.is_main:
             prepare_out_dir(out)
             text = spec_text if spec_text is not None else dump_toml(asdict(spec))
-            (out / "spec.toml").write_text(text, encoding="utf-8")
+            write_text(out / "spec.toml", text)
         layout.barrier()
         return cls(ExperimentResult(spec, out), **options)
 
@@ -264,7 +266,7 @@ class _Run:
             "timings_seconds": {k: round(v, 3) for k, v in self.result.timings.items()},
             "models": [asdict(r) for r in self.result.rows],
         }
-        (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_text(self.out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def check_experiment(spec: ExperimentSpec) -> None:
@@ -346,8 +348,9 @@ def _check_preparation(patterns: tuple[str, ...], data: DataConfig) -> None:
 
 
 def _write_rows(path: Path, rows: list[ModelRow]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(ModelRow.__dataclass_fields__))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(ModelRow.__dataclass_fields__))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
+    write_text(path, buf.getvalue())

@@ -41,6 +41,7 @@ from . import stats as S
 from ._types import PathLike, split_intervention
 from .attack_roles import attack_role, names_with_role
 from .errors import ModelError, StoreError
+from .files import own_dir, write_bytes, write_text
 from .store import ResultsStore
 
 VERDICT_COLOURS = {
@@ -531,8 +532,7 @@ def _profile(sites: pd.DataFrame, models: pd.DataFrame, main: str | None) -> pd.
 
 def draw_figures(data: RunData, a: Analysis) -> dict[str, ReportFigure]:
     """Draw every figure and save it as ``figures/<key>.png``."""
-    fig_dir = data.run / "figures"
-    fig_dir.mkdir(exist_ok=True)
+    fig_dir = own_dir(data.run / "figures")
     out = {}
     for key, (title, fig) in _figures(data, a).items():
         path = fig_dir / f"{key}.png"
@@ -611,7 +611,7 @@ def _png(fig: Any, path: Path) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     data = buf.getvalue()
-    path.write_bytes(data)
+    write_bytes(path, data)
     return data
 
 
@@ -697,16 +697,15 @@ def write_tables(data: RunData, a: Analysis) -> dict[str, Path]:
         "squeeze": run / "squeeze.csv",
         "ratios": run / "ratios.csv",
     }
-    a.comparison.to_csv(csv["stats"], index=False)
-    a.gate_effects.to_csv(csv["gate_effects"], index=False)
-    a.adaptive.to_csv(csv["adaptive_damping"], index=False)
-    (a.damping if a.damping is not None else pd.DataFrame()).to_csv(csv["damping"], index=False)
-    a.interventions.to_csv(csv["interventions"], index=False)
     sites = data.sites.drop(columns=["cell_id"], errors="ignore")
-    sites.to_csv(csv["blocks"], index=False)
-    squeeze = sites[sites.kind == "squeeze"] if "kind" in sites else sites.iloc[:0]
-    squeeze.to_csv(csv["squeeze"], index=False)
-    a.ratios.to_csv(csv["ratios"], index=False)
+    tables = {
+        "stats": a.comparison, "gate_effects": a.gate_effects, "adaptive_damping": a.adaptive,
+        "damping": a.damping if a.damping is not None else pd.DataFrame(), "interventions": a.interventions,
+        "blocks": sites, "squeeze": sites[sites.kind == "squeeze"] if "kind" in sites else sites.iloc[:0],
+        "ratios": a.ratios,
+    }  # fmt: skip
+    for key, table in tables.items():
+        write_text(csv[key], table.to_csv(index=False))
     return csv
 
 
@@ -714,15 +713,9 @@ def write_pages(context: ReportContext, figures: dict[str, ReportFigure]) -> tup
     """Write ``report.html`` and ``report.md`` (each atomically)."""
     html_path = context.run / "report.html"
     md_path = context.run / "report.md"
-    _atomic_write(html_path, render_html(context, {k: f.png for k, f in figures.items()}))
-    _atomic_write(md_path, render_markdown(context, {k: f.path.name for k, f in figures.items()}))
+    write_text(html_path, render_html(context, {k: f.png for k, f in figures.items()}))
+    write_text(md_path, render_markdown(context, {k: f.path.name for k, f in figures.items()}))
     return html_path, md_path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- stage 4: render

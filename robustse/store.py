@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from ._types import PathLike
 from .errors import StoreError
+from .files import replace_file
 
 SCHEMA_VERSION = "4"
 LOCK_TIMEOUT_S = 30.0  # how long a write waits for another process's transaction
@@ -138,6 +138,8 @@ class ResultsStore:
 
     def __init__(self, path: PathLike, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        if self.path.is_symlink() and not read_only:  # SQLite would follow it and write wherever it points
+            raise StoreError(f"{self.path} is a symbolic link: robustse never writes through one; remove it")
         existed = self.path.exists() and self.path.stat().st_size > 0
         if read_only and not existed:
             raise StoreError(f"{self.path}: no results store here")
@@ -392,26 +394,15 @@ class ResultsStore:
         ``examples``: :meth:`examples` if the caller has already read it.
         """
         ex = self.examples() if examples is None else examples
-        return _replace_file(Path(path), lambda tmp: ex.drop(columns=["cell_id"]).to_csv(tmp, index=False))
+        text = ex.drop(columns=["cell_id"]).to_csv(index=False)
+        return replace_file(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
     def export_parquet(self, path: PathLike, examples=None) -> Path | None:  # type: ignore[no-untyped-def]
         """The same table as :meth:`export_csv` as Parquet, if pyarrow is installed (else None)."""
         if not _has_pyarrow():
             return None
         ex = self.examples() if examples is None else examples
-        return _replace_file(Path(path), lambda tmp: ex.drop(columns=["cell_id"]).to_parquet(tmp, index=False))
-
-
-def _replace_file(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Write ``path`` through a temporary file renamed over it: a reader never sees half a file,
-    and a symlink at ``path`` is replaced, never followed (its target is left alone)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: two sweeps may export at once
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return replace_file(Path(path), lambda fh: ex.drop(columns=["cell_id"]).to_parquet(fh, index=False))
 
 
 def _healthy_store_problem(path: Path, exc: sqlite3.DatabaseError) -> str | None:

@@ -4,6 +4,7 @@ attacks, the evaluation set and the training-set gate means → :func:`robustse.
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .config import SweepConfig
 from .data import Dataset, load_split
 from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
+from .files import own_dir
 from .folder import ImageFolder, dataset_identity
 from .models.external import Preprocess
 from .predict import check_input_fits, fit_temperature, logits_of
@@ -110,24 +112,25 @@ def prepare_out_dir(out_dir: Path) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise SpecError(f"output path {out_dir} exists and is not a directory")
     try:
-        (out_dir / "models").mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        own_dir(out_dir)
+        own_dir(out_dir / "models")
+        with tempfile.TemporaryFile(dir=out_dir):  # an unnamed file: nothing to plant a link at
+            pass
     except OSError as exc:
         raise SpecError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
     return out_dir
 
 
 def expand_paths(paths: list[str]) -> list[Path]:
-    """Paths with globs expanded (sorted).
+    """Paths with globs expanded (sorted); a name that exists as it is is taken literally, even when
+    it holds glob characters.
 
     Raises:
         SpecError: a glob that matches nothing or is malformed.
     """
     files: list[Path] = []
     for p in paths:
-        if any(c in p for c in "*?["):
+        if any(c in p for c in "*?[") and not Path(p).exists():
             try:
                 matched = sorted(Path().glob(p)) if not Path(p).is_absolute() else sorted(Path("/").glob(p[1:]))
             except ValueError as exc:

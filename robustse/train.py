@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from .config import DataConfig, TrainConfig
 from .data import Dataset, Split, flips_keep_labels, load_split, to_float
 from .distributed import SINGLE, Dist
 from .errors import CheckpointError, DataError, ModelError, TrainingError
+from .files import replace_file
 from .folder import absolute_name, is_image_folder, training_preprocess
 from .models import create_model
 from .predict import check_input_fits, evaluate_accuracy, predict
@@ -128,9 +128,7 @@ def _schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) ->
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_file(path, lambda fh: torch.save(obj, fh))
 
 
 def train_model(
