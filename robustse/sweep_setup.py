@@ -112,7 +112,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise SpecError(f"output path {out_dir} exists and is not a directory")
     try:
-        own_dir(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)  # the run directory itself may be a link the user chose
         own_dir(out_dir / "models")
         with tempfile.TemporaryFile(dir=out_dir):  # an unnamed file: nothing to plant a link at
             pass
