@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attack_roles import ROLES, Role, attack_role
+from .device import evaluating
 from .errors import AttackError
 from .registry import Registry
 
@@ -66,18 +67,17 @@ class AttackResult:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with parameter gradients off; restore both afterwards."""
-    was_training = model.training
+    """Put ``model`` in eval mode with parameter gradients off; restore both afterwards (each
+    submodule's own mode: :func:`robustse.device.evaluating`)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with evaluating(model):
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 def hookless_copy(model: nn.Module) -> nn.Module:
@@ -354,12 +354,12 @@ class Attack:
         with eval_mode(model):
             if accuracy_only:
                 return self._accuracy_only(model, x, y, eps, gen, grad0)
-            advs: list[torch.Tensor | None] = [x.clone() if e == 0 else None for e in eps]
+            advs: list[torch.Tensor | None] = [x.detach().clone() if e == 0 else None for e in eps]
             todo = [i for i, e in enumerate(eps) if e > 0]
             ladder = self._ladder(model, x, y, [eps[i] for i in todo], gen, grad0=grad0)
             for i, adv in zip(todo, ladder, strict=True):
                 advs[i] = adv
-            return AttackResult(eps, [a for a in advs if a is not None])
+            return AttackResult(eps, [a.detach() for a in advs if a is not None])  # never the caller's graph
 
     def clean_gradient(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, members: int = 1

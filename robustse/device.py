@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import DeviceError
 
@@ -67,3 +70,17 @@ def tune_allocator() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; afterwards every submodule gets back its *own*
+    ``training`` flag (``model.train(flag)`` would give all of them the top module's: a frozen
+    BatchNorm block of a training model would become trainable)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .data import Dataset, forward_rows, to_float
+from .device import evaluating
 from .errors import InputMismatchError
 
 
@@ -92,16 +93,12 @@ def check_input_fits(
         raise InputMismatchError(f"{ds.name} images have {ds.in_channels} channel(s) but {who} takes {channels}")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()
+        with torch.no_grad(), evaluating(model):
             outputs = model(to_float(ds.x[:2].to(device))).shape[-1]
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         shape = tuple(ds.x.shape[1:])
         raise InputMismatchError(f"{ds.name} images {shape} do not fit {who} ({first})") from None
-    finally:
-        model.train(was_training)
     if outputs != ds.num_classes:
         raise InputMismatchError(f"{ds.name} has {ds.num_classes} classes but {who} outputs {outputs}")

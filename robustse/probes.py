@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .attacks import rows_for_pass
 from .data import as_float_images, forward_rows
+from .device import evaluating
 from .models.layers import SEBlock
 
 
@@ -382,16 +383,11 @@ def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> d
     Returns:
         ``{gate name: s̄}`` with s̄ of shape (C,); empty for a plain model.
     """
-    was_training = model.training
-    model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = forward_rows(x, batch_size)
-    try:
-        with capture(model, recorder=_GateSums()) as rec:
-            for i in range(0, len(x), rows):
-                model(as_float_images(x[i : i + rows].to(device)))
-    finally:
-        model.train(was_training)
+    with evaluating(model), capture(model, recorder=_GateSums()) as rec:
+        for i in range(0, len(x), rows):
+            model(as_float_images(x[i : i + rows].to(device)))
     # on the CPU: small, stored in metadata, and sent between torchrun ranks inside probes
     assert isinstance(rec, _GateSums)
     return {name: (v / len(x)).float().cpu() for name, v in rec.sums.items()}

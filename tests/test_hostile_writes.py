@@ -118,3 +118,25 @@ def _tables(md: str) -> list[list[str]]:
             blocks[-1].append(line)
         previous = row
     return blocks
+
+
+# --------------------------------------------------------------------------- the caller's model and tensors
+
+
+@pytest.mark.parametrize("name", [*__import__("robustse").list_attacks(), "torchattacks:PGD"])
+def test_attacks_give_every_module_back_its_own_mode_and_detached_results(name):
+    """Item 5: a model with per-submodule modes (a frozen BatchNorm block inside a training model)
+    used to come back with every submodule in the top-level mode."""
+    import torch
+
+    import robustse as rs
+
+    torch.manual_seed(0)
+    model = rs.create_model("se_small_cnn", num_classes=10, in_channels=1)
+    model.train()
+    model.blocks[0].eval()  # frozen BatchNorm statistics in the first stage
+    before = {n: m.training for n, m in model.named_modules()}
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    res = rs.create_attack(name)(model, x, torch.tensor([0, 1, 2, 3]), epsilons=[0.0, 0.03])
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert all(not a.requires_grad and a.grad_fn is None for a in res.adversarials)  # never the caller's graph

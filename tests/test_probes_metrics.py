@@ -156,7 +156,7 @@ def test_drift_command_se_and_plain(tmp_path, trained_small):
     rows = json.loads(res.stdout, parse_constant=lambda token: pytest.fail(f"non-strict JSON: {token}"))
     squeeze = [r for r in rows if r["kind"] == "squeeze"]
     assert {r["site"] for r in squeeze} == {"blocks.0.se", "blocks.1.se"}  # the premise, at every SE site
-    assert all(0 < r["squeeze_attenuation"] for r in squeeze)
+    assert all(r["squeeze_attenuation"] > 0 for r in squeeze)
     gates = [r for r in rows if r["kind"] == "gate"]
     assert {r["perturbation"] for r in gates} == {"pgd", "noise"} and len(gates) == 2 * 2
     for r in gates:
