@@ -11,6 +11,8 @@ PathLike = str | Path
 # logits unchanged), ``frozen_mean`` fixes the gates to their training-set means.
 INTERVENTIONS = ("held_gates", "frozen_mean")
 INTERVENTION_SEP = "@"  # an intervention's label: <model label>@<intervention>
+MAX_RUNGS = 1_000  # epsilons in one ladder, on every path (CLI --eps, spec, API)
+MAX_MODELS = 1_000  # checkpoints in one sweep or experiment (listed or matched)
 
 
 def intervention_label(label: str, intervention: str) -> str:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._types import MAX_RUNGS
 from .attack_roles import ROLES, Role, attack_role
 from .device import evaluating
 from .errors import AttackError
@@ -42,7 +43,6 @@ from .registry import Registry
 MAX_STEPS = 10_000  # iterations of an iterative attack (also torchattacks' steps / n_queries: 100,000)
 MAX_RESTARTS = 100
 MAX_QUERIES = 100_000
-MAX_RUNGS = 1_000  # epsilons in one ladder
 MAX_PIXEL_UNITS = 1e6  # an eps or step size beyond this is no budget at all (and overflows float32)
 
 Norm = Literal["linf", "l2"]

@@ -231,6 +231,8 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: foreign checkpoint without robustse metadata: pass --arch NAME")
         kwargs = dict(arch_kwargs or {})
         meta = {"arch": arch, "arch_kwargs": kwargs, "foreign": True}
+    if not meta.get("foreign"):
+        _check_size_before_building(path, arch, kwargs, state)
     try:
         model = create_model(arch, **kwargs)
     except (ModelError, TypeError, ValueError) as exc:
@@ -248,6 +250,23 @@ def load_checkpoint(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_size_before_building(path: Path, arch: str, kwargs: dict[str, Any], state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors cannot fill ``arch`` before the model is built for real:
+    the architecture is built on the ``meta`` device (no memory, the global RNG untouched), so
+    metadata naming a huge model beside a small file costs nothing (README "Reliability")."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            expected = sum(t.numel() for t in create_model(arch, **kwargs).state_dict().values())
+    except Exception:  # noqa: BLE001 - a builder the meta device cannot run: the real build checks
+        return
+    held = sum(t.numel() for t in state.values())
+    if expected != held:
+        raise CheckpointError(
+            f"{path}: the checkpoint holds {held:,} values but {arch} has {expected:,}: "
+            "refused before building the model"
+        )
 
 
 def _reason(exc: BaseException) -> str:

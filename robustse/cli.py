@@ -7,6 +7,7 @@ for anything the user can fix.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -505,6 +506,8 @@ def parse_attack(text: str) -> dict[str, Any]:
                 value = tomllib.loads(f"v = {raw.strip()}")["v"]
             except tomllib.TOMLDecodeError:
                 value = raw.strip()
+            except RecursionError:
+                raise AttackError(f"attack {text!r}: option {key.strip()!r} is nested too deeply") from None
             spec[key.strip()] = value
     if not spec["name"]:
         raise AttackError(f"attack {text!r}: missing name")
@@ -513,19 +516,22 @@ def parse_attack(text: str) -> dict[str, Any]:
 
 def parse_epsilons(text: str) -> tuple[float, ...]:
     """``0,0.01,0.03`` or ``0.01:0.05:0.01`` (start:stop:step, stop included) → floats."""
-    from .attacks import MAX_RUNGS
+    from ._types import MAX_RUNGS
     from .errors import AttackError
 
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
+            if not all(math.isfinite(v) for v in (start, stop, step)) or step <= 0:
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
             if count > MAX_RUNGS:
                 raise AttackError(f"--eps {text!r} makes {count:,} epsilons; the limit is {MAX_RUNGS:,}")
             return tuple(round(start + i * step, 10) for i in range(count))
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = [v for v in text.split(",") if v.strip()]
+        if len(values) > MAX_RUNGS:
+            raise AttackError(f"--eps lists {len(values):,} epsilons; the limit is {MAX_RUNGS:,}")
+        return tuple(float(v) for v in values)
     except ValueError:
         raise AttackError(f"--eps {text!r}: expected numbers like 0,0.01,0.03 or start:stop:step") from None
 
@@ -867,15 +873,28 @@ def _verdict_summary(rep: Any) -> None:
     is_flag=True,
     help="Print the Answer (bottom line and lines), the verdict and ratio tables as strict JSON.",
 )
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the report, figures and CSVs into this directory [default: RUN_DIR].",
+)
 @pass_ctx
 def report_cmd(
-    obj: Ctx, run_dir: Path, bootstrap: int | None, alpha: float | None, gallery_eps: float | None, as_json: bool
+    obj: Ctx,
+    run_dir: Path,
+    bootstrap: int | None,
+    alpha: float | None,
+    gallery_eps: float | None,
+    as_json: bool,
+    out_dir: Path | None,
 ) -> None:
     """Compute the statistics and write RUN_DIR/report.html, report.md, figures/ and the CSVs from the
     results store (no attack or training is rerun)."""
     from .report import build_report
 
-    rep = build_report(run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, log=obj.log)
+    rep = build_report(run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, log=obj.log, out_dir=out_dir)
     if as_json:
         payload = {
             "report": str(rep.html),
@@ -893,6 +912,9 @@ def main() -> None:
     from .device import tune_allocator
 
     tune_allocator()
+    for stream in (sys.stdout, sys.stderr):  # a path of raw bytes prints as \xff escapes, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     cli(prog_name="robustse")
 
 

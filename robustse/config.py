@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ._types import INTERVENTIONS
+from ._types import INTERVENTIONS, MAX_MODELS, MAX_RUNGS
 from .errors import SpecError
 
 T = TypeVar("T")
@@ -145,6 +145,8 @@ class ModelsConfig:
     def __post_init__(self) -> None:
         if not self.twins:
             raise SpecError("models.twins must name at least one architecture")
+        if len(self.checkpoints) > MAX_MODELS:
+            raise SpecError(f"models.checkpoints lists {len(self.checkpoints):,} entries; the limit is {MAX_MODELS:,}")
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,8 @@ class SweepConfig:
             raise SpecError(f"sweep.interventions: unknown {unknown[0]!r} (valid: {', '.join(INTERVENTIONS)})")
         if not self.epsilons:
             raise SpecError("sweep.epsilons must list at least one eps")
+        if len(self.epsilons) > MAX_RUNGS:
+            raise SpecError(f"sweep.epsilons lists {len(self.epsilons):,} epsilons; the limit is {MAX_RUNGS:,}")
         for e in self.epsilons:
             if not math.isfinite(e) or e > 1e6:
                 raise SpecError(f"sweep.epsilons: {e} is not a finite number <= 1e6")
@@ -473,6 +477,8 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: arrays or tables nested too deeply") from None
     raw.setdefault("name", path.stem)
     try:
         return from_mapping(ExperimentSpec, raw)

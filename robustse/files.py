@@ -30,6 +30,7 @@ def replace_file(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     except OSError as exc:
         raise WriteError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; a written file gets the usual umask mode
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.replace(tmp, path)
@@ -48,8 +49,16 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 def write_text(path: Path, text: str) -> Path:
-    """:func:`replace_file` with ``text`` as UTF-8."""
-    return write_bytes(path, text.encode("utf-8"))
+    """:func:`replace_file` with ``text`` as UTF-8; a name that is not valid UTF-8 (a folder named
+    with raw bytes) is written with backslash escapes (``\\udcff``), never refused."""
+    return write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
+
+
+def _new_file_mode() -> int:
+    """0o666 less the process's umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def own_dir(path: Path) -> Path:

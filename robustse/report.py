@@ -122,6 +122,12 @@ class RunData:
     dataset: str
     manifest: dict[str, Any]
     spec: str | None
+    out: Path | None = None  # where the report is written (default: the run directory)
+
+    @property
+    def target(self) -> Path:
+        """The directory the report files go to."""
+        return self.out if self.out is not None else self.run
 
 
 @dataclass
@@ -183,6 +189,7 @@ class ReportContext:
     primary: str = I.PRIMARY
     answers: list[A.Answer] = field(default_factory=list)
     ratios: Any = None
+    out: Path | None = None
 
     @classmethod
     def of(cls, data: RunData, a: Analysis, opts: ReportOptions, figures: dict[str, ReportFigure]) -> ReportContext:
@@ -193,7 +200,7 @@ class ReportContext:
             eps=a.eps, gallery_eps=a.gallery_eps, alpha=opts.alpha, n_boot=opts.n_boot, manifest=data.manifest,
             spec=data.spec, titles={k: f.title for k, f in figures.items()},
             n_examples=int(data.examples.idx.nunique()), answer=a.answer, gate_effects=a.gate_effects,
-            adaptive=a.adaptive, primary=opts.primary, answers=a.answers, ratios=a.ratios,
+            adaptive=a.adaptive, primary=opts.primary, answers=a.answers, ratios=a.ratios, out=data.target,
         )  # fmt: skip
 
 
@@ -205,6 +212,7 @@ def build_report(
     gallery_eps: float | None = None,
     seed: int | None = None,
     log: Callable[[str], None] | None = None,
+    out_dir: PathLike | None = None,
 ) -> ReportResult:
     """Compute the statistics of a run directory and write its report.
 
@@ -215,6 +223,8 @@ def build_report(
         gallery_eps: eps of the gallery and heatmaps (default: middle of the ladder).
         seed: seed of the resampling.
         log: receives a line per phase.
+        out_dir: write the report, figures and CSVs here instead of into ``run_dir`` (e.g. when
+            the run directory is read-only); created if missing, never a symbolic link.
 
     Returns:
         :class:`ReportResult`.
@@ -228,6 +238,8 @@ def build_report(
     """
     t0 = time.perf_counter()
     data = load_run(run_dir)
+    if out_dir is not None:
+        data.out = own_dir(Path(out_dir))
     opts = _resolve_options(data.run, n_boot, alpha, gallery_eps, seed)
     analysis = analyse(data, opts, log)
     figures = draw_figures(data, analysis)
@@ -532,7 +544,7 @@ def _profile(sites: pd.DataFrame, models: pd.DataFrame, main: str | None) -> pd.
 
 def draw_figures(data: RunData, a: Analysis) -> dict[str, ReportFigure]:
     """Draw every figure and save it as ``figures/<key>.png``."""
-    fig_dir = own_dir(data.run / "figures")
+    fig_dir = own_dir(data.target / "figures")
     out = {}
     for key, (title, fig) in _figures(data, a).items():
         path = fig_dir / f"{key}.png"
@@ -686,7 +698,7 @@ def write_tables(data: RunData, a: Analysis) -> dict[str, Path]:
     ``damping.csv`` (channel gain), ``interventions.csv`` (transfer), ``blocks.csv`` (every probed
     site's summary per cell), ``squeeze.csv`` (its SE-site rows: the premise) and ``ratios.csv``
     (premise and mechanism ratios at the seed level)."""
-    run = data.run
+    run = data.target
     csv = {
         "stats": run / "stats.csv",
         "gate_effects": run / "gate_effects.csv",
@@ -711,8 +723,8 @@ def write_tables(data: RunData, a: Analysis) -> dict[str, Path]:
 
 def write_pages(context: ReportContext, figures: dict[str, ReportFigure]) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` (each atomically)."""
-    html_path = context.run / "report.html"
-    md_path = context.run / "report.md"
+    html_path = (context.out or context.run) / "report.html"
+    md_path = (context.out or context.run) / "report.md"
     write_text(html_path, render_html(context, {k: f.png for k, f in figures.items()}))
     write_text(md_path, render_markdown(context, {k: f.path.name for k, f in figures.items()}))
     return html_path, md_path

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._types import INTERVENTIONS, PathLike, intervention_label
+from ._types import INTERVENTIONS, MAX_MODELS, PathLike, intervention_label
 from .checkpoint import load_checkpoint
 from .config import SweepConfig
 from .data import Dataset, load_split
@@ -128,6 +128,8 @@ def expand_paths(paths: list[str]) -> list[Path]:
     Raises:
         SpecError: a glob that matches nothing or is malformed.
     """
+    if len(paths) > MAX_MODELS:
+        raise SpecError(f"{len(paths):,} checkpoints given; the limit is {MAX_MODELS:,}")
     files: list[Path] = []
     for p in paths:
         if any(c in p for c in "*?[") and not Path(p).exists():
@@ -140,6 +142,8 @@ def expand_paths(paths: list[str]) -> list[Path]:
             files += matched
         else:
             files.append(Path(p))
+        if len(files) > MAX_MODELS:
+            raise SpecError(f"the checkpoints given match over {MAX_MODELS:,} files; the limit is {MAX_MODELS:,}")
     return files
 
 

@@ -140,3 +140,111 @@ def test_attacks_give_every_module_back_its_own_mode_and_detached_results(name):
     res = rs.create_attack(name)(model, x, torch.tensor([0, 1, 2, 3]), epsilons=[0.0, 0.03])
     assert {n: m.training for n, m in model.named_modules()} == before
     assert all(not a.requires_grad and a.grad_fn is None for a in res.adversarials)  # never the caller's graph
+
+
+# --------------------------------------------------------------------------- limits on every path
+
+
+def _one_line_refusal(res, needle):  # type: ignore[no-untyped-def]
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    "eps, needle",
+    [
+        (",".join(["0.01"] * 1001), "limit is 1,000"),  # a comma list used to run 2,002 cells
+        ("0:inf:1", "expected numbers like"),  # OverflowError
+        ("0:1:nan", "expected numbers like"),
+    ],
+)
+def test_eps_limits_hold_for_every_form_of_ladder(trained_small, tmp_path, eps, needle):
+    _, _, _, ckpt = trained_small
+    res = _cli("--quiet", "sweep", str(ckpt), "--eps", eps, "--out", str(tmp_path / "run"))
+    _one_line_refusal(res, needle)
+    assert not (tmp_path / "run" / "results.db").exists()
+
+
+def _spec(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\nseeds = [0]\n[models]\ntwins = ["small_cnn"]\n' + body, encoding="utf-8")
+    return path
+
+
+def test_spec_limits_are_checked_when_the_spec_is_read(trained_small, tmp_path):
+    _, _, _, ckpt = trained_small
+    many_eps = "[sweep]\nepsilons = [" + ", ".join(["0.01"] * 100_000) + "]\n"
+    res = _cli("--quiet", "experiment", "--spec", str(_spec(tmp_path, many_eps)), "--out", str(tmp_path / "a"))
+    _one_line_refusal(res, "the limit is 1,000")
+    spec = _spec(tmp_path, "")
+    spec.write_text(spec.read_text().replace("[models]\n", f"[models]\ncheckpoints = {[str(ckpt)] * 5000!r}\n"))
+    res = _cli("--quiet", "experiment", "--spec", str(spec), "--out", str(tmp_path / "b"))
+    _one_line_refusal(res, "the limit is 1,000")
+    deep = _spec(tmp_path, "[sweep]\nepsilons = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    res = _cli("--quiet", "experiment", "--spec", str(deep), "--out", str(tmp_path / "c"))
+    _one_line_refusal(res, "nested too deeply")
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_a_huge_architecture_named_by_a_small_checkpoint_is_refused_before_it_is_built(trained_small, tmp_path):
+    """Item 3: metadata naming timm:vit_giant_patch14_224 beside 48 KB of weights built the model
+    (4.7 GB resident) before refusing."""
+    import json
+    import resource
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    _, _, _, ckpt = trained_small
+    with safe_open(str(ckpt), "pt") as f:
+        meta = json.loads(f.metadata()["robustse"])
+    meta.update(arch="timm:vit_giant_patch14_224", arch_kwargs={})
+    forged = tmp_path / "giant_s0.safetensors"
+    forged.write_bytes(save(load_file(str(ckpt)), metadata={"robustse": json.dumps(meta)}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res = _cli("--quiet", "eval", str(forged))
+    _one_line_refusal(res, "refused before building the model")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: far below 4 GB
+
+
+# --------------------------------------------------------------------------- run directories a user can break
+
+
+def test_report_out_writes_elsewhere_and_leaves_the_run_directory_alone(tiny_run, tmp_path):
+    """Item 7: a read-only run directory (report writes figures there) has `report --out DIR`."""
+    run = _copy_run(tiny_run[1], tmp_path / "run")
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    res = _cli("--quiet", "report", str(run), "--bootstrap", "100", "--out", str(tmp_path / "elsewhere"))
+    assert res.exit_code == 0, res.output
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    out = tmp_path / "elsewhere"
+    assert (out / "report.html").stat().st_size > 0 and len(list((out / "figures").glob("*.png"))) == 11
+    assert (out / "stats.csv").exists() and (out / "squeeze.csv").exists()
+
+
+def test_a_run_directory_named_with_raw_bytes_sweeps_and_reports(trained_small, tmp_path):
+    """Item 7: `--out` with non-UTF-8 bytes committed its cells, then failed in an export, and
+    `report` left a 0-byte temporary; written files keep the usual permissions."""
+    import os
+    import subprocess
+    import sys
+
+    _, _, _, ckpt = trained_small
+    name = os.fsdecode(b"run\xff")
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "PYTHONUTF8": "0"}  # strict UTF-8 output streams
+
+    def robustse(*args: str) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+        return subprocess.run([sys.executable, "-m", "robustse.cli", "--quiet", *args], cwd=tmp_path, env=env,
+                              capture_output=True, timeout=300)  # fmt: skip
+
+    res = robustse("sweep", str(ckpt), "--eval-subset", "16", "--eps", "0,0.05", "--attack", "fgsm", "--attack",
+                   "noise", "--out", name)  # fmt: skip
+    assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr[-2000:]
+    res = robustse("report", name, "--bootstrap", "100")
+    assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr[-2000:]
+    run = tmp_path / name
+    assert (run / "report.md").stat().st_size > 0 and _leftovers(run) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "stats.csv").stat().st_mode & 0o777 == 0o666 & ~umask
