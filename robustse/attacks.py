@@ -158,6 +158,28 @@ def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
         raise AttackError(f"labels must be >= 0 (got {int(y.min())})")
 
 
+def check_fits(model: nn.Module, x: torch.Tensor, *, members: int = 1) -> None:
+    """Refuse inputs the model cannot take, with one line instead of torch's error from deep inside
+    a pass: a dtype other than the model's weights' (no silent conversion: a bfloat16 model gets
+    bfloat16 inputs, a float32 model float32), or a channel count other than its first convolution's
+    (``members`` stacked seed models take ``members`` times the channels: README "Seed batching").
+
+    Raises:
+        AttackError: naming both sides of the mismatch.
+    """
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and weight.dtype != x.dtype:
+        raise AttackError(
+            f"inputs are {x.dtype} but the model's weights are {weight.dtype}: pass x.to({weight.dtype}) "
+            "(or convert the model)"
+        )
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and x.dim() == 4 and x.shape[1] * members != conv.in_channels:
+        raise AttackError(
+            f"inputs have {x.shape[1]} channel(s) but the model takes {conv.in_channels // max(members, 1)}"
+        )
+
+
 def check_epsilons(epsilons: Sequence[float], norm: str) -> tuple[float, ...]:
     """Validate an epsilon ladder (pixel units).
 
@@ -325,13 +347,15 @@ class Attack:
 
         Raises:
             AttackError: bad epsilons, inputs that are not finite or outside [0, 1], labels that
-                are not integers in range, one per input.
+                are not integers in range, one per input; inputs of another dtype than the model's
+                weights or another channel count than it takes.
 
         Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (the usual evaluation
         pattern): gradients are enabled for the attack's own passes.
         """
         eps = check_epsilons(epsilons, self.norm)
         check_batch(x, y)
+        check_fits(model, x, members=members)
         if x.is_inference() or y.is_inference():  # made under inference_mode: autograd cannot use them
             with torch.inference_mode(False):
                 x, y = x.clone(), y.clone()  # ordinary tensors autograd may use

@@ -248,3 +248,27 @@ def test_a_run_directory_named_with_raw_bytes_sweeps_and_reports(trained_small, 
     umask = os.umask(0)
     os.umask(umask)
     assert (run / "stats.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (
+            lambda m, x: (m.to(__import__("torch").bfloat16), x),
+            "inputs are torch.float32 but the model's weights are torch.bfloat16",
+        ),
+        (lambda m, x: (m, x.double()), "inputs are torch.float64 but the model's weights are torch.float32"),
+        (lambda m, x: (m, x.expand(-1, 3, -1, -1).contiguous()), "inputs have 3 channel(s) but the model takes 1"),
+    ],
+)
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "noise", "gate", "torchattacks:PGD"])
+def test_inputs_the_model_cannot_take_are_attack_errors(name, change, needle):
+    """Item 8: these raised torch's RuntimeError from deep inside a pass (or passed silently)."""
+    import torch
+
+    import robustse as rs
+    from robustse.errors import AttackError
+
+    model, x = change(rs.create_model("se_small_cnn", num_classes=10, in_channels=1), torch.rand(2, 1, 28, 28))
+    with pytest.raises(AttackError, match=re.escape(needle)):
+        rs.create_attack(name)(model, x, torch.tensor([0, 1]), epsilons=[0.0, 0.03])
