@@ -307,7 +307,7 @@ def load_run(run_dir: PathLike) -> RunData:
     """
     run = Path(run_dir)
     db = run / "results.db"
-    if not db.is_file():
+    if not db.exists() and not db.is_symlink():
         raise StoreError(f"{run}: no results.db here (run `robustse experiment` or `robustse sweep` first)")
     with ResultsStore(db, read_only=True) as store:
         data = _read_store(run, db, store)

@@ -140,6 +140,7 @@ class ResultsStore:
         self.path = Path(path)
         if self.path.is_symlink() and not read_only:  # SQLite would follow it and write wherever it points
             raise StoreError(f"{self.path} is a symbolic link: robustse never writes through one; remove it")
+        _refuse_odd_file(self.path, read_only)
         existed = self.path.exists() and self.path.stat().st_size > 0
         if read_only and not existed:
             raise StoreError(f"{self.path}: no results store here")
@@ -153,12 +154,14 @@ class ResultsStore:
                 if not ok or ok[0] != "ok":
                     raise sqlite3.DatabaseError(f"integrity check: {ok[0] if ok else 'no answer'}")
                 version = self._meta_version()
-                if version is not None and version != SCHEMA_VERSION:
+                if version is None and self._is_empty():  # its first transaction was rolled back
+                    existed = False
+                elif version is not None and version != SCHEMA_VERSION:
                     raise StoreError(
                         f"{self.path} was written by another robustse version (store schema {version}, this one "
                         f"reads {SCHEMA_VERSION}); use another --out or move it away"
                     )
-                if version != SCHEMA_VERSION:
+                if existed and version != SCHEMA_VERSION:
                     raise sqlite3.DatabaseError(f"not a robustse results store (schema {version!r})")
             if not read_only:
                 with self.writing():
@@ -191,6 +194,10 @@ class ResultsStore:
                 yield self.conn
         except sqlite3.OperationalError as exc:
             raise StoreError(_healthy_store_problem(self.path, exc) or f"{self.path}: cannot write ({exc})") from None
+
+    def _is_empty(self) -> bool:
+        """No table at all: a database whose first transaction never committed."""
+        return self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
 
     def _meta_version(self) -> str | None:
         try:
@@ -403,6 +410,21 @@ class ResultsStore:
             return None
         ex = self.examples() if examples is None else examples
         return replace_file(Path(path), lambda fh: ex.drop(columns=["cell_id"]).to_parquet(fh, index=False))
+
+
+def _refuse_odd_file(path: Path, read_only: bool) -> None:
+    """One line for a ``results.db`` that is not a regular file (a directory, FIFO or device), and
+    for reading a store whose last write was interrupted (its hot journal needs a writer to roll
+    it back, which a read-only open cannot do)."""
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise StoreError(f"{path} is {kind}, not a results store: move it away, or use another run directory")
+    journal = path.with_name(path.name + "-journal")
+    if read_only and path.is_file() and journal.is_file() and journal.stat().st_size > 0:
+        raise StoreError(
+            f"{path}: a write was interrupted ({journal.name} is still there); rerun the same sweep or experiment "
+            "into this directory once (it recovers the store and keeps every finished cell), then report"
+        )
 
 
 def _healthy_store_problem(path: Path, exc: sqlite3.DatabaseError) -> str | None:

@@ -272,3 +272,57 @@ def test_inputs_the_model_cannot_take_are_attack_errors(name, change, needle):
     model, x = change(rs.create_model("se_small_cnn", num_classes=10, in_channels=1), torch.rand(2, 1, 28, 28))
     with pytest.raises(AttackError, match=re.escape(needle)):
         rs.create_attack(name)(model, x, torch.tensor([0, 1]), epsilons=[0.0, 0.03])
+
+
+# --------------------------------------------------------------------------- messages that say what is wrong
+
+KILL_MID_WRITE = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("PRAGMA cache_size=1")
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("DELETE FROM examples")
+conn.executemany("INSERT INTO checks VALUES (?, ?, ?, ?)", [(f"m{i}", "x" * 500, "pass", "y") for i in range(5000)])
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_store_killed_mid_write_is_named_as_such_and_recovers(tiny_run, tmp_path):
+    """Item 9: `report` called a store with a hot journal "read-only ... (robustse report can still read it)"."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from robustse.store import ResultsStore
+
+    run = _copy_run(tiny_run[1], tmp_path / "run")
+    with sqlite3.connect(run / "results.db") as conn:
+        before = conn.execute("SELECT COUNT(*) FROM examples").fetchone()
+    subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(run / "results.db")], check=False, timeout=120)
+    assert (run / "results.db-journal").stat().st_size > 0  # the kill left a hot journal
+    res = _cli("--quiet", "report", str(run), "--bootstrap", "100")
+    _one_line_refusal(res, "a write was interrupted")
+    assert "read-only" not in res.output and "corrupt" not in res.output
+    ResultsStore(run / "results.db").close()  # what rerunning the sweep does first: SQLite rolls back
+    with sqlite3.connect(run / "results.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM examples").fetchone() == before  # nothing lost
+    assert _cli("--quiet", "report", str(run), "--bootstrap", "100").exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_results_db_that_is_not_a_file_is_named_as_such(trained_small, tmp_path, kind):
+    """Item 9: a FIFO said "free some disk space"; a directory said "corrupt" (sweep) and "no
+    results.db here" (report)."""
+    import os
+
+    _, _, _, ckpt = trained_small
+    run = tmp_path / "run"
+    run.mkdir()
+    if kind == "directory":
+        (run / "results.db").mkdir()
+    else:
+        os.mkfifo(run / "results.db")
+    needle = "is a directory" if kind == "directory" else "not a regular file"
+    res = _cli("--quiet", "sweep", str(ckpt), "--eval-subset", "16", "--eps", "0,0.05", "--out", str(run))
+    _one_line_refusal(res, needle)
+    _one_line_refusal(_cli("--quiet", "report", str(run)), needle)
