@@ -319,13 +319,31 @@ def prepare_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     with Image.open(path) as img:
-        rgb = img.convert("RGB")
+        rgb = _eight_bit(img).convert("RGB")
     if min(rgb.size) < 2:
         raise ValueError(f"{rgb.size[0]}x{rgb.size[1]} pixels is too small to resize")
     h, w = preprocess.size
     scale = int(min(h, w) / preprocess.crop_pct)
     resized = F.resize(rgb, [scale], interpolation=InterpolationMode(preprocess.interpolation))
     return F.pil_to_tensor(F.center_crop(resized, [h, w]))
+
+
+def _eight_bit(img: Any) -> Any:
+    """A Pillow image whose pixels ``convert("RGB")`` reads right: 16-bit greyscale (``I;16*``, or
+    ``I`` from a PNG, as older Pillow opens 16-bit PNGs) scaled to 8 bits (65535 → 255; Pillow's own
+    conversion clips it, turning mid-grey white); other 32-bit integer or float pixels (``I``,
+    ``F``), whose range the file does not state, refused."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        wide = np.asarray(img, dtype=np.uint16).astype(np.float64)
+        return Image.fromarray(np.round(wide / 257.0).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        raise ValueError(
+            f"{img.mode}-mode pixels (32-bit) have no fixed range; save the image with 8 or 16 bits per channel"
+        )
+    return img
 
 
 def _loader(files: list[Path], preprocess: Preprocess, batch_size: int = 64) -> Any:

@@ -326,3 +326,24 @@ def test_a_results_db_that_is_not_a_file_is_named_as_such(trained_small, tmp_pat
     res = _cli("--quiet", "sweep", str(ckpt), "--eval-subset", "16", "--eps", "0,0.05", "--out", str(run))
     _one_line_refusal(res, needle)
     _one_line_refusal(_cli("--quiet", "report", str(run)), needle)
+
+
+def test_sixteen_bit_photos_are_scaled_and_unrangeable_ones_refused_naming_the_file(tmp_path):
+    """Item 6: a 16-bit PNG (32768 of 65535: mid-grey) was saturated to white (255)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from robustse.folder import load_image_folder, prepare_image
+    from robustse.models.external import Preprocess
+
+    for cls, value in (("a", 32768), ("b", 65535)):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((40, 40), value, np.uint16)).save(tmp_path / "f" / cls / "x.png")
+    folder = load_image_folder(f"imagefolder:{tmp_path / 'f'}", "test")
+    ds = folder.decode(torch.arange(2))
+    assert sorted(int(v) for v in ds.x.flatten(1).float().mean(1)) == [128, 255]
+    flt = tmp_path / "float.tiff"  # not a folder suffix, but a decoder may meet one by another name
+    Image.fromarray(np.full((40, 40), 0.5, np.float32)).save(flt)
+    with pytest.raises(ValueError, match="F-mode pixels"):
+        prepare_image(flt, Preprocess(size=(16, 16)))
