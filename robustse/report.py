@@ -942,6 +942,7 @@ def render_markdown(context: ReportContext | dict[str, Any], figures: dict[str, 
     return "".join(line for part in parts for line in part)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]#!|~>])")  # table and inline markup; cells never start a line
 
 
@@ -949,6 +950,7 @@ def md_escape(value: Any) -> str:
     """One line of Markdown text that shows ``value`` literally: HTML-escaped (no tag passes),
     line breaks folded to spaces, and every Markdown and table character backslash-escaped."""
     text = " ".join(str(value).splitlines()) if value is not None else ""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)  # escape sequences shown, never run
     return _MD_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
 
 

@@ -57,7 +57,11 @@ def _meta_cases(n: int) -> list[tuple[str, object]]:
 
 def _spec_cases(n: int) -> list[str]:
     rng = random.Random(1617)
-    return [f"{rng.choice(SWEEP_KEYS)} = {rng.choice(TOML_VALUES)}" for _ in range(n)]
+    drawn = [f"{rng.choice(SWEEP_KEYS)} = {rng.choice(TOML_VALUES)}" for _ in range(n)]
+    depth, size = rng.randint(2_000, 60_000), rng.randint(1_001, 200_000)  # nested and oversized (issue 25)
+    nested = [f"{key} = {'[' * depth}{']' * depth}" for key in ("epsilons", "attacks", "interventions")]
+    oversized = [f"epsilons = [{', '.join(['0.01'] * size)}]", f"dataset = '{'x' * size}'"]
+    return drawn + nested + oversized
 
 
 def _attack_cases(n: int) -> list[str]:
@@ -124,7 +128,7 @@ def test_malformed_checkpoint_metadata(finished, tmp_path, key, value):
         _check(_cli("--quiet", *args), run, before)
 
 
-@pytest.mark.parametrize("line", _spec_cases(30))
+@pytest.mark.parametrize("line", _spec_cases(30), ids=lambda line: line[:40])
 def test_malformed_sweep_specs(finished, tmp_path, line):
     ckpt, run = finished
     spec = tmp_path / "s.toml"
@@ -140,3 +144,32 @@ def test_malformed_attack_strings(finished, text):
     shutil.rmtree(run.parent / "scratch", ignore_errors=True)
     _check(_cli("--quiet", "sweep", str(ckpt), "--attack", text, "--eps", "0,0.02", "--eval-subset", "8", "--out",
                 str(run)), run, before)  # fmt: skip
+
+
+NAME_PIECES = ["<img src=x onerror=alert(1)>", "\n# heading\n", "\t", "|", "`", "*", "[a](b)", "\x1b[31m", "é",
+               "&amp;", "_", "\\", "\r", "<!--"]  # fmt: skip
+
+
+def _name_cases(n: int) -> list[str]:
+    rng = random.Random(1619)
+    return ["".join(rng.choice(NAME_PIECES) for _ in range(rng.randint(1, 4))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", [*_name_cases(6), "\x1b[31mred\r"], ids=lambda v: repr(v)[:30])
+def test_names_with_markup_and_control_characters(finished, tmp_path, name):
+    """A checkpoint named with markup or control characters: the sweep and report succeed or refuse
+    in one line, and report.md carries no raw tag, heading or line break from the name."""
+    ckpt, _ = finished
+    hostile = tmp_path / f"{name}_s0.safetensors"
+    shutil.copy(ckpt, hostile)
+    run = tmp_path / "run"
+    res = _cli("--quiet", "sweep", str(hostile), "--attack", "fgsm", "--attack", "noise", "--eps", "0,0.02",
+               "--eval-subset", "16", "--out", str(run))  # fmt: skip
+    assert res.exit_code in (0, 2) and "Traceback" not in res.output, res.output
+    if res.exit_code:
+        return
+    res = _cli("--quiet", "report", str(run), "--bootstrap", "100")
+    assert res.exit_code == 0, res.output
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert "<img" not in md and "<!--" not in md and "\x1b" not in md and "\r" not in md
+    assert not any(line.startswith("# heading") for line in md.splitlines())
