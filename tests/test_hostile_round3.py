@@ -347,3 +347,21 @@ def test_sixteen_bit_photos_are_scaled_and_unrangeable_ones_refused_naming_the_f
     Image.fromarray(np.full((40, 40), 0.5, np.float32)).save(flt)
     with pytest.raises(ValueError, match="F-mode pixels"):
         prepare_image(flt, Preprocess(size=(16, 16)))
+
+
+def test_report_on_a_full_disk_is_one_line_and_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
+    """Item 7: a full disk gave a traceback and left a 60 KB temporary file."""
+    import os
+
+    run = _copy_run(tiny_run[1], tmp_path / "run")
+    real = os.replace
+
+    def full(src, dst):  # type: ignore[no-untyped-def]
+        if str(dst).endswith(".png"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", full)
+    res = _cli("--quiet", "report", str(run), "--bootstrap", "100")
+    _one_line_refusal(res, "No space left on device")
+    assert _leftovers(run) == [] and not (run / "report.html").exists()
