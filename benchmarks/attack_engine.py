@@ -28,7 +28,7 @@ import torchattacks
 import robustse as rs
 from robustse.attacks import Evaluator, create_attack
 from robustse.config import TrainConfig
-from robustse.data import to_float
+from robustse.data_base import to_float
 from robustse.train import train_model
 
 EPS = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]

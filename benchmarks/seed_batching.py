@@ -87,7 +87,7 @@ def sweep_seconds(family: str, k: int, args: argparse.Namespace) -> tuple[float,
     import tempfile
     from pathlib import Path
 
-    from robustse.data import Dataset
+    from robustse.data_base import Dataset
     from robustse.sweep import SweepModel, build_attacks, run_sweep
 
     device = torch.device(args.device)

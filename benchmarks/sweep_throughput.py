@@ -34,7 +34,7 @@ import torchattacks
 import robustse as rs
 from robustse.attacks import create_attack
 from robustse.config import TrainConfig
-from robustse.data import to_float
+from robustse.data_base import to_float
 from robustse.sweep import SweepModel, run_sweep
 from robustse.train import train_model
 

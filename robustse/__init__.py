@@ -14,12 +14,14 @@ The public API (stable names)::
 from ._version import __version__
 from .attacks import create_attack, list_attacks
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import Dataset, list_datasets, load_dataset
+from .data import list_datasets, load_dataset
+from .data_base import Dataset
 from .device import tune_allocator
 from .errors import RobustseError
 from .models import create_model, list_models
+from .models.gates import find_blocks, find_gates
 from .pipeline import run_experiment
-from .probes import capture, find_blocks, find_gates
+from .probes import capture
 
 __all__ = [
     "Dataset",

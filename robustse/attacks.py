@@ -21,7 +21,6 @@ many epsilons in one call::
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import inspect
 import math
@@ -37,6 +36,10 @@ from ._types import MAX_RUNGS
 from .attack_roles import ROLES, Role, attack_role
 from .device import evaluating
 from .errors import AttackError
+from .passes import (
+    current_pass_rows,
+    rows_of_pass,
+)
 from .registry import Registry
 
 # Documented limits (README "Reliability"): beyond them a command is refused, not left to run for days.
@@ -629,35 +632,6 @@ class PGD(Attack):
         return adv
 
 
-_PASS_ROWS: contextvars.ContextVar[int | None] = contextvars.ContextVar("pass_rows", default=None)
-
-
-@contextlib.contextmanager
-def pass_rows(rows: int | None) -> Iterator[None]:
-    """Inside the block, input gradients are taken ``rows`` rows at a time (None: the whole batch).
-
-    Every row's gradient is its own (eval mode: rows never interact), so the results are the same
-    up to float rounding while the autograd graph, the memory of a gradient pass, shrinks to
-    ``rows`` rows: full-size images at a large batch fit in less memory (README "Performance").
-    """
-    token = _PASS_ROWS.set(rows)
-    try:
-        yield
-    finally:
-        _PASS_ROWS.reset(token)
-
-
-CPU_PASS_MEMORY = 1 << 29  # bytes a gradient pass may hold by default (README "Performance")
-
-
-def pass_memory(device: torch.device) -> int:
-    """The default memory budget of one gradient pass on ``device``: 512 MiB on a CPU, a quarter of
-    a GPU's memory."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory) // 4
-    return CPU_PASS_MEMORY
-
-
 def grad_bytes_per_row(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes the autograd graph of an input-gradient pass of ``model`` holds per row of ``x``:
     the activations it saves for the backward pass (weights and buffers, held anyway, not
@@ -690,11 +664,6 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor, held: set[int]) -> int:
     return sum(saved.values())
 
 
-def rows_within(budget: int, bytes_per_row: int) -> int:
-    """How many rows one gradient pass may take within ``budget`` bytes (at least 1)."""
-    return max(1, budget // max(1, bytes_per_row))
-
-
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input gradient of the cross-entropy summed over rows and divided by ``batch``, and the logits.
 
@@ -710,7 +679,7 @@ def _by_pass_rows(
     fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(x, y)`` (a pair of per-row tensors), taken :func:`pass_rows` rows at a time and joined."""
-    rows = _PASS_ROWS.get() or len(x)
+    rows = current_pass_rows() or len(x)
     if rows >= len(x):
         return fn(x, y)
     parts = []
@@ -718,49 +687,6 @@ def _by_pass_rows(
         with rows_of_pass(slice(i, i + rows), len(x)):
             parts.append(fn(x[i : i + rows], y[i : i + rows]))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-_PASS_SLICE: contextvars.ContextVar[tuple[slice, int] | None] = contextvars.ContextVar("pass_slice", default=None)
-
-
-@contextlib.contextmanager
-def rows_of_pass(rows: slice, total: int) -> Iterator[None]:
-    """Inside the block, forward passes carry the rows ``rows`` of a batch of ``total`` rows (under
-    :func:`pass_rows`), so per-example values held for the whole batch (the held_gates
-    intervention's clean gates) can pick their rows (:func:`rows_for_pass`)."""
-    token = _PASS_SLICE.set((rows, total))
-    try:
-        yield
-    finally:
-        _PASS_SLICE.reset(token)
-
-
-def rows_for_pass(value: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows of the per-example ``value`` (one row per example of a batch of B) that a pass of
-    ``n`` rows carries: all of them outside :func:`rows_of_pass`; ``value`` itself when it was
-    taken for the pass's own rows (B = n); several epsilons stacked as one batch (E·B rows,
-    eps-major, as :meth:`Attack._ladder` lays them out) carry them once per eps.
-
-    Raises:
-        ValueError: the pass is not of the batch ``value`` belongs to, row for row (a row count
-            that is not a multiple of B, or a part of such a batch): its rows cannot be matched.
-    """
-    rows, total = _PASS_SLICE.get() or (slice(0, n), n)
-    b = len(value)
-    if total == b:  # the held batch, or a part of it
-        picked = value[rows]
-    elif b == n:  # taken for this pass's own rows (clean_gates records s(x) per part)
-        picked = value
-    elif b and total % b == 0:  # E copies of the batch, or a part of them
-        picked = value[torch.arange(total, device=value.device)[rows] % b]
-    else:
-        picked = value[:0]
-    if len(picked) != n:
-        raise ValueError(
-            f"a pass of {n} rows inside a per-example intervention held for {b} rows: "
-            "every pass must carry the held batch, row for row"
-        )
-    return picked
 
 
 def _chunk_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -811,7 +737,8 @@ class GateAttack(PGD):
         return False  # its drift norm would mix the members' gates
 
     def _perturb(self, model, x, y, eps, gen, *, batch, grad0=None, early_stop=False):  # type: ignore[no-untyped-def]
-        from .probes import capture, find_gates
+        from .models.gates import find_gates
+        from .probes import capture
 
         if not find_gates(model):
             raise AttackError("the gate attack needs a model with SE gates (this one has none)")

@@ -176,7 +176,7 @@ def check_gate_means(path: PathLike, model: nn.Module, means: dict[str, list[flo
     Raises:
         CheckpointError: naming the gate.
     """
-    from .probes import find_gates, gate_channels
+    from .models.gates import find_gates, gate_channels
 
     gates = find_gates(model)
     for name, values in means.items():

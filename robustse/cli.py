@@ -198,7 +198,7 @@ def num_classes_option(help: str, default: int | None = 10) -> Any:
 def models_cmd(pattern: str, as_json: bool) -> None:
     """List registered architectures matching PATTERN (a glob, e.g. '*resnet*')."""
     from .models import create_model, list_models, model_info
-    from .probes import find_gates
+    from .models.gates import find_gates
 
     rows = []
     for name in list_models(pattern):
@@ -253,7 +253,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
     weights as ARCH=WEIGHTS."""
     from .checkpoint import load_checkpoint
     from .models import Block, create_model
-    from .probes import find_gates, gate_channels
+    from .models.gates import find_gates, gate_channels
 
     meta: dict[str, Any] = {}
     path, arch = _arch_and_weights(target, arch)
@@ -752,7 +752,7 @@ def drift_cmd(
     model."""
     from .attacks import check_epsilons
     from .config import SweepConfig
-    from .drift import measure_drift, plot_drift
+    from .drift_measure import measure_drift, plot_drift
     from .sweep import build_attacks
     from .sweep_setup import load_drift_input
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .data import Dataset, Split
+from .data_base import Dataset, Split
 from .errors import DataError
 from .models.external import Preprocess
 

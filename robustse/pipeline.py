@@ -22,7 +22,8 @@ import torch
 
 from ._types import PathLike
 from .config import ArmConfig, DataConfig, ExperimentSpec, dump_toml, load_spec
-from .data import Dataset, dataset_info
+from .data import dataset_info
+from .data_base import Dataset
 from .distributed import SINGLE, Dist
 from .errors import SpecError
 from .files import write_text

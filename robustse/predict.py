@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import Dataset, forward_rows, to_float
+from .data_base import Dataset, forward_rows, to_float
 from .device import evaluating
 from .errors import InputMismatchError
 

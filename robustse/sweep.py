@@ -23,26 +23,18 @@ from torch import nn
 from tqdm import tqdm
 
 from .attack_roles import attack_role
-from .attacks import (
-    Attack,
-    Evaluator,
-    create_attack,
-    grad_bytes_per_row,
-    pass_memory,
-    pass_rows,
-    rows_of_pass,
-    rows_within,
-)
+from .attacks import Attack, Evaluator, create_attack, grad_bytes_per_row
 from .batched import MemberRows, member_rows, stack_models
 from .checkpoint import weight_hash
 from .checks import Check, run_checks
-from .data import Dataset, to_float
+from .data_base import Dataset, to_float
 from .distributed import SINGLE, Dist
 from .drift import CellProbe, snapshot_bytes
 from .errors import DataError, ModelError, SpecError
 from .folder import dataset_identity
 from .metrics import margin
-from .probes import find_gates
+from .models.gates import find_gates
+from .passes import pass_memory, pass_rows, rows_of_pass, rows_within
 from .stats import wilson_interval, worst_case_examples
 from .store import PROBE_COLUMNS, Cell, ResultsStore, attack_key
 

@@ -14,14 +14,16 @@ import torch
 from ._types import INTERVENTIONS, MAX_MODELS, PathLike, intervention_label
 from .checkpoint import load_checkpoint
 from .config import SweepConfig
-from .data import Dataset, load_split
+from .data import load_split
+from .data_base import Dataset
 from .distributed import SINGLE, Dist
 from .errors import DataError, SpecError
 from .files import own_dir
 from .folder import ImageFolder, dataset_identity
 from .models.external import Preprocess
+from .models.gates import find_gates
 from .predict import check_input_fits, fit_temperature, logits_of
-from .probes import find_gates, fixed_gates, held_gates
+from .probes import fixed_gates, held_gates
 from .sweep import SweepModel, SweepResult, build_attacks, run_sweep
 from .train import SUBSET_SEED, training_gate_means
 
@@ -85,7 +87,7 @@ def try_attacks_first(
         AttackError: the attack's one-line refusal.
     """
     from .attacks import TorchattacksAttack
-    from .data import to_float
+    from .data_base import to_float
 
     eps = [e for e in sorted(epsilons) if e > 0][:1]
     x, y = to_float(evalset.x[:2]).to(device), evalset.y[:2].to(device)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .config import DataConfig, TrainConfig
-from .data import Dataset, Split, flips_keep_labels, load_split, to_float
+from .data import flips_keep_labels, load_split
+from .data_base import Dataset, Split, to_float
 from .distributed import SINGLE, Dist
 from .errors import CheckpointError, DataError, ModelError, TrainingError
 from .files import replace_file
@@ -548,7 +549,8 @@ GATE_MEAN_EXAMPLES = 10_000
 
 def training_gate_means(model: nn.Module, train_set: Dataset) -> dict[str, torch.Tensor]:
     """Training-set mean excitation per gate (over a seeded subset of at most 10,000 images)."""
-    from .probes import find_gates, gate_means
+    from .models.gates import find_gates
+    from .probes import gate_means
 
     if not find_gates(model):
         return {}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .batched import StackedModel, stack_models
 from .config import DataConfig, TrainConfig
-from .data import Dataset
+from .data_base import Dataset
 from .distributed import SINGLE
 from .train import (
     TrainResult,

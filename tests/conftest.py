@@ -55,7 +55,8 @@ def real_fmnist() -> Path:
 def trained_small(real_fmnist, tmp_path_factory):
     """An se_small_cnn trained briefly on real Fashion-MNIST, and 128 test images (x float, y)."""
     from robustse.config import DataConfig, TrainConfig
-    from robustse.data import load_dataset, to_float
+    from robustse.data import load_dataset
+    from robustse.data_base import to_float
     from robustse.train import train_model
 
     out = tmp_path_factory.mktemp("trained") / "se_small_cnn.safetensors"

@@ -221,7 +221,7 @@ def test_tiny_run_numbers_match_an_independent_computation(tiny_run):
     forward pass on the same examples, and the ratio table's value is their geometric mean."""
     from robustse.attacks import create_attack
     from robustse.checkpoint import load_checkpoint
-    from robustse.data import to_float
+    from robustse.data_base import to_float
     from robustse.store import ResultsStore
     from robustse.sweep_setup import SUBSET_SEED
     from robustse.train import load_splits

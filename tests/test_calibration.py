@@ -31,7 +31,7 @@ def test_probed_sweeps_record_calibrated_measures(trained_small, tmp_path):
     from robustse import metrics as M
     from robustse.checkpoint import load_checkpoint
     from robustse.config import SweepConfig
-    from robustse.data import to_float
+    from robustse.data_base import to_float
     from robustse.store import ResultsStore
     from robustse.sweep_setup import sweep_checkpoints
 

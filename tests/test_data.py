@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.data import Dataset, read_idx, write_idx
+from robustse.data import read_idx, write_idx
+from robustse.data_base import Dataset
 from robustse.errors import DataError
 
 from .conftest import make_images, write_fake_fmnist

@@ -13,7 +13,8 @@ import importlib
 import pytest
 import torch
 
-from robustse.probes import capture, find_blocks, find_gates, fixed_gates
+from robustse.models.gates import find_blocks, find_gates
+from robustse.probes import capture, fixed_gates
 
 timm = pytest.importorskip("timm")
 
@@ -107,7 +108,7 @@ def test_gate_means_of_a_timm_se_resnet_equal_a_whole_recorded_pass(monkeypatch)
     """The training-set gate means (frozen_mean) of a timm SE-ResNet, whose blocks change the SE
     output in place: summed gate by gate inside the hooks, a few large images per pass, equal
     to the mean of one whole recorded pass; no activation is copied or kept (only gates, (C,))."""
-    import robustse.data as D
+    import robustse.data_base as D
     from robustse.probes import gate_means
 
     model = timm.create_model("seresnet18", num_classes=5).eval()

@@ -8,9 +8,11 @@ import torch
 from robustse.attacks import create_attack
 from robustse.checkpoint import load_checkpoint
 from robustse.config import SweepConfig
-from robustse.data import load_dataset, to_float
+from robustse.data import load_dataset
+from robustse.data_base import to_float
 from robustse.errors import SpecError
-from robustse.probes import capture, find_gates, fixed_gates, held_gates
+from robustse.models.gates import find_gates
+from robustse.probes import capture, fixed_gates, held_gates
 from robustse.store import ResultsStore
 from robustse.sweep import SweepModel, build_attacks, run_sweep
 from robustse.sweep_setup import intervention_models

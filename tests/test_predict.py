@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.data import Dataset
+from robustse.data_base import Dataset
 from robustse.errors import DataError, InputMismatchError, ModelError
 from robustse.predict import check_input_fits, evaluate_accuracy, predict
 

@@ -10,7 +10,8 @@ import torch
 import robustse as rs
 from robustse import metrics as M
 from robustse.models import SEBlock
-from robustse.probes import capture, find_blocks
+from robustse.models.gates import find_blocks
+from robustse.probes import capture
 
 
 def test_capture_se_resnet20_gates_inputs_outputs_blocks():
@@ -179,16 +180,18 @@ def test_measure_drift_follows_the_pass_budget_without_changing_its_draws(traine
     time, with the same rows as whole batches (the draws are the batch's, whatever the budget:
     drift agrees across devices); each batch draws its own noise."""
     import robustse.attacks as A
-    import robustse.drift as D
+    import robustse.drift_measure as D
+    import robustse.passes as PS
     from robustse.attacks import create_attack
-    from robustse.data import load_dataset, to_float
+    from robustse.data import load_dataset
+    from robustse.data_base import to_float
 
     model = trained_small[0]
     ds = load_dataset("fashion-mnist", split="test").subset(24, seed=5)
     atk = create_attack("pgd", steps=2, seed=0)
     whole = D.measure_drift(model, to_float(ds.x), ds.y, attack=atk, eps=0.03, batch_size=12, rows=12)
     per_row = A.grad_bytes_per_row(model, to_float(ds.x[:1]))
-    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 7 * per_row + per_row // 2)
+    monkeypatch.setattr(PS, "CPU_PASS_MEMORY", 7 * per_row + per_row // 2)
     converted, passes, snaps = [], [], []
     for name, seen in (("as_float_images", converted), ("snapshot", snaps)):
         real = getattr(D, name)

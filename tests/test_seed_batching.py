@@ -253,12 +253,13 @@ def test_stacked_rows_past_the_pass_budget_are_attacked_one_model_at_a_time(thre
     """With no pass_rows, a batch of 40 fits the budget of 60 rows but three stacked seeds (120 rows)
     do not: they go one at a time, whole batches each, and the options are left as given."""
     import robustse.attacks as A
+    import robustse.passes as PS
     import robustse.sweep as S
     from robustse.config import SweepConfig
     from robustse.sweep_setup import sweep_checkpoints
 
     monkeypatch.setattr(S, "grad_bytes_per_row", lambda model, x: 1000)
-    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 60 * 1000)
+    monkeypatch.setattr(PS, "CPU_PASS_MEMORY", 60 * 1000)
     calls: list[int] = []
     together = S.Sweep._adversarials_together
     monkeypatch.setattr(
@@ -273,6 +274,6 @@ def test_stacked_rows_past_the_pass_budget_are_attacked_one_model_at_a_time(thre
     sweep_checkpoints(three_seeds, cfg, tmp_path / "run", progress=False, log=lines.append)
     assert calls == [] and max(seen) == 40
     assert sum("do not fit a pass of 60" in line for line in lines) == 1
-    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 200 * 1000)  # 120 rows fit: stacked
+    monkeypatch.setattr(PS, "CPU_PASS_MEMORY", 200 * 1000)  # 120 rows fit: stacked
     sweep_checkpoints(three_seeds, cfg, tmp_path / "stacked", progress=False)
     assert calls and cfg.pass_rows is None

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from robustse.checks import run_checks
 from robustse.cli import cli, parse_attack, parse_epsilons
-from robustse.data import load_dataset, to_float
+from robustse.data import load_dataset
+from robustse.data_base import to_float
 from robustse.errors import AttackError, StoreError
 from robustse.store import Cell, ResultsStore
 from robustse.sweep import SweepModel, build_attacks, run_sweep
@@ -495,10 +496,11 @@ def test_pass_budget_sets_the_rows_of_a_gradient_pass(tmp_path, trained_small, e
     """With no pass_rows, a gradient pass takes as many rows as the device's budget holds: a
     budget of 6 rows' autograd graph gives passes of 6 rows and says so once; the default holds a batch."""
     import robustse.attacks as A
+    import robustse.passes as PS
 
     model = trained_small[0]
     per_row = A.grad_bytes_per_row(model, to_float(evalset.x[:2]))
-    monkeypatch.setattr(A, "CPU_PASS_MEMORY", 6 * per_row + per_row // 2)
+    monkeypatch.setattr(PS, "CPU_PASS_MEMORY", 6 * per_row + per_row // 2)
     seen: list[int] = []
     grad = A._chunk_grad
     monkeypatch.setattr(A, "_chunk_grad", lambda m, x, y, b: seen.append(len(x)) or grad(m, x, y, b))
@@ -583,8 +585,9 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
     """held_gates pins each row of its batch to that row's clean gates: a pass of other rows (a
     subset of survivors, cut into parts or not) cannot be matched and is refused, never given
     another row's gates; so accuracy_only (survivors only) is refused for an intervention."""
-    from robustse.attacks import _input_grad, create_attack, pass_rows, rows_for_pass, rows_of_pass
+    from robustse.attacks import _input_grad, create_attack
     from robustse.errors import SpecError
+    from robustse.passes import pass_rows, rows_for_pass, rows_of_pass
     from robustse.probes import held_gates
     from robustse.sweep_setup import intervention_models
 

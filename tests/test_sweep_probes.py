@@ -10,10 +10,12 @@ import torch
 
 import robustse as rs
 from robustse.checkpoint import load_checkpoint
-from robustse.data import load_dataset, to_float
+from robustse.data import load_dataset
+from robustse.data_base import to_float
 from robustse.drift import GATE_METRICS
 from robustse.errors import AttackError
-from robustse.probes import capture, find_blocks, find_gates, fixed_gates, gate_means
+from robustse.models.gates import find_blocks, find_gates
+from robustse.probes import capture, fixed_gates, gate_means
 from robustse.store import ResultsStore
 from robustse.sweep import SweepModel, build_attacks, run_sweep
 from robustse.train import GATE_MEAN_EXAMPLES, SUBSET_SEED
