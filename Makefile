@@ -47,6 +47,7 @@ test: setup browser
 lint: setup
 	$(BIN)/ruff check robustse tests benchmarks cli.py
 	$(BIN)/mypy robustse
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py

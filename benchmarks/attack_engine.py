@@ -26,10 +26,10 @@ import torch
 import torchattacks
 
 import robustse as rs
-from robustse.attacks import Evaluator, create_attack
-from robustse.config import TrainConfig
-from robustse.data_base import to_float
-from robustse.train import train_model
+from robustse.attacks.engine import Evaluator, create_attack
+from robustse.core.config import TrainConfig
+from robustse.data.base import to_float
+from robustse.training.train import train_model
 
 EPS = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]
 

@@ -87,9 +87,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     import robustse as rs
-    from robustse.drift import snapshot, snapshot_bytes
-    from robustse.folder import load_image_folder
-    from robustse.sweep import SweepModel, build_attacks, run_sweep
+    from robustse.data.folder import load_image_folder
+    from robustse.experiment.sweep import SweepModel, build_attacks, run_sweep
+    from robustse.probes.cell import snapshot, snapshot_bytes
 
     if args.child == "command":
         return command(args)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import robustse as rs
-from robustse.batched import stack_models
+from robustse.models.stacked import stack_models
 
 
 def members(family: str, k: int, device: torch.device) -> list[torch.nn.Module]:
@@ -87,8 +87,8 @@ def sweep_seconds(family: str, k: int, args: argparse.Namespace) -> tuple[float,
     import tempfile
     from pathlib import Path
 
-    from robustse.data_base import Dataset
-    from robustse.sweep import SweepModel, build_attacks, run_sweep
+    from robustse.data.base import Dataset
+    from robustse.experiment.sweep import SweepModel, build_attacks, run_sweep
 
     device = torch.device(args.device)
     models = [

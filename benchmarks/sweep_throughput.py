@@ -32,11 +32,11 @@ import torch
 import torchattacks
 
 import robustse as rs
-from robustse.attacks import create_attack
-from robustse.config import TrainConfig
-from robustse.data_base import to_float
-from robustse.sweep import SweepModel, run_sweep
-from robustse.train import train_model
+from robustse.attacks.engine import create_attack
+from robustse.core.config import TrainConfig
+from robustse.data.base import to_float
+from robustse.experiment.sweep import SweepModel, run_sweep
+from robustse.training.train import train_model
 
 EPS = [0.01, 0.02, 0.03, 0.05, 0.1]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import robustse as rs
-from robustse.device import resolve_device
+from robustse.core.device import resolve_device
 from robustse.models import model_info
 
 

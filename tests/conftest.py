@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustse.data import DEBIAN_FASHION_MNIST, write_idx
+from robustse.data.datasets import DEBIAN_FASHION_MNIST, write_idx
 
 REAL_FMNIST = DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
 
@@ -54,10 +54,10 @@ def real_fmnist() -> Path:
 @pytest.fixture(scope="session")
 def trained_small(real_fmnist, tmp_path_factory):
     """An se_small_cnn trained briefly on real Fashion-MNIST, and 128 test images (x float, y)."""
-    from robustse.config import DataConfig, TrainConfig
-    from robustse.data import load_dataset
-    from robustse.data_base import to_float
-    from robustse.train import train_model
+    from robustse.core.config import DataConfig, TrainConfig
+    from robustse.data.base import to_float
+    from robustse.data.datasets import load_dataset
+    from robustse.training.train import train_model
 
     out = tmp_path_factory.mktemp("trained") / "se_small_cnn.safetensors"
     res = train_model(
@@ -74,8 +74,8 @@ def trained_small(real_fmnist, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(real_fmnist, tmp_path_factory):
     """A finished tiny experiment (2 seeds x small twins, FGSM + noise sweep, report) and its result."""
-    from robustse.config import DataConfig, ExperimentSpec, ModelsConfig, ReportConfig, SweepConfig, TrainConfig
-    from robustse.pipeline import run_experiment
+    from robustse.core.config import DataConfig, ExperimentSpec, ModelsConfig, ReportConfig, SweepConfig, TrainConfig
+    from robustse.experiment.pipeline import run_experiment
 
     spec = ExperimentSpec(
         name="tiny",

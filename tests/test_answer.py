@@ -12,14 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from robustse import answer as A
-from robustse import inference as I
-from robustse import metrics as M
-from robustse import ratios as R
-from robustse import stats as S
+from robustse.analysis import answer as A
+from robustse.analysis import inference as I
+from robustse.analysis import ratios as R
+from robustse.analysis import stats as S
 from robustse.cli import cli
-from robustse.drift import CellProbe
 from robustse.models import create_model
+from robustse.probes import metrics as M
+from robustse.probes.cell import CellProbe
 
 from .test_inference import _models
 from .test_twins_inference import continuous, run
@@ -174,7 +174,7 @@ def test_a_gate_that_cannot_move_gives_output_reaction_exactly_one():
 
 def test_plain_twin_records_the_premise_at_the_se_site():
     """The plain twin's SE site (an identity) gets the same input u its SE twin's gate would."""
-    from robustse.drift import snapshot
+    from robustse.probes.cell import snapshot
 
     torch.manual_seed(1)
     model = create_model("small_cnn", num_classes=10, in_channels=1).eval()
@@ -219,12 +219,12 @@ def _independent_premise_and_reaction(model, x, x_adv):
 def test_tiny_run_numbers_match_an_independent_computation(tiny_run):
     """The stored premise and output reaction of one SE model under FGSM equal a hand-written
     forward pass on the same examples, and the ratio table's value is their geometric mean."""
-    from robustse.attacks import create_attack
-    from robustse.checkpoint import load_checkpoint
-    from robustse.data_base import to_float
-    from robustse.store import ResultsStore
-    from robustse.sweep_setup import SUBSET_SEED
-    from robustse.train import load_splits
+    from robustse.attacks.engine import create_attack
+    from robustse.core.store import ResultsStore
+    from robustse.data.base import to_float
+    from robustse.experiment.setup import SUBSET_SEED
+    from robustse.models.checkpoint import load_checkpoint
+    from robustse.training.train import load_splits
 
     spec, out, res = tiny_run
     label, eps = "se_small_cnn_s0", 0.05

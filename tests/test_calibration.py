@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustse.data import load_dataset
-from robustse.predict import fit_temperature
+from robustse.data.datasets import load_dataset
+from robustse.training.predict import fit_temperature
 
 
 def test_fit_temperature_recovers_the_scale_of_overconfident_logits():
@@ -28,12 +28,12 @@ def test_held_out_examples_are_disjoint_from_the_evaluation_subset(real_fmnist):
 
 
 def test_probed_sweeps_record_calibrated_measures(trained_small, tmp_path):
-    from robustse import metrics as M
-    from robustse.checkpoint import load_checkpoint
-    from robustse.config import SweepConfig
-    from robustse.data_base import to_float
-    from robustse.store import ResultsStore
-    from robustse.sweep_setup import sweep_checkpoints
+    from robustse.core.config import SweepConfig
+    from robustse.core.store import ResultsStore
+    from robustse.data.base import to_float
+    from robustse.experiment.setup import sweep_checkpoints
+    from robustse.models.checkpoint import load_checkpoint
+    from robustse.probes import metrics as M
 
     _, _, _, ckpt = trained_small
     cfg = SweepConfig(epsilons=(0.0, 0.05), attacks=({"name": "fgsm"},), eval_subset=64, probe_subsample=8)
@@ -50,7 +50,7 @@ def test_probed_sweeps_record_calibrated_measures(trained_small, tmp_path):
                                               test.held_out(64, seed=0).y), rel=1e-4)  # fmt: skip
     evalset = test.subset(64, seed=0)
     x = to_float(evalset.x[:4])
-    from robustse.attacks import create_attack
+    from robustse.attacks.engine import create_attack
 
     adv = create_attack("fgsm")(model, x, evalset.y[:4], epsilons=[0.05]).adversarials[0]
     with torch.no_grad():

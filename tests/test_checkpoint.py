@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.checkpoint import read_metadata
-from robustse.errors import CheckpointError
+from robustse.core.errors import CheckpointError
+from robustse.models.checkpoint import read_metadata
 
 
 @pytest.fixture()
@@ -130,7 +130,7 @@ def test_metadata_without_arch_is_a_checkpoint_error(tmp_path, model):
 
     from safetensors.torch import save_file
 
-    from robustse.checkpoint import FORMAT, weight_hash
+    from robustse.models.checkpoint import FORMAT, weight_hash
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     path = tmp_path / "odd.safetensors"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from robustse.config import ExperimentSpec, load_spec
-from robustse.errors import SpecError
+from robustse.core.config import ExperimentSpec, load_spec
+from robustse.core.errors import SpecError
 
 SPECS = sorted((Path(__file__).parent.parent / "attacks").glob("*.toml"))
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from robustse.store import ResultsStore
+from robustse.core.store import ResultsStore
 
 pytestmark = [
     pytest.mark.cuda,
@@ -43,8 +43,8 @@ def test_sweep_on_cuda_agrees_with_cpu(trained_small, tmp_path):
 
 
 def test_batched_training_learns_on_cuda(real_fmnist, tmp_path):
-    from robustse.config import DataConfig, TrainConfig
-    from robustse.train_batched import train_seeds
+    from robustse.core.config import DataConfig, TrainConfig
+    from robustse.training.seeds import train_seeds
 
     outs = [tmp_path / f"m{s}.safetensors" for s in range(3)]
     res = train_seeds(

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.data import read_idx, write_idx
-from robustse.data_base import Dataset
-from robustse.errors import DataError
+from robustse.core.errors import DataError
+from robustse.data.base import Dataset
+from robustse.data.datasets import read_idx, write_idx
 
 from .conftest import make_images, write_fake_fmnist
 

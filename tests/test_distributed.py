@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from robustse.distributed import Dist, from_env
-from robustse.errors import DeviceError
-from robustse.store import ResultsStore
+from robustse.core.distributed import Dist, from_env
+from robustse.core.errors import DeviceError
+from robustse.core.store import ResultsStore
 
 
 def _sweep(args: list[str], *, nproc: int, cwd) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
@@ -53,7 +53,7 @@ def test_torchrun_sweep_equals_single_process(trained_small, tmp_path):
 
 
 def test_torchrun_training_uses_ddp(real_fmnist, tmp_path):
-    from robustse.checkpoint import read_metadata
+    from robustse.models.checkpoint import read_metadata
 
     out = tmp_path / "m.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robustse.cli",

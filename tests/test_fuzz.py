@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from robustse.checkpoint import META_KEY
 from robustse.cli import cli
+from robustse.models.checkpoint import META_KEY
 
 HOSTILE = [None, -1, 0, 2**64, -(2**63), 1.5, float("nan"), float("inf"), True, "", "x", "é\u0000", [], [1, 2],
            {"a": 1}, [[[[]]]], "9" * 400, 1e308]  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from robustse.models.gates import find_blocks, find_gates
-from robustse.probes import capture, fixed_gates
+from robustse.probes.capture import capture, fixed_gates
 
 timm = pytest.importorskip("timm")
 
@@ -88,7 +88,7 @@ def test_streamed_site_metrics_equal_those_of_a_second_snapshot(name):
     """perturbed_pass measures in the hooks (no second set of activations): same values, bit for bit,
     also for timm blocks that change the SE output in place after the hook."""
     import robustse as rs
-    from robustse.drift import perturbed_pass, site_metrics, snapshot
+    from robustse.probes.cell import perturbed_pass, site_metrics, snapshot
 
     torch.manual_seed(0)
     model = rs.create_model(name, num_classes=5, in_channels=3)
@@ -108,8 +108,8 @@ def test_gate_means_of_a_timm_se_resnet_equal_a_whole_recorded_pass(monkeypatch)
     """The training-set gate means (frozen_mean) of a timm SE-ResNet, whose blocks change the SE
     output in place: summed gate by gate inside the hooks, a few large images per pass, equal
     to the mean of one whole recorded pass; no activation is copied or kept (only gates, (C,))."""
-    import robustse.data_base as D
-    from robustse.probes import gate_means
+    import robustse.data.base as D
+    from robustse.probes.capture import gate_means
 
     model = timm.create_model("seresnet18", num_classes=5).eval()
     x = (torch.rand(7, 3, 96, 96) * 255).to(torch.uint8)
@@ -120,7 +120,7 @@ def test_gate_means_of_a_timm_se_resnet_equal_a_whole_recorded_pass(monkeypatch)
     )
     monkeypatch.setattr(D, "FORWARD_PIXELS", 3 * 96 * 96)  # 3 images a pass: 3 + 3 + 1
     assert D.forward_rows(x, 500) == 3
-    import robustse.probes as P
+    import robustse.probes.capture as P
 
     keepers: list[P._Keeper] = []
     keeper = P._Keeper

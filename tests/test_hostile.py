@@ -78,7 +78,7 @@ def test_apgd_takes_the_sweeps_norm_and_seed(trained_small):
 )
 def test_torchattacks_options_of_the_wrong_type_are_refused_up_front(text, needle):
     from robustse.cli import parse_attack
-    from robustse.errors import AttackError
+    from robustse.core.errors import AttackError
 
     with pytest.raises(AttackError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         spec = parse_attack(text)
@@ -94,7 +94,7 @@ def test_a_cells_random_starts_do_not_depend_on_the_rest_of_the_ladder(trained_s
     assert _cli(*common, "--eps", "0,0.05", "--out", str(grown)).exit_code == 0
     assert _cli(*common, "--eps", "0,0.02,0.05", "--out", str(grown)).exit_code == 0
     assert _cli(*common, "--eps", "0,0.02,0.05", "--out", str(fresh)).exit_code == 0
-    from robustse.store import ResultsStore
+    from robustse.core.store import ResultsStore
 
     a, b = (ResultsStore(d / "results.db").examples() for d in (grown, fresh))
     cols = ["attack", "eps", "idx", "adv_pred", "adv_margin"]
@@ -110,7 +110,7 @@ def test_a_rejected_experiment_leaves_the_runs_spec_alone(tiny_run, tmp_path):
     kept = (run / "spec.toml").read_text()
     import tomllib
 
-    from robustse.config import dump_toml
+    from robustse.core.config import dump_toml
 
     data = tomllib.loads(kept)
     data["report"]["alpha"] = 0.2  # what the next report would silently use
@@ -148,7 +148,7 @@ def test_attacks_work_inside_no_grad_and_inference_mode(trained_small, context, 
     ],
 )
 def test_bad_batches_raise_attack_errors_not_raw_exceptions(trained_small, change, needle):
-    from robustse.errors import AttackError
+    from robustse.core.errors import AttackError
 
     model, x, y, _ = trained_small
     xb, yb = change(x[:8], y[:8])
@@ -157,7 +157,7 @@ def test_bad_batches_raise_attack_errors_not_raw_exceptions(trained_small, chang
 
 
 def test_scalar_epsilons_and_bad_model_sizes_raise_robustse_errors(trained_small):
-    from robustse.errors import AttackError, ModelError
+    from robustse.core.errors import AttackError, ModelError
 
     model, x, y, _ = trained_small
     with pytest.raises(AttackError, match="epsilons must be a list"):
@@ -282,8 +282,8 @@ def test_an_identity_recorded_by_a_concurrent_sweep_in_between_counts(tmp_path):
     never an IntegrityError (the race the two-process test above hits only sometimes)."""
     import contextlib
 
-    from robustse.errors import StoreError
-    from robustse.store import ResultsStore
+    from robustse.core.errors import StoreError
+    from robustse.core.store import ResultsStore
 
     for theirs, ok in (("abc", True), ("xyz", False)):
         path = tmp_path / f"{theirs}.db"
@@ -308,7 +308,7 @@ def test_an_identity_recorded_by_a_concurrent_sweep_in_between_counts(tmp_path):
 
 
 def test_a_store_locked_by_another_process_is_one_line_and_kept(trained_small, tmp_path, monkeypatch):
-    import robustse.store
+    import robustse.core.store
 
     _, _, _, ckpt = trained_small
     run = tmp_path / "run"
@@ -327,7 +327,7 @@ def test_a_store_locked_by_another_process_is_one_line_and_kept(trained_small, t
     ]
     assert _cli(*args).exit_code == 0
     before = _cells(run)
-    monkeypatch.setattr(robustse.store, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(robustse.core.store, "LOCK_TIMEOUT_S", 0.2)
     holder = sqlite3.connect(run / "results.db")
     holder.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
     try:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from robustse import files
 from robustse.cli import cli
-from robustse.errors import WriteError
+from robustse.core import files
+from robustse.core.errors import WriteError
 
 
 def _cli(*args: str):  # type: ignore[no-untyped-def]
@@ -267,7 +267,7 @@ def test_inputs_the_model_cannot_take_are_attack_errors(name, change, needle):
     import torch
 
     import robustse as rs
-    from robustse.errors import AttackError
+    from robustse.core.errors import AttackError
 
     model, x = change(rs.create_model("se_small_cnn", num_classes=10, in_channels=1), torch.rand(2, 1, 28, 28))
     with pytest.raises(AttackError, match=re.escape(needle)):
@@ -293,7 +293,7 @@ def test_a_store_killed_mid_write_is_named_as_such_and_recovers(tiny_run, tmp_pa
     import subprocess
     import sys
 
-    from robustse.store import ResultsStore
+    from robustse.core.store import ResultsStore
 
     run = _copy_run(tiny_run[1], tmp_path / "run")
     with sqlite3.connect(run / "results.db") as conn:
@@ -334,7 +334,7 @@ def test_sixteen_bit_photos_are_scaled_and_unrangeable_ones_refused_naming_the_f
     import torch
     from PIL import Image
 
-    from robustse.folder import load_image_folder, prepare_image
+    from robustse.data.folder import load_image_folder, prepare_image
     from robustse.models.external import Preprocess
 
     for cls, value in (("a", 32768), ("b", 65535)):

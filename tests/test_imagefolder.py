@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.errors import DataError
-from robustse.folder import load_image_folder, prepare_image
+from robustse.core.errors import DataError
+from robustse.data.folder import load_image_folder, prepare_image
 from robustse.models.external import Preprocess
 
 foolbox = pytest.importorskip("foolbox")
@@ -100,7 +100,7 @@ def test_large_selections_decode_into_a_scratch_file_that_is_already_gone(imagen
     in the folder, and the mapping gone with the tensor."""
     import gc
 
-    import robustse.folder as folder
+    import robustse.data.folder as folder
 
     def scratch_mappings() -> list[str]:  # this process's mappings of deleted scratch files
         maps = Path("/proc/self/maps").read_text().splitlines()
@@ -123,7 +123,7 @@ def test_large_selections_decode_into_a_scratch_file_that_is_already_gone(imagen
 
 
 def test_no_room_for_the_scratch_file_is_one_line_naming_the_subset_option(cifar_dir, monkeypatch, tmp_path):
-    import robustse.folder as folder
+    import robustse.data.folder as folder
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
 
@@ -216,7 +216,7 @@ def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir
     photos are decoded into a scratch file (as a selection over 1 GiB would be)."""
     from safetensors.torch import save_file
 
-    import robustse.folder as folder
+    import robustse.data.folder as folder
 
     monkeypatch.setattr(folder, "IN_MEMORY_BYTES", 0)
 
@@ -229,7 +229,7 @@ def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir
                "--eps", "0,0.004", "--attack", "fgsm", "--out", str(out))  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "every model sees the first's" in res.output
-    from robustse.store import ResultsStore
+    from robustse.core.store import ResultsStore
 
     rows = ResultsStore(out / "results.db").examples()
     assert len(rows) == 2 * 20 * 2 * 2  # 2 models x 20 photos x (fgsm, noise) x 2 eps
@@ -250,7 +250,7 @@ def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir
 
 
 def test_external_twins_share_a_family_without_the_se_prefix():
-    from robustse.report import external_family
+    from robustse.analysis.report import external_family
 
     names = ["timm:seresnet50", "timm:resnet50", "timm:legacy_seresnet50", "torchvision:resnet50"]
     assert {external_family(n) for n in names} == {"resnet50"}
@@ -278,7 +278,7 @@ def test_a_wrong_class_count_is_one_line_before_the_selection_is_decoded(imagene
                                                                         monkeypatch):  # fmt: skip
     """Weights with 1,000 outputs on a folder whose sorted sub-folders are its only classes: one
     line naming both counts, after two photos are decoded to check the fit, not the selection."""
-    from robustse.folder import ImageFolder
+    from robustse.data.folder import ImageFolder
 
     no_list = tmp_path / "no_list"
     shutil.copytree(imagenet_dir, no_list, ignore=shutil.ignore_patterns("classes.txt"))
@@ -313,7 +313,7 @@ def test_senet_imagenet_spec_runs_with_local_weights_and_folder(imagenet_dir, se
     res = _cli("--quiet", "sweep", "--spec", str(spec), "--eval-subset", "4", "--attack", "fgsm", "--eps", "0,0.002",
                "--out", str(out))  # fmt: skip
     assert res.exit_code == 0, res.output
-    from robustse.store import ResultsStore
+    from robustse.core.store import ResultsStore
 
     assert set(ResultsStore(out / "results.db").models().model) == {
         f"timm-resnet18@{plain.stem}", f"timm-seresnet18@{seresnet18_weights.stem}",
@@ -363,9 +363,9 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
     """`[data] dataset = "imagefolder:DIR"`: the photos decoded at `image_size` (32: CIFAR's own
     pixels, unchanged), twins trained and swept, the report written; the checkpoints remember how
     the photos were prepared, so a later `robustse sweep CKPT` decodes them the same way."""
-    from robustse.checkpoint import load_checkpoint, read_metadata
-    from robustse.config import DataConfig
-    from robustse.train import load_splits
+    from robustse.core.config import DataConfig
+    from robustse.models.checkpoint import load_checkpoint, read_metadata
+    from robustse.training.train import load_splits
 
     data = DataConfig(dataset=f"imagefolder:{cifar_dir}", image_size=32)
     train, test = load_splits(data)
@@ -398,7 +398,7 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
     monkeypatch.chdir(tmp_path)
     res = _cli("--quiet", "sweep", str(ckpt), "--eps", "0,0.01", "--attack", "fgsm", "--out", str(tmp_path / "again"))
     assert res.exit_code == 0, res.output
-    from robustse.store import ResultsStore
+    from robustse.core.store import ResultsStore
 
     assert len(ResultsStore(tmp_path / "again" / "results.db").examples()) == n_val * 2 * 2  # fgsm, noise x 2 eps
     given = tmp_path / "given.toml"  # the checkpoints evaluated at another size: refused before the run starts
@@ -407,12 +407,12 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
     res = _cli("experiment", "--spec", str(given), "--out", str(tmp_path / "given"))
     assert res.exit_code == 2 and "prepared at 32x32, but [data] image_size prepares them at 64x64" in res.output
     assert not (tmp_path / "given").exists()
-    from robustse.config import load_spec
-    from robustse.pipeline import check_experiment
+    from robustse.core.config import load_spec
+    from robustse.experiment.pipeline import check_experiment
 
     given.write_text(given.read_text().replace("[models]", "image_size = 32\n[models]"))
     check_experiment(load_spec(given))  # trained at the size [data] asks for: accepted
-    from robustse.folder import ImageFolder
+    from robustse.data.folder import ImageFolder
 
     decoded: list[tuple[str, int]] = []  # given models are not trained: the train split is only listed
     decode = ImageFolder.decode
@@ -426,8 +426,8 @@ def test_an_experiment_trains_and_attacks_robustse_models_on_an_image_folder(cif
 
 
 def test_image_size_is_for_image_folders_and_has_limits(cifar_dir, tmp_path):
-    from robustse.config import DataConfig
-    from robustse.errors import SpecError
+    from robustse.core.config import DataConfig
+    from robustse.core.errors import SpecError
 
     with pytest.raises(SpecError, match="data.image_size is for imagefolder:DIR datasets"):
         DataConfig(dataset="fashion-mnist", image_size=32)
@@ -446,8 +446,8 @@ def test_image_size_is_for_image_folders_and_has_limits(cifar_dir, tmp_path):
      {"size": [32, 32], "crop_pct": 1.0, "interpolation": "lanczos"}],
 )  # fmt: skip
 def test_bad_preprocess_metadata_is_refused_in_one_line(tmp_path, bad):
-    from robustse.checkpoint import load_checkpoint, save_checkpoint
-    from robustse.errors import CheckpointError
+    from robustse.core.errors import CheckpointError
+    from robustse.models.checkpoint import load_checkpoint, save_checkpoint
 
     path = save_checkpoint(rs.create_model("small_cnn"), tmp_path / "m.safetensors", meta={"preprocess": bad})
     with pytest.raises(CheckpointError, match="metadata 'preprocess' must be"):
@@ -459,9 +459,9 @@ def test_folder_names_are_absolute_keep_links_and_refuse_unknown_users(cifar_dir
     symbolic link not followed, `..` not collapsed: after a link it means the link target's
     parent); every spelling of one folder is one dataset; `~nouser/x` is a missing folder, not a
     crash."""
-    from robustse.folder import absolute_name, dataset_identity
-    from robustse.sweep import SweepModel
-    from robustse.sweep_setup import load_test_split
+    from robustse.data.folder import absolute_name, dataset_identity
+    from robustse.experiment.setup import load_test_split
+    from robustse.experiment.sweep import SweepModel
 
     link = tmp_path / "link"
     link.symlink_to(cifar_dir, target_is_directory=True)
@@ -489,9 +489,9 @@ def test_eval_and_inspect_take_timm_weights_as_arch_equals_weights(imagenet_dir,
     """`eval` and `inspect` take foreign weights as sweep and drift do (ARCH=WEIGHTS); eval's class
     count defaults to the dataset's (the 1,000 of classes.txt), and its accuracy is the model's
     own predictions on the photos prepared per its pretrained config."""
-    from robustse.checkpoint import load_checkpoint
-    from robustse.folder import load_image_folder
-    from robustse.predict import predict
+    from robustse.data.folder import load_image_folder
+    from robustse.models.checkpoint import load_checkpoint
+    from robustse.training.predict import predict
 
     target = f"timm:seresnet18={seresnet18_weights}"
     res = _cli("--quiet", "eval", target, "--dataset", f"imagefolder:{imagenet_dir}", "--eval-subset", "6", "--json")
@@ -515,8 +515,8 @@ def test_more_than_a_batch_of_photos_decode_in_worker_processes_in_order(cifar_d
     one line naming it."""
     import torch.utils.data as tud
 
-    import robustse.folder as folder
-    from robustse.folder import prepare_image
+    import robustse.data.folder as folder
+    from robustse.data.folder import prepare_image
 
     many = tmp_path / "many"
     for k in range(2):  # 80 photos: two copies of the 40 training photos under new names
@@ -546,7 +546,7 @@ def test_more_than_a_batch_of_photos_decode_in_worker_processes_in_order(cifar_d
 def test_a_bad_photo_outside_the_selection_is_never_decoded(imagenet_dir, seresnet18_weights, tmp_path):
     """The fit check decodes two photos of the seeded selection itself: a corrupt photo the
     selection leaves out stops nothing (one inside it is one line, as tested above)."""
-    from robustse.train import SUBSET_SEED
+    from robustse.training.train import SUBSET_SEED
 
     broken = tmp_path / "broken"
     shutil.copytree(imagenet_dir, broken)
@@ -564,7 +564,7 @@ def test_a_bad_photo_outside_the_selection_is_never_decoded(imagenet_dir, seresn
 def test_weights_paths_may_hold_an_equals_sign(seresnet18_weights, tmp_path):
     """ARCH=WEIGHTS splits at the first "=" (architecture names have none; paths may)."""
     from robustse.cli import _arch_and_weights
-    from robustse.sweep_setup import load_sweep_models
+    from robustse.experiment.setup import load_sweep_models
 
     assert _arch_and_weights("timm:resnet50=runs/lr=0.1/w.pth", None) == ("runs/lr=0.1/w.pth", "timm:resnet50")
     assert _arch_and_weights("ckpt.safetensors", "resnet20") == ("ckpt.safetensors", "resnet20")

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robustse import inference as I
-from robustse import ratios as R
+from robustse.analysis import inference as I
+from robustse.analysis import ratios as R
 
 N = 400
 
@@ -126,7 +126,7 @@ def test_gate_effects_need_no_plain_twins():
 
 
 def test_static_controls_are_not_counted_as_plain_twins():
-    from robustse import stats as S
+    from robustse.analysis import stats as S
 
     (g,) = S.twin_groups(_models(seeds=(0, 1)))  # the report's curves and descriptive tables
     assert sorted(g["plain"]) == ["small_cnn_s0", "small_cnn_s1"]

@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustse.attacks import create_attack
-from robustse.checkpoint import load_checkpoint
-from robustse.config import SweepConfig
-from robustse.data import load_dataset
-from robustse.data_base import to_float
-from robustse.errors import SpecError
+from robustse.attacks.engine import create_attack
+from robustse.core.config import SweepConfig
+from robustse.core.errors import SpecError
+from robustse.core.store import ResultsStore
+from robustse.data.base import to_float
+from robustse.data.datasets import load_dataset
+from robustse.experiment.setup import intervention_models
+from robustse.experiment.sweep import SweepModel, build_attacks, run_sweep
+from robustse.models.checkpoint import load_checkpoint
 from robustse.models.gates import find_gates
-from robustse.probes import capture, fixed_gates, held_gates
-from robustse.store import ResultsStore
-from robustse.sweep import SweepModel, build_attacks, run_sweep
-from robustse.sweep_setup import intervention_models
+from robustse.probes.capture import capture, fixed_gates, held_gates
 
 N = 64
 
@@ -123,7 +123,7 @@ def test_cli_sweep_attacks_the_held_gates_model_when_asked(trained_small, tmp_pa
 
 
 def test_interventions_run_the_engines_own_attacks_only(se_model):
-    from robustse.sweep import attack_pairs
+    from robustse.experiment.sweep import attack_pairs
 
     model, meta, ckpt, *_ = se_model
     sm = SweepModel("se", model, str(ckpt), meta)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import robustse as rs
-from robustse.errors import ModelError
+from robustse.core.errors import ModelError
 from robustse.models import SEBlock, model_info, register_model, se_hidden
 
 ALL = rs.list_models()

@@ -8,8 +8,8 @@ import json
 from click.testing import CliRunner
 
 from robustse.cli import cli
-from robustse.config import DataConfig, ExperimentSpec, ModelsConfig, SweepConfig, TrainConfig
-from robustse.pipeline import run_experiment
+from robustse.core.config import DataConfig, ExperimentSpec, ModelsConfig, SweepConfig, TrainConfig
+from robustse.experiment.pipeline import run_experiment
 
 
 def test_experiment_end_to_end_and_resume(tiny_run):
@@ -69,7 +69,7 @@ def test_experiment_command(tmp_path, real_fmnist):
 
 
 def test_experiment_on_given_checkpoints_trains_nothing(tiny_run, tmp_path):
-    from robustse.config import ReportConfig
+    from robustse.core.config import ReportConfig
 
     spec, out, res = tiny_run
     given = ExperimentSpec(
@@ -92,7 +92,7 @@ def test_experiment_on_given_checkpoints_trains_nothing(tiny_run, tmp_path):
 
 
 def test_two_arm_experiment_compares_the_se_only_arm_with_the_first_plain(real_fmnist, tmp_path):
-    from robustse.config import ArmConfig, ReportConfig
+    from robustse.core.config import ArmConfig, ReportConfig
 
     spec = ExperimentSpec(
         name="arms",
@@ -106,7 +106,7 @@ def test_two_arm_experiment_compares_the_se_only_arm_with_the_first_plain(real_f
     )
     run = run_experiment(spec, tmp_path / "arms", progress=False)
     assert [r.label for r in run.rows] == ["small_cnn_base_s0", "se_small_cnn_base_s0", "se_small_cnn_r2_s0"]
-    from robustse.checkpoint import read_metadata
+    from robustse.models.checkpoint import read_metadata
 
     assert read_metadata(run.rows[2].checkpoint)["arch_kwargs"]["reduction"] == 2
     c = run.report.comparison

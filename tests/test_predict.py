@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.data_base import Dataset
-from robustse.errors import DataError, InputMismatchError, ModelError
-from robustse.predict import check_input_fits, evaluate_accuracy, predict
+from robustse.core.errors import DataError, InputMismatchError, ModelError
+from robustse.data.base import Dataset
+from robustse.training.predict import check_input_fits, evaluate_accuracy, predict
 
 
 def _images(n: int, channels: int, size: int) -> Dataset:

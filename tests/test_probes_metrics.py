@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse import metrics as M
 from robustse.models import SEBlock
 from robustse.models.gates import find_blocks
-from robustse.probes import capture
+from robustse.probes import metrics as M
+from robustse.probes.capture import capture
 
 
 def test_capture_se_resnet20_gates_inputs_outputs_blocks():
@@ -110,7 +110,7 @@ def test_amplification_by_hand():
 
 
 def test_clean_gates_on_an_unperturbed_input_changes_nothing():
-    from robustse.probes import clean_gates_logits
+    from robustse.probes.capture import clean_gates_logits
 
     torch.manual_seed(0)
     model = rs.create_model("se_resnet20").eval()
@@ -126,7 +126,7 @@ def test_clean_gates_on_an_unperturbed_input_changes_nothing():
 
 
 def test_fixed_gates_with_ones_pass_u_through():
-    from robustse.probes import fixed_gates
+    from robustse.probes.capture import fixed_gates
 
     model = rs.create_model("se_small_cnn").eval()
     names = list(rs.find_gates(model))
@@ -179,12 +179,12 @@ def test_measure_drift_follows_the_pass_budget_without_changing_its_draws(traine
     pass budget of 7 rows' gradient graph takes gradients and records clean passes 7 rows at a
     time, with the same rows as whole batches (the draws are the batch's, whatever the budget:
     drift agrees across devices); each batch draws its own noise."""
-    import robustse.attacks as A
-    import robustse.drift_measure as D
-    import robustse.passes as PS
-    from robustse.attacks import create_attack
-    from robustse.data import load_dataset
-    from robustse.data_base import to_float
+    import robustse.attacks.engine as A
+    import robustse.core.passes as PS
+    import robustse.experiment.drift as D
+    from robustse.attacks.engine import create_attack
+    from robustse.data.base import to_float
+    from robustse.data.datasets import load_dataset
 
     model = trained_small[0]
     ds = load_dataset("fashion-mnist", split="test").subset(24, seed=5)

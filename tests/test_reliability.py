@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 import robustse as rs
 from robustse.cli import cli
-from robustse.store import ResultsStore
-from robustse.sweep import SweepModel, build_attacks, run_sweep
+from robustse.core.store import ResultsStore
+from robustse.experiment.sweep import SweepModel, build_attacks, run_sweep
 
 
 def _sha(path: Path) -> str:

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from robustse.cli import cli
-from robustse.config import ArmConfig, ExperimentSpec, ModelsConfig, from_mapping
-from robustse.errors import SpecError
-from robustse.pipeline import plan_models
+from robustse.core.config import ArmConfig, ExperimentSpec, ModelsConfig, from_mapping
+from robustse.core.errors import SpecError
+from robustse.experiment.pipeline import plan_models
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -135,7 +135,7 @@ def test_report_without_a_store_is_a_one_line_error(tmp_path):
 
 def _store_with_cells(path: Path, cells: list[tuple[str, str, float]]) -> None:
     """A one-model store with one single-example cell per (attack, norm, eps)."""
-    from robustse.store import Cell, ResultsStore
+    from robustse.core.store import Cell, ResultsStore
 
     with ResultsStore(path / "results.db") as store:
         store.write_model(
@@ -158,7 +158,7 @@ def test_report_refuses_a_run_that_mixes_norms(tmp_path):
 
 def test_a_control_of_another_norm_is_not_a_mix(tmp_path):
     """Only attacks on the label count: the noise control and the gate probe may use any norm."""
-    from robustse.report import load_run
+    from robustse.analysis.report import load_run
 
     _store_with_cells(tmp_path, [("fgsm", "linf", 0.1), ("noise", "l2", 0.5), ("gate", "l2", 0.5)])
     data = load_run(tmp_path)
@@ -207,7 +207,7 @@ def test_bad_arms(arms, match):
 
 
 def test_shipped_specs_load_and_standard_is_the_real_study():
-    from robustse.config import load_spec
+    from robustse.core.config import load_spec
 
     root = Path(__file__).parent.parent / "attacks"
     specs = {p.stem: load_spec(p) for p in root.glob("*.toml")}

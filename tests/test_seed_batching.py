@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.batched import stack_models
-from robustse.checkpoint import load_checkpoint, read_metadata
-from robustse.config import DataConfig, TrainConfig
-from robustse.train import load_splits, train_model
-from robustse.train_batched import train_seeds
+from robustse.core.config import DataConfig, TrainConfig
+from robustse.models.checkpoint import load_checkpoint, read_metadata
+from robustse.models.stacked import stack_models
+from robustse.training.seeds import train_seeds
+from robustse.training.train import load_splits, train_model
 
 FAMILIES = ["small_cnn", "se_small_cnn", "static_small_cnn", "se_resnet20"]
 
@@ -121,8 +121,8 @@ def test_adversarial_training_falls_back_to_one_seed_at_a_time(splits, tmp_path)
 
 
 def test_experiments_train_seed_groups_batched_when_asked(real_fmnist, tmp_path):
-    from robustse.config import ExperimentSpec, ModelsConfig
-    from robustse.pipeline import run_experiment
+    from robustse.core.config import ExperimentSpec, ModelsConfig
+    from robustse.experiment.pipeline import run_experiment
 
     spec = ExperimentSpec(
         name="batched", seeds=(0, 1), data=DataConfig(train_subset=2048, eval_subset=300),
@@ -159,9 +159,9 @@ def three_seeds(real_fmnist, tmp_path_factory):
 
 
 def _stores(paths, tmp_path, **options):
-    from robustse.config import SweepConfig
-    from robustse.store import ResultsStore
-    from robustse.sweep_setup import sweep_checkpoints
+    from robustse.core.config import SweepConfig
+    from robustse.core.store import ResultsStore
+    from robustse.experiment.setup import sweep_checkpoints
 
     attacks = ({"name": "fgsm"}, {"name": "pgd", "steps": 3}, {"name": "pgd", "norm": "l2", "steps": 3},
                {"name": "gate", "steps": 2}, {"name": "noise"})  # fmt: skip
@@ -177,7 +177,7 @@ def _stores(paths, tmp_path, **options):
 
 
 def test_batched_sweep_rows_equal_one_model_at_a_time(three_seeds, tmp_path, monkeypatch):
-    from robustse.sweep import Sweep
+    from robustse.experiment.sweep import Sweep
 
     calls: list[int] = []
     together = Sweep._adversarials_together
@@ -208,9 +208,9 @@ def test_batched_sweep_rows_equal_one_model_at_a_time(three_seeds, tmp_path, mon
 
 
 def test_stacked_attacks_equal_attacks_on_each_member_alone():
-    from robustse.attacks import create_attack
-    from robustse.batched import MemberRows, member_rows
-    from robustse.errors import AttackError
+    from robustse.attacks.engine import create_attack
+    from robustse.core.errors import AttackError
+    from robustse.models.stacked import MemberRows, member_rows
 
     members = []
     for seed in range(2):
@@ -235,7 +235,7 @@ def test_stacked_attacks_equal_attacks_on_each_member_alone():
 def test_stacked_rows_that_do_not_fit_a_pass_are_attacked_one_model_at_a_time(three_seeds, tmp_path, monkeypatch):
     """Three seeds x 40 rows do not fit passes of 100 rows: a pass cut out of the stacked rows would
     split the members' rows, so the seeds go one at a time, with the rows of the unstacked sweep."""
-    from robustse.sweep import Sweep
+    from robustse.experiment.sweep import Sweep
 
     calls: list[int] = []
     together = Sweep._adversarials_together
@@ -252,11 +252,11 @@ def test_stacked_rows_that_do_not_fit_a_pass_are_attacked_one_model_at_a_time(th
 def test_stacked_rows_past_the_pass_budget_are_attacked_one_model_at_a_time(three_seeds, tmp_path, monkeypatch):
     """With no pass_rows, a batch of 40 fits the budget of 60 rows but three stacked seeds (120 rows)
     do not: they go one at a time, whole batches each, and the options are left as given."""
-    import robustse.attacks as A
-    import robustse.passes as PS
-    import robustse.sweep as S
-    from robustse.config import SweepConfig
-    from robustse.sweep_setup import sweep_checkpoints
+    import robustse.attacks.engine as A
+    import robustse.core.passes as PS
+    import robustse.experiment.sweep as S
+    from robustse.core.config import SweepConfig
+    from robustse.experiment.setup import sweep_checkpoints
 
     monkeypatch.setattr(S, "grad_bytes_per_row", lambda model, x: 1000)
     monkeypatch.setattr(PS, "CPU_PASS_MEMORY", 60 * 1000)

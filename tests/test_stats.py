@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from robustse import stats as S
+from robustse.analysis import stats as S
 
 
 def _examples(effect: float, *, seeds: int = 3, n: int = 400, eps=(0.0, 0.01, 0.02, 0.05), rng_seed: int = 0):

@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from robustse.checks import run_checks
 from robustse.cli import cli, parse_attack, parse_epsilons
-from robustse.data import load_dataset
-from robustse.data_base import to_float
-from robustse.errors import AttackError, StoreError
-from robustse.store import Cell, ResultsStore
-from robustse.sweep import SweepModel, build_attacks, run_sweep
+from robustse.core.errors import AttackError, StoreError
+from robustse.core.store import Cell, ResultsStore
+from robustse.data.base import to_float
+from robustse.data.datasets import load_dataset
+from robustse.experiment.checks import run_checks
+from robustse.experiment.sweep import SweepModel, build_attacks, run_sweep
 
 from .test_cli import assert_user_error
 
@@ -465,7 +465,7 @@ def test_bad_glob_and_no_eps_zero(tmp_path, trained_small, evalset):
 def test_pass_rows_gives_the_same_cells_and_probes_in_smaller_passes(tmp_path, trained_small, evalset):
     """Gradients and probe passes taken 5 rows at a time (memory follows pass_rows, not the
     batch): the same predictions and, up to float rounding, the same margins and site values."""
-    import robustse.attacks as A
+    import robustse.attacks.engine as A
 
     whole = small_sweep(trained_small, evalset, tmp_path / "whole")
     seen: list[int] = []
@@ -495,8 +495,8 @@ def test_pass_rows_gives_the_same_cells_and_probes_in_smaller_passes(tmp_path, t
 def test_pass_budget_sets_the_rows_of_a_gradient_pass(tmp_path, trained_small, evalset, monkeypatch):
     """With no pass_rows, a gradient pass takes as many rows as the device's budget holds: a
     budget of 6 rows' autograd graph gives passes of 6 rows and says so once; the default holds a batch."""
-    import robustse.attacks as A
-    import robustse.passes as PS
+    import robustse.attacks.engine as A
+    import robustse.core.passes as PS
 
     model = trained_small[0]
     per_row = A.grad_bytes_per_row(model, to_float(evalset.x[:2]))
@@ -519,7 +519,7 @@ def test_grad_bytes_per_row_counts_activations_not_weights():
     """The autograd graph of an input-gradient pass, per row: each exp layer saves its output (one
     image's worth of float32 per row), the weights (held anyway) are not counted, and what does
     not grow with the batch is not per row."""
-    from robustse.attacks import grad_bytes_per_row
+    from robustse.attacks.engine import grad_bytes_per_row
 
     class Exp(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -548,7 +548,7 @@ def test_grad_bytes_per_row_counts_activations_not_weights():
 def test_held_gates_in_smaller_passes_hold_each_row_at_its_own_clean_gates(tmp_path, trained_small, evalset):
     """The held_gates intervention keeps the whole batch's clean gates; a pass of 5 rows (pass_rows,
     or the default budget on large images) uses those rows' gates: the same cells as whole batches."""
-    from robustse.sweep_setup import intervention_models
+    from robustse.experiment.setup import intervention_models
 
     model, _, _, ckpt = trained_small
     base = SweepModel("se", model, str(ckpt), {"arch": "se_small_cnn"})
@@ -569,7 +569,7 @@ def test_evalset_fingerprint_is_the_hash_of_the_whole_set_taken_a_chunk_at_a_tim
     import dataclasses
     import hashlib
 
-    import robustse.sweep as S
+    import robustse.experiment.sweep as S
 
     whole = hashlib.sha256(f"{evalset.name}|{evalset.split}|{tuple(evalset.x.shape)}|".encode())
     whole.update(evalset.x.numpy().tobytes())
@@ -585,11 +585,11 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
     """held_gates pins each row of its batch to that row's clean gates: a pass of other rows (a
     subset of survivors, cut into parts or not) cannot be matched and is refused, never given
     another row's gates; so accuracy_only (survivors only) is refused for an intervention."""
-    from robustse.attacks import _input_grad, create_attack
-    from robustse.errors import SpecError
-    from robustse.passes import pass_rows, rows_for_pass, rows_of_pass
-    from robustse.probes import held_gates
-    from robustse.sweep_setup import intervention_models
+    from robustse.attacks.engine import _input_grad, create_attack
+    from robustse.core.errors import SpecError
+    from robustse.core.passes import pass_rows, rows_for_pass, rows_of_pass
+    from robustse.experiment.setup import intervention_models
+    from robustse.probes.capture import held_gates
 
     v = torch.arange(8.0)[:, None]
     with rows_of_pass(slice(4, 8), 8):
@@ -615,7 +615,7 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
     with pytest.raises(SpecError, match="se@held_gates: a gate intervention cannot run with accuracy_only"):
         run_sweep(models, attacks, EPS, evalset, tmp_path / "acc", accuracy_only=True, progress=False)
     assert not (tmp_path / "acc").exists()
-    from robustse.checkpoint import read_metadata
+    from robustse.models.checkpoint import read_metadata
 
     base = SweepModel("se", model, str(trained_small[3]), read_metadata(trained_small[3]))
     frozen = intervention_models([base], ["frozen_mean"])  # the same means for every row: survivors are fine
@@ -627,8 +627,8 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
 def test_held_gates_work_under_inference_mode(trained_small, evalset):
     """An attack inside inference_mode gets the same adversarials as outside, also with its gates
     held (the held values are taken as normal tensors, which the attack's passes may save)."""
-    from robustse.attacks import create_attack
-    from robustse.probes import held_gates
+    from robustse.attacks.engine import create_attack
+    from robustse.probes.capture import held_gates
 
     model, x = trained_small[0], to_float(evalset.x[:8])
     y = evalset.y[:8]

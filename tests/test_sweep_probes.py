@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.checkpoint import load_checkpoint
-from robustse.data import load_dataset
-from robustse.data_base import to_float
-from robustse.drift import GATE_METRICS
-from robustse.errors import AttackError
-from robustse.models.gates import find_blocks, find_gates
-from robustse.probes import capture, fixed_gates, gate_means
-from robustse.store import ResultsStore
-from robustse.sweep import SweepModel, build_attacks, run_sweep
-from robustse.train import GATE_MEAN_EXAMPLES, SUBSET_SEED
+from robustse.core.errors import AttackError
+from robustse.core.store import ResultsStore
+from robustse.data.base import to_float
+from robustse.data.datasets import load_dataset
+from robustse.experiment.sweep import SweepModel, build_attacks, run_sweep
+from robustse.models.checkpoint import load_checkpoint
+from robustse.models.gates import find_blocks, find_gates, find_sites
+from robustse.probes.capture import capture, fixed_gates, gate_means
+from robustse.probes.cell import GATE_METRICS, SQUEEZE_METRICS
+from robustse.training.train import GATE_MEAN_EXAMPLES, SUBSET_SEED
 
 N = 96
 
@@ -93,18 +93,21 @@ def test_interventions_recorded_for_se_models_only(probed):
 def test_site_aggregates_and_subsample(probed):
     _, store, se, plain, _ = probed
     sites = store.probe_table("sites")
-    n_gates, n_blocks = len(find_gates(se)), len(find_blocks(se))
+    n_gates, n_blocks, n_sites = len(find_gates(se)), len(find_blocks(se)), len(find_sites(se))
+    per_cell = len(GATE_METRICS) * n_gates + len(SQUEEZE_METRICS) * n_sites + n_blocks
     se_fgsm = sites[(sites.model == "se") & (sites.attack == "fgsm")]
-    assert len(se_fgsm) == 2 * (len(GATE_METRICS) * n_gates + n_blocks)
+    assert len(se_fgsm) == 2 * per_cell
     pl = sites[sites.model == "plain"]
-    assert set(pl.kind) == {"block"} and len(pl[(pl.attack == "fgsm") & (pl.eps == 0)]) == len(find_blocks(plain))
+    plain_cell = pl[(pl.attack == "fgsm") & (pl.eps == 0)]
+    assert set(pl.kind) == {"block", "squeeze"}  # the plain twin has the premise's sites, not gates
+    assert len(plain_cell) == len(find_blocks(plain)) + len(SQUEEZE_METRICS) * len(find_sites(plain))
     zero = se_fgsm[(se_fgsm.eps == 0) & (se_fgsm.metric == "gate_drift")]
     assert (zero["mean"] == 0).all() and (zero.n == N).all()
     drift = se_fgsm[(se_fgsm.eps > 0) & (se_fgsm.metric == "gate_drift")]
     assert (drift["mean"] > 0).all() and (drift.q05 <= drift.q50).all() and (drift.q50 <= drift.q95).all()
     sub = store.probe_table("site_examples")
     cell = sub[(sub.model == "se") & (sub.attack == "fgsm") & (sub.eps == 0.05)]
-    assert len(cell) == 50 * (len(GATE_METRICS) * n_gates + n_blocks) and cell.idx.max() == 49
+    assert len(cell) == 50 * per_cell and cell.idx.max() == 49
     # the subsample's values are the first 50 of the values aggregated
     amp = cell[cell.metric == "amplification"].groupby("site").value.mean()
     assert (amp > 0).all()
@@ -199,7 +202,7 @@ def test_capture_refuses_tensors_changed_in_place_and_clone_fixes_it():
 
 
 def test_only_eps_restricts_an_attack_to_some_rungs(trained_small, tmp_path):
-    from robustse.errors import SpecError
+    from robustse.core.errors import SpecError
 
     model, _, _, ckpt = trained_small
     evalset = load_dataset("fashion-mnist", split="test").subset(32, seed=4)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import robustse as rs
-from robustse.config import DataConfig, TrainConfig
-from robustse.errors import ModelError, TrainingError
-from robustse.train import augment, fgsm_random_start, train_model
+from robustse.core.config import DataConfig, TrainConfig
+from robustse.core.errors import ModelError, TrainingError
+from robustse.training.train import augment, fgsm_random_start, train_model
 
 
 @pytest.fixture()
@@ -132,8 +132,8 @@ def test_fingerprint_of_a_registered_dataset_is_unchanged_by_the_image_size_sett
     import json
     from pathlib import Path
 
-    from robustse.distributed import SINGLE
-    from robustse.train import _Job
+    from robustse.core.distributed import SINGLE
+    from robustse.training.train import TrainJob as _Job
 
     def data_fields(data: DataConfig) -> dict:  # type: ignore[type-arg]
         job = _Job(

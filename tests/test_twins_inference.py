@@ -1,5 +1,5 @@
 """SE − plain inference with the trained model as the unit: simulations with a per-model random
-effect check the false-positive rate, CI coverage and power of :func:`robustse.stats.compare_twins`.
+effect check the false-positive rate, CI coverage and power of :func:`robustse.analysis.stats.compare_twins`.
 
 Every simulation runs through ``stats._twin_arrays`` (the vectorised core that ``compare_twins``
 calls), over (simulations, seed pairs, examples) arrays; examples are drawn anew per simulation
@@ -15,7 +15,7 @@ import pytest
 from scipy import stats as st
 from scipy.special import expit
 
-from robustse import stats as S
+from robustse.analysis import stats as S
 
 SIMS = 2000
 Sim = tuple[np.ndarray, np.ndarray, float]  # se, plain (sims, pairs, examples) and the true SE − plain

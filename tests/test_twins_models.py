@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import robustse as rs
-from robustse.errors import ModelError
+from robustse.core.errors import ModelError
 from robustse.models import SEBlock, StaticGate, family_members, model_info, register_model
 
 FAMILIES = sorted({model_info(n).family for n in rs.list_models()})
@@ -189,9 +189,9 @@ def test_static_checkpoint_round_trip(tmp_path):
 
 
 def test_experiments_plan_the_static_control_beside_each_pair_with_the_same_seeds():
-    from robustse.config import ArmConfig, ExperimentSpec, ModelsConfig
-    from robustse.errors import SpecError
-    from robustse.pipeline import _model_kwargs, plan_models
+    from robustse.core.config import ArmConfig, ExperimentSpec, ModelsConfig
+    from robustse.core.errors import SpecError
+    from robustse.experiment.pipeline import _model_kwargs, plan_models
 
     spec = ExperimentSpec(
         seeds=(0, 1),

@@ -1,9 +1,9 @@
 """Model zoo: plain/SE twin families (plus static-gate controls) behind one registry, and torchvision."""
 
-from . import cnn as _cnn  # noqa: F401  (registers [se_|static_]cnn, [se_|static_]small_cnn)
-from . import resnet as _resnet  # noqa: F401  (registers [se_|static_]resnet20)
-from .layers import Block, Classifier, Normalize, SEBlock, StaticGate, se_hidden
-from .registry import (
+from robustse.models import cnn as _cnn  # noqa: F401  (registers [se_|static_]cnn, [se_|static_]small_cnn)
+from robustse.models import resnet as _resnet  # noqa: F401  (registers [se_|static_]resnet20)
+from robustse.models.layers import Block, Classifier, Normalize, SEBlock, StaticGate, se_hidden
+from robustse.models.registry import (
     ModelInfo,
     ModelKind,
     create_model,

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from .layers import Block, Classifier, ConvBNReLU, MaxPool2d, init_weights, make_normalize, make_site
-from .registry import register_twins
+from robustse.models.layers import Block, Classifier, ConvBNReLU, MaxPool2d, init_weights, make_normalize, make_site
+from robustse.models.registry import register_twins
 
 
 class VGGStage(Block):

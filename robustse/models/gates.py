@@ -15,7 +15,7 @@ import functools
 
 from torch import nn
 
-from .layers import SEBlock
+from robustse.models.layers import SEBlock
 
 
 @functools.cache
@@ -73,7 +73,7 @@ def _se_modules(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
 def _gateless_sites(model: nn.Module) -> dict[str, nn.Module]:
     """robustse's SE sites without a gate: the plain twin's :class:`~robustse.models.layers.EmptySite`
     and the static control's :class:`~robustse.models.layers.StaticGate`, by module name."""
-    from .layers import EmptySite, StaticGate
+    from robustse.models.layers import EmptySite, StaticGate
 
     return {n: m for n, m in model.named_modules() if isinstance(m, (EmptySite, StaticGate))}
 
@@ -146,7 +146,7 @@ def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
     output taken after the residual add); other models fall back to torchvision's residual block
     classes. Plain and SE twins have the same blocks.
     """
-    from .layers import Block
+    from robustse.models.layers import Block
 
     blocks: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, Block)}
     if not blocks:

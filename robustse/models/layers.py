@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from robustse.core.errors import ModelError
 
 Squeeze = Literal["avg", "max"]
 Gate = Literal["sigmoid", "hardsigmoid"]

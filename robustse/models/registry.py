@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ..errors import ModelError
-from ..registry import Registry
-from .layers import Gate, Squeeze
+from robustse.core.errors import ModelError
+from robustse.core.registry import Registry
+from robustse.models.layers import Gate, Squeeze
 
 Builder = Callable[..., nn.Module]
 ModelKind = Literal["plain", "se", "static"]
@@ -196,7 +196,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """
     _check_sizes(name, kwargs)
     if name.startswith(("torchvision:", "timm:")):
-        from .external import create_external_model
+        from robustse.models.external import create_external_model
 
         model: nn.Module = create_external_model(name, **kwargs)
     else:

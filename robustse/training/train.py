@@ -1,0 +1,557 @@
+"""Training: seeded SGD (Nesterov) with a one-cycle or cosine schedule, light augmentation,
+per-epoch evaluation and a resumable checkpoint after every epoch.
+
+Optional fast adversarial training: FGSM with a uniform random start and step 1.25·eps
+(Wong, Rice, Kolter, "Fast is better than free", ICLR 2020).
+
+Every random choice of epoch ``e`` (shuffle, crops, flips, random starts) is drawn from a
+generator seeded by ``(seed, e)``, so a run resumed after epoch ``e`` continues exactly as the
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from robustse.core.config import DataConfig, TrainConfig
+from robustse.core.distributed import SINGLE, Dist
+from robustse.core.errors import CheckpointError, DataError, ModelError, TrainingError
+from robustse.core.files import replace_file
+from robustse.data.base import Dataset, Split, to_float
+from robustse.data.datasets import flips_keep_labels, load_split
+from robustse.data.folder import absolute_name, is_image_folder, training_preprocess
+from robustse.models import create_model
+from robustse.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from robustse.training.predict import check_input_fits, evaluate_accuracy, predict
+
+__all__ = [
+    "GATE_MEAN_EXAMPLES",
+    "SUBSET_SEED",
+    "TrainResult",
+    "augment",
+    "check_input_fits",
+    "evaluate_accuracy",
+    "fgsm_random_start",
+    "load_splits",
+    "predict",
+    "train_model",
+    "training_gate_means",
+]
+
+SUBSET_SEED = 0  # subsets are the same for every model seed: seeds vary init and order, not data
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_model` produced."""
+
+    model: nn.Module
+    checkpoint: Path
+    meta: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0  # > 0 when the run resumed; == epochs when it was already complete
+
+
+def load_splits(data: DataConfig, *, training: bool = True) -> tuple[Any, Dataset]:
+    """Train and test splits of ``data``, with its seeded subsets applied (an image folder's
+    decoded at ``data.image_size``).
+
+    Without ``training`` (models given, not trained) the train split is returned whole and an
+    image folder's only listed: the sweep decodes just the images its gate means need.
+    """
+    prepare = training_preprocess(data.image_size)  # image folders only
+
+    def split(name: Split, n: int | None, decode: bool = True) -> Any:
+        listing = load_split(data.dataset, split=name, root=data.data_root, download=data.download, preprocess=prepare)
+        return listing.subset(n, seed=SUBSET_SEED) if decode else listing
+
+    train, test = split("train", data.train_subset, training), split("test", data.eval_subset)
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"{data.dataset}: empty split after subsetting")
+    return train, test
+
+
+def augment(x: torch.Tensor, *, pad: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` px, and random horizontal flips (x: (B, C, H, W))."""
+    b, c, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    if hflip:
+        flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x.contiguous()
+
+
+def fgsm_random_start(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Adversarial training input: uniform start in the Linf ball, one signed step of 1.25·eps."""
+    delta = (torch.rand(x.shape, generator=gen) * 2 - 1).mul_(eps).to(x.device)
+    delta.requires_grad_(True)
+    loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+    (grad,) = torch.autograd.grad(loss, delta)
+    delta = (delta.detach() + 1.25 * eps * grad.sign()).clamp_(-eps, eps)
+    return (x + delta).clamp_(0, 1)
+
+
+def lr_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step LR factor: linear warm-up, then cosine annealing to zero.
+
+    ``onecycle`` warms up over the first 25% of steps from lr/25 (Smith & Topin 2019); ``cosine``
+    warms up over 5% from ~0. Written out (rather than OneCycleLR) so runs of a handful of steps work.
+    """
+    frac, start = (0.25, 1 / 25) if cfg.schedule == "onecycle" else (0.05, 0.0)
+    warmup = max(1, round(frac * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1 - start) * (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    replace_file(path, lambda fh: torch.save(obj, fh))
+
+
+def train_model(
+    arch: str,
+    *,
+    out: Path,
+    data: DataConfig | None = None,
+    train: TrainConfig | None = None,
+    seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    splits: tuple[Dataset, Dataset] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    layout: Dist = SINGLE,
+) -> TrainResult:
+    """Train ``arch`` and save it to ``out`` (a ``.safetensors`` checkpoint).
+
+    Resumable: a ``<out>.resume.pt`` state is written after every epoch; rerunning with the same
+    arguments continues from it, and a finished checkpoint with the same configuration is
+    returned without training.
+
+    Args:
+        arch: registry name (``se_resnet20``) or ``torchvision:<name>``.
+        out: checkpoint path.
+        data: dataset and subsets (default: Fashion-MNIST, all of it).
+        train: hyperparameters (default :class:`TrainConfig`).
+        seed: seeds initialization, order, augmentation and random starts.
+        model_kwargs: extra builder options (SE ``reduction``, ``squeeze``, ``gate``).
+        device: where to train.
+        progress: show a progress bar with loss and accuracy.
+        log: receives one line per epoch.
+        splits: preloaded (train, test) datasets, to skip loading.
+        on_epoch: called as ``on_epoch(epoch, record)`` after each epoch is saved.
+        layout: under torchrun (:mod:`robustse.core.distributed`), the model is wrapped in
+            DistributedDataParallel and every global batch of ``batch_size`` is split over the
+            ranks; rank 0 evaluates and writes the resume file and the checkpoint (the output
+            folder must be shared by all ranks). Batch norm statistics are per rank.
+
+    Returns:
+        :class:`TrainResult` with the model in eval mode.
+
+    Raises:
+        DataError, ModelError, CheckpointError: bad input; TrainingError: non-finite loss.
+
+    Example:
+        >>> train_model("se_small_cnn", out=Path("m.safetensors"), train=TrainConfig(epochs=2))  # doctest: +SKIP
+    """
+    data, cfg = data or DataConfig(), train or TrainConfig()
+    device = torch.device(device)
+    model_kwargs = dict(model_kwargs or {})
+    job = TrainJob(arch, Path(out), data, cfg, seed, model_kwargs, device, layout)
+    finished = finished_result(job)
+    if finished is not None:
+        return finished
+    _refuse_dataset_options(arch, model_kwargs)
+    run = TrainRun(job, *(splits if splits is not None else load_splits(data)))
+    run.load_resume_state(log)
+    make_output_folder(job.out)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        tally = run.train_one_epoch(epoch, progress=progress)
+        record = run.evaluate(epoch, tally, t0)
+        run.save_resume_state()
+        if log and layout.is_main:
+            log(epoch_line(job, record))
+        if on_epoch:
+            on_epoch(epoch + 1, record)
+    return run.finish()
+
+
+# --------------------------------------------------------------------------- the steps of train_model
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """The fixed inputs of one :func:`train_model` call."""
+
+    arch: str
+    out: Path
+    data: DataConfig
+    cfg: TrainConfig
+    seed: int
+    model_kwargs: dict[str, Any]
+    device: torch.device
+    layout: Dist
+
+    @property
+    def fingerprint(self) -> str:
+        """What a finished checkpoint or a resume state must match to be reused."""
+        data = asdict(self.data)
+        if data["image_size"] is None:  # as before the setting existed: earlier checkpoints still match
+            del data["image_size"]
+        fields = {"arch": self.arch, "model_kwargs": self.model_kwargs, "data": data}
+        return json.dumps({**fields, "train": asdict(self.cfg), "seed": self.seed}, sort_keys=True)
+
+    @property
+    def resume_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".resume.pt")
+
+    def epoch_seed(self, epoch: int) -> int:
+        """Seed of every random draw of ``epoch`` (module docstring)."""
+        return self.seed * 1_000_003 + epoch
+
+
+def finished_result(job: TrainJob) -> TrainResult | None:
+    """The finished checkpoint at ``job.out`` if it was trained with the same configuration."""
+    if not job.out.exists() or read_metadata(job.out).get("fingerprint") != job.fingerprint:
+        return None
+    model, meta = load_checkpoint(job.out, map_location=job.device)
+    return TrainResult(model, job.out, meta, list(meta.get("history", [])), start_epoch=job.cfg.epochs)
+
+
+def _refuse_dataset_options(arch: str, model_kwargs: dict[str, Any]) -> None:
+    reserved = sorted({"num_classes", "in_channels", "mean", "std"} & set(model_kwargs))
+    if reserved:
+        raise ModelError(f"{arch}: option {reserved[0]!r} is set from the dataset, not by model options")
+
+
+def make_output_folder(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"{out.parent}: cannot create output folder ({exc.strerror or exc})") from None
+
+
+def _build_model(job: TrainJob, train_set: Dataset) -> nn.Module:
+    """The seeded model for ``train_set``'s classes, channels and pixel statistics, on the device."""
+    mean, std = train_set.channel_stats()
+    torch.manual_seed(job.seed)
+    model = create_model(
+        job.arch,
+        num_classes=train_set.num_classes,
+        in_channels=train_set.in_channels,
+        mean=mean,
+        std=std,
+        **job.model_kwargs,
+    )
+    model.to(job.device)
+    check_input_fits(model, train_set, device=job.device)
+    return model
+
+
+def _wrap(model: nn.Module, job: TrainJob) -> nn.Module:
+    """What the training steps call: the model, or its DistributedDataParallel wrapper under torchrun."""
+    if not job.layout.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[job.device.index] if job.device.type == "cuda" else None)
+
+
+def _read_resume_state(path: Path, device: torch.device) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # a torn or foreign file: start over rather than trust it
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _usable_resume_state(state: dict[str, Any], model: nn.Module, epochs: int) -> bool:
+    """Whether a resume state has every part, of the right kind and shape, before any of it is loaded."""
+    own = model.state_dict()
+    weights = state.get("model")
+    if not isinstance(weights, dict) or set(weights) != set(own):
+        return False
+    if any(not isinstance(v, torch.Tensor) or v.shape != own[k].shape for k, v in weights.items()):
+        return False
+    epoch = state.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= epochs:
+        return False
+    try:
+        history = json.loads(state.get("history", ""))
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return isinstance(history, list) and all(isinstance(state.get(k), dict) for k in ("optimizer", "scheduler"))
+
+
+@dataclass
+class Tally:
+    """Running training loss and accuracy of one epoch (floats, summed over ranks under torchrun)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss.item() * len(y)
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += len(y)
+
+    def postfix(self) -> dict[str, str]:
+        return {"loss": f"{self.loss_sum / self.seen:.3f}", "acc": f"{self.correct / self.seen:.3f}"}
+
+    def summed(self, layout: Dist) -> Tally:
+        """Totals over all ranks (the tally itself in a single process)."""
+        if not layout.active:
+            return self
+        return Tally(*(layout.all_sum(v) for v in (self.loss_sum, self.correct, self.seen)))
+
+
+def epoch_line(job: TrainJob, record: dict[str, float]) -> str:
+    return (
+        f"{job.arch} seed {job.seed} epoch {record['epoch']}/{job.cfg.epochs}: loss {record['loss']:.4f} "
+        f"train {record['train_acc']:.4f} test {record['test_acc']:.4f} ({record['seconds']:.1f}s)"
+    )
+
+
+class TrainRun:
+    """One training run: the model, optimizer, schedule, loss scaler and history, and its steps."""
+
+    def __init__(self, job: TrainJob, train_set: Dataset, test_set: Dataset) -> None:
+        self.job, self.train_set, self.test_set = job, train_set, test_set
+        cfg, device = job.cfg, job.device
+        self.hflip = flips_keep_labels(train_set.name)
+        self.model = _build_model(job, train_set)
+        self.net = _wrap(self.model, job)
+        self.amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+        self.steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+        self.sched = lr_schedule(cfg, self.opt, cfg.epochs * self.steps_per_epoch)
+        self.history: list[dict[str, float]] = []
+        self.start_epoch = 0
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ resume state
+
+    def load_resume_state(self, log: Callable[[str], None] | None) -> None:
+        """Continue from ``<out>.resume.pt`` if it holds this configuration's state."""
+        job = self.job
+        state = _read_resume_state(job.resume_path, job.device)
+        if state is None or state.get("fingerprint") != job.fingerprint:
+            return
+        if not _usable_resume_state(state, self.model, job.cfg.epochs):
+            if log:
+                log(f"{job.resume_path.name}: not a usable resume state (edited or foreign); training from the start")
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():  # CUDA mixed precision: the loss scale continues
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = json.loads(state["history"])
+        self.start_epoch = int(state["epoch"])
+        if log:
+            log(f"{job.out.name}: resuming after epoch {self.start_epoch}/{job.cfg.epochs}")
+
+    def save_resume_state(self) -> None:
+        """Rank 0 writes the state after the latest epoch (atomically); every rank waits for it."""
+        if self.job.layout.is_main:
+            state = {
+                "fingerprint": self.job.fingerprint,
+                "epoch": self.history[-1]["epoch"],
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "history": json.dumps(self.history),
+            }
+            _atomic_torch_save(state, self.job.resume_path)
+        self.job.layout.barrier()
+
+    # ------------------------------------------------------------------ one epoch
+
+    def train_one_epoch(self, epoch: int, *, progress: bool) -> Tally:
+        """One pass over the training set in this epoch's seeded order."""
+        job = self.job
+        gen = torch.Generator().manual_seed(job.epoch_seed(epoch))
+        torch.manual_seed(job.epoch_seed(epoch))  # dropout etc. draw globally: same on resume
+        perm = torch.randperm(len(self.train_set), generator=gen).to(job.device)
+        aug_gen = self._augmentation_generator(epoch, gen)
+        self.model.train()
+        tally = Tally()
+        bar = self._progress_bar(epoch, progress)
+        for step in bar:
+            self._step(self._batch_indices(perm, step), aug_gen, epoch, tally)
+            if step % 20 == 0:
+                bar.set_postfix(**tally.postfix())
+        bar.close()
+        return tally
+
+    def _augmentation_generator(self, epoch: int, gen: torch.Generator) -> torch.Generator:
+        """Augmentation draws: ``gen`` in a single process; one stream per rank under torchrun."""
+        layout = self.job.layout
+        if not layout.active:
+            return gen
+        return torch.Generator().manual_seed(self.job.seed * 1_000_003 + epoch * 997 + layout.rank)
+
+    def _progress_bar(self, epoch: int, progress: bool) -> tqdm:
+        job = self.job
+        return tqdm(
+            range(self.steps_per_epoch),
+            desc=f"{job.arch} s{job.seed} ep {epoch + 1}/{job.cfg.epochs}",
+            disable=None if progress else True,  # None: off when stderr is not a terminal
+            leave=False,
+            unit="batch",
+            dynamic_ncols=True,
+        )
+
+    def _batch_indices(self, perm: torch.Tensor, step: int) -> torch.Tensor:
+        size, layout = self.job.cfg.batch_size, self.job.layout
+        idx = perm[step * size : (step + 1) * size]
+        return idx[layout.rank :: layout.world] if layout.active else idx  # this rank's share
+
+    def _inputs(self, idx: torch.Tensor, aug_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch ``idx`` as floats, augmented and (adversarial training) perturbed."""
+        cfg = self.job.cfg
+        if self._on_device is None:  # the training set moves to the device once, as uint8
+            self._on_device = (self.train_set.x.to(self.job.device), self.train_set.y.to(self.job.device))
+        x_train, y_train = self._on_device
+        x, y = to_float(x_train[idx]), y_train[idx]
+        if cfg.augment:
+            pad = 4 if self.train_set.image_size[0] >= 32 else 2  # crop padding in px
+            x = augment(x, pad=pad, hflip=self.hflip, gen=aug_gen)
+        if cfg.adv_eps > 0:
+            x = fgsm_random_start(self.model, x, y, eps=cfg.adv_eps, gen=aug_gen)
+        return x, y
+
+    def _step(self, idx: torch.Tensor, aug_gen: torch.Generator, epoch: int, tally: Tally) -> None:
+        """One SGD step on the batch ``idx`` (mixed precision if configured)."""
+        job = self.job
+        x, y = self._inputs(idx, aug_gen)
+        with torch.autocast(job.device.type, dtype=self.amp_dtype, enabled=job.cfg.amp):
+            logits = self.net(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.check_loss(loss, epoch)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        tally.add(loss, logits, y)
+
+    def check_loss(self, loss: torch.Tensor, epoch: int) -> None:
+        """A non-finite loss stops the run with one line naming the model, seed and epoch."""
+        if not torch.isfinite(loss):
+            job = self.job
+            raise TrainingError(
+                f"{job.arch} seed {job.seed}: loss became {loss.item()} at epoch {epoch + 1} (lower --lr?)"
+            )
+
+    # ------------------------------------------------------------------ evaluation and the end
+
+    def evaluate(self, epoch: int, tally: Tally, t0: float) -> dict[str, float]:
+        """Test accuracy after ``epoch`` (rank 0 evaluates for everyone); the epoch's history record."""
+        layout = self.job.layout
+        tally = tally.summed(layout)
+        if layout.active:
+            test_acc = layout.broadcast(self._test_accuracy() if layout.is_main else None)
+        else:
+            test_acc = self._test_accuracy()
+        record = {
+            "epoch": epoch + 1,
+            "loss": tally.loss_sum / tally.seen,
+            "train_acc": tally.correct / tally.seen,
+            "test_acc": test_acc,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.history.append(record)
+        return record
+
+    def _test_accuracy(self) -> float:
+        cfg = self.job.cfg
+        return evaluate_accuracy(self.model, self.test_set, batch_size=cfg.eval_batch_size, device=self.job.device)
+
+    def finish(self) -> TrainResult:
+        """Rank 0 writes the checkpoint (the unwrapped model: no DDP sync) and drops the resume state."""
+        job = self.job
+        self.model.eval()
+        meta = self._metadata()
+        if job.layout.is_main:
+            means = training_gate_means(self.model, self.train_set)
+            if means:  # stored with the model for the frozen_mean intervention (README "Metrics")
+                meta["gate_means"] = {k: v.tolist() for k, v in means.items()}
+            save_checkpoint(self.model, job.out, meta=meta)
+            job.resume_path.unlink(missing_ok=True)
+        job.layout.barrier()
+        return TrainResult(self.model, job.out, read_metadata(job.out), self.history, self.start_epoch)
+
+    def _metadata(self) -> dict[str, Any]:
+        job, history = self.job, self.history
+        return {
+            "dataset": absolute_name(self.train_set.name),
+            "seed": job.seed,
+            "epochs": job.cfg.epochs,
+            "clean_accuracy": history[-1]["test_acc"] if history else float("nan"),
+            "eval_examples": len(self.test_set),
+            "train_examples": len(self.train_set),
+            "train": asdict(job.cfg),
+            "data": asdict(job.data),
+            "history": history,
+            "train_seconds": sum(r["seconds"] for r in history),
+            "device": str(job.device),
+            "fingerprint": job.fingerprint,
+            **_preprocess_metadata(job.data),
+        }
+
+
+def _preprocess_metadata(data: DataConfig) -> dict[str, Any]:
+    """How a model trained on an image folder wants that folder's photos prepared (loading the
+    checkpoint restores it, so every later command decodes them the same way)."""
+    return {"preprocess": asdict(training_preprocess(data.image_size))} if is_image_folder(data.dataset) else {}
+
+
+GATE_MEAN_EXAMPLES = 10_000
+
+
+def training_gate_means(model: nn.Module, train_set: Dataset) -> dict[str, torch.Tensor]:
+    """Training-set mean excitation per gate (over a seeded subset of at most 10,000 images)."""
+    from robustse.models.gates import find_gates
+    from robustse.probes.capture import gate_means
+
+    if not find_gates(model):
+        return {}
+    return gate_means(model, train_set.subset(GATE_MEAN_EXAMPLES, seed=SUBSET_SEED).x)
