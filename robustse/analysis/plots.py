@@ -43,6 +43,13 @@ def _short(site: str) -> str:
     return site.replace(".se.gate", "").replace(".se.scale_activation", "").replace("blocks.", "b")
 
 
+def _finish(fig: Figure, title: str) -> Figure:
+    """Title a figure in a size that fits one panel, and lay it out."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _empty(message: str) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 1.5))
     ax.axis("off")
@@ -74,9 +81,7 @@ def robust_accuracy(curves: Any) -> Figure:
         ax.set(title=f"{family} ({arm})", xlabel="eps (pixels)", ylabel="robust accuracy", ylim=(-0.02, 1.02))
         ax.grid(**GRID)
         ax.legend(fontsize=8)
-    fig.suptitle("Robust accuracy (worst case), 95% CI", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, "Robust accuracy (worst case), 95% CI")
 
 
 def sensitivity(curves: Any) -> Figure:
@@ -297,9 +302,7 @@ def gate_effects(table: Any, margin: float = 0.01) -> Figure:
         ax.set(title=f"se_{family} ({arm})", xlabel="eps (pixels)", ylabel="Δ robust accuracy (pp)")
         ax.grid(**GRID)
         ax.legend(fontsize=7)
-    fig.suptitle("Cause: held − adaptive gates, 95% CI", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, "Cause: held − adaptive gates, 95% CI")
 
 
 def reaction_ratios(ratios: Any) -> Figure:
@@ -329,9 +332,7 @@ def reaction_ratios(ratios: Any) -> Figure:
         ax.set(title=f"se_{family} ({arm}): {names[m]}", xlabel="eps (pixels)", ylabel="adaptive / held gates")
         ax.grid(**GRID)
         ax.legend(fontsize=7)
-    fig.suptitle("Mechanism: the gates' reaction (> 1 enlarges), 95% CI", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, "Mechanism: the gates' reaction (> 1 enlarges), 95% CI")
 
 
 def squeeze_attenuation(per_site: Any, eps: float) -> Figure:
@@ -361,6 +362,4 @@ def squeeze_attenuation(per_site: Any, eps: float) -> Figure:
         ax.set(title=f"{family} ({arm}), eps = {eps:g}", xlabel="SE site", ylabel="‖Δz‖/‖z‖ ÷ ‖Δu‖/‖u‖")
         ax.grid(**GRID)
         ax.legend(fontsize=7)
-    fig.suptitle("Premise: squeeze drift / feature-map drift", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, "Premise: squeeze drift / feature-map drift")
