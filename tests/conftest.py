@@ -37,6 +37,19 @@ def write_fake_fmnist(root: Path, *, n_train: int = 600, n_test: int = 200, gz: 
     return root
 
 
+RUN_FILES = ("results.db", "models.csv", "manifest.json", "spec.toml")
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A fresh run directory ``dst`` holding what ``robustse report`` reads of the finished run ``src``."""
+    import shutil
+
+    dst.mkdir()
+    for name in RUN_FILES:
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def fake_fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding a small learnable dataset in Fashion-MNIST's IDX .gz format."""

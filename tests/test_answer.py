@@ -21,6 +21,7 @@ from robustse.models import create_model
 from robustse.probes import metrics as M
 from robustse.probes.cell import CellProbe
 
+from .conftest import copy_run
 from .test_inference import _models
 from .test_twins_inference import continuous, run
 
@@ -251,13 +252,9 @@ def test_tiny_run_numbers_match_an_independent_computation(tiny_run):
 
 
 def test_report_json_is_strict_and_carries_the_answer(tiny_run, tmp_path):
-    import shutil
 
     _, out, _ = tiny_run
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("results.db", "models.csv", "manifest.json", "spec.toml"):
-        shutil.copy(out / name, copy / name)
+    copy = copy_run(out, tmp_path / "copy")
     result = CliRunner().invoke(cli, ["--quiet", "report", str(copy), "--bootstrap", "200", "--json"])
     assert result.exit_code == 0, result.output
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import copy_run
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_TORCH = """
 import sys
@@ -50,13 +52,9 @@ cli(["--help"])
 
 
 def test_report_of_an_experiment_runs_without_torch(tiny_run, tmp_path):
-    import shutil
 
     _, out, _ = tiny_run
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("results.db", "models.csv", "manifest.json", "spec.toml"):
-        shutil.copy(out / name, run / name)
+    run = copy_run(out, tmp_path / "run")
     res = _python("from robustse.cli import main; sys.argv = ['robustse', '--quiet', 'report', sys.argv[1], "
                   "'--bootstrap', '100']; main()", str(run))  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]

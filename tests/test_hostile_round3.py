@@ -15,16 +15,11 @@ from robustse.cli import cli
 from robustse.core import files
 from robustse.core.errors import WriteError
 
+from .conftest import copy_run
+
 
 def _cli(*args: str):  # type: ignore[no-untyped-def]
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def _copy_run(out: Path, to: Path) -> Path:
-    to.mkdir()
-    for name in ("results.db", "models.csv", "manifest.json", "spec.toml"):
-        shutil.copy(out / name, to / name)
-    return to
 
 
 def _leftovers(run: Path) -> list[Path]:
@@ -32,7 +27,7 @@ def _leftovers(run: Path) -> list[Path]:
 
 
 def test_report_replaces_links_at_its_file_names_and_never_follows_them(tiny_run, tmp_path):
-    run = _copy_run(tiny_run[1], tmp_path / "run")
+    run = copy_run(tiny_run[1], tmp_path / "run")
     outside = tmp_path / "outside"
     outside.mkdir()
     (run / "figures").mkdir()
@@ -51,7 +46,7 @@ def test_report_replaces_links_at_its_file_names_and_never_follows_them(tiny_run
 
 
 def test_a_linked_figures_directory_is_refused_in_one_line(tiny_run, tmp_path):
-    run = _copy_run(tiny_run[1], tmp_path / "run")
+    run = copy_run(tiny_run[1], tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (run / "figures").symlink_to(elsewhere, target_is_directory=True)
@@ -213,7 +208,7 @@ def test_a_huge_architecture_named_by_a_small_checkpoint_is_refused_before_it_is
 
 def test_report_out_writes_elsewhere_and_leaves_the_run_directory_alone(tiny_run, tmp_path):
     """Item 7: a read-only run directory (report writes figures there) has `report --out DIR`."""
-    run = _copy_run(tiny_run[1], tmp_path / "run")
+    run = copy_run(tiny_run[1], tmp_path / "run")
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     res = _cli("--quiet", "report", str(run), "--bootstrap", "100", "--out", str(tmp_path / "elsewhere"))
     assert res.exit_code == 0, res.output
@@ -295,7 +290,7 @@ def test_a_store_killed_mid_write_is_named_as_such_and_recovers(tiny_run, tmp_pa
 
     from robustse.core.store import ResultsStore
 
-    run = _copy_run(tiny_run[1], tmp_path / "run")
+    run = copy_run(tiny_run[1], tmp_path / "run")
     with sqlite3.connect(run / "results.db") as conn:
         before = conn.execute("SELECT COUNT(*) FROM examples").fetchone()
     subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(run / "results.db")], check=False, timeout=120)
@@ -353,7 +348,7 @@ def test_report_on_a_full_disk_is_one_line_and_leaves_nothing_behind(tiny_run, t
     """Item 7: a full disk gave a traceback and left a 60 KB temporary file."""
     import os
 
-    run = _copy_run(tiny_run[1], tmp_path / "run")
+    run = copy_run(tiny_run[1], tmp_path / "run")
     real = os.replace
 
     def full(src, dst):  # type: ignore[no-untyped-def]

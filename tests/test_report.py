@@ -17,6 +17,8 @@ from robustse.core.config import ArmConfig, ExperimentSpec, ModelsConfig, from_m
 from robustse.core.errors import SpecError
 from robustse.experiment.pipeline import plan_models
 
+from .conftest import copy_run
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -108,10 +110,7 @@ def test_report_renders_in_headless_chromium(chromium, tiny_run, tmp_path):
 
 def test_report_command_regenerates_from_the_store(tiny_run, tmp_path):
     _, out, res = tiny_run
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("results.db", "models.csv", "manifest.json", "spec.toml"):
-        shutil.copy(out / name, copy / name)
+    copy = copy_run(out, tmp_path / "copy")
     result = CliRunner().invoke(cli, ["--quiet", "report", str(copy), "--bootstrap", "300"])
     assert result.exit_code == 0, result.output
     assert "verdict" in result.stdout and "robust_accuracy" in result.stdout
