@@ -39,6 +39,7 @@ WORDS = {
     "output_reaction": ("attack damped more", "noise damped more"),
     "squeeze_attenuation": ("attack attenuated more", "noise attenuated more"),
 }
+TWIN_WORDS = ("SE lower", "SE higher")  # SE / baseline: lower is the damping side of every ratio
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,8 @@ def attack_vs_noise(logs: LogValues, labels: list[str], *, alpha: float = 0.05) 
 def _ratio_row(
     measurement: str, attack: str, eps: float, c: Any, ca: Any, cb: Any, comparison: str = "attack / noise"
 ) -> dict[str, Any]:
-    low, high = WORDS.get(measurement, ("a lower", "a higher"))
-    if comparison != "attack / noise":
-        low, high = "SE lower", "SE higher"
-    verdict = {"a damps": low, "a amplifies": high}.get(c.verdict, c.verdict)
+    words = WORDS.get(measurement, ("a lower", "a higher")) if comparison == "attack / noise" else TWIN_WORDS
+    verdict = dict(zip(c.labels, words, strict=True)).get(c.verdict, c.verdict)  # the direction in words
     e = np.exp
     return {
         "measurement": measurement, "comparison": comparison, "attack": attack, "eps": float(eps),
@@ -148,9 +147,7 @@ def twin_ratio(
     adjusted = S.adjust_family([d[1] for d in done])
     rows = []
     for (eps, _, ca, cb), c in zip(done, adjusted, strict=True):
-        verdict = {"SE damps": "SE lower", "SE amplifies": "SE higher"}.get(c.verdict, c.verdict)
-        row = _ratio_row(logs.measurement, attack, eps, c, ca, cb, comparison="SE / baseline")
-        rows.append(row | {"verdict": verdict})
+        rows.append(_ratio_row(logs.measurement, attack, eps, c, ca, cb, comparison="SE / baseline"))
     return rows
 
 
