@@ -26,7 +26,8 @@ import torch
 import torchattacks
 
 import robustse as rs
-from robustse.attacks.engine import Evaluator, create_attack
+from robustse.attacks import create_attack
+from robustse.attacks.evaluator import Evaluator
 from robustse.core.config import TrainConfig
 from robustse.data.base import to_float
 from robustse.training.train import train_model

@@ -32,7 +32,7 @@ import torch
 import torchattacks
 
 import robustse as rs
-from robustse.attacks.engine import create_attack
+from robustse.attacks import create_attack
 from robustse.core.config import TrainConfig
 from robustse.data.base import to_float
 from robustse.experiment.sweep import SweepModel, run_sweep

@@ -220,7 +220,7 @@ def _independent_premise_and_reaction(model, x, x_adv):
 def test_tiny_run_numbers_match_an_independent_computation(tiny_run):
     """The stored premise and output reaction of one SE model under FGSM equal a hand-written
     forward pass on the same examples, and the ratio table's value is their geometric mean."""
-    from robustse.attacks.engine import create_attack
+    from robustse.attacks import create_attack
     from robustse.core.store import ResultsStore
     from robustse.data.base import to_float
     from robustse.experiment.setup import SUBSET_SEED

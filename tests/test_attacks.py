@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchattacks
 
-from robustse.attacks.engine import attack_info, create_attack, list_attacks
+from robustse.attacks import attack_info, create_attack, list_attacks
 from robustse.core.errors import AttackError
 
 EPS = [0.0, 0.01, 0.03, 0.1]
@@ -196,7 +196,7 @@ def test_inputs_outside_unit_range(trained_small):
 
 
 def test_evaluator_matches_the_model_and_drops_hooks(trained_small):
-    from robustse.attacks.engine import Evaluator
+    from robustse.attacks.evaluator import Evaluator
 
     model, x, y, _ = trained_small
     calls = []
@@ -220,7 +220,7 @@ def test_evaluator_logits_and_grad(trained_small):
     # (eps = 0 cells reuse them), its gradient the model's up to rounding
     import torch.nn.functional as F
 
-    from robustse.attacks.engine import Evaluator
+    from robustse.attacks.evaluator import Evaluator
 
     model, x, y, _ = trained_small
     ev = Evaluator(model)

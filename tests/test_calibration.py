@@ -50,7 +50,7 @@ def test_probed_sweeps_record_calibrated_measures(trained_small, tmp_path):
                                               test.held_out(64, seed=0).y), rel=1e-4)  # fmt: skip
     evalset = test.subset(64, seed=0)
     x = to_float(evalset.x[:4])
-    from robustse.attacks.engine import create_attack
+    from robustse.attacks import create_attack
 
     adv = create_attack("fgsm")(model, x, evalset.y[:4], epsilons=[0.05]).adversarials[0]
     with torch.no_grad():

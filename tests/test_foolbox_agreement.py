@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustse.attacks.engine import create_attack
+from robustse.attacks import create_attack
 
 fb = pytest.importorskip("foolbox")
 

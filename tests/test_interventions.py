@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustse.attacks.engine import create_attack
+from robustse.attacks import create_attack
 from robustse.core.config import SweepConfig
 from robustse.core.errors import SpecError
 from robustse.core.store import ResultsStore

@@ -179,10 +179,11 @@ def test_measure_drift_follows_the_pass_budget_without_changing_its_draws(traine
     pass budget of 7 rows' gradient graph takes gradients and records clean passes 7 rows at a
     time, with the same rows as whole batches (the draws are the batch's, whatever the budget:
     drift agrees across devices); each batch draws its own noise."""
-    import robustse.attacks.engine as A
+    import robustse.attacks.base as A
+    import robustse.attacks.evaluator as AE
     import robustse.core.passes as PS
     import robustse.experiment.drift as D
-    from robustse.attacks.engine import create_attack
+    from robustse.attacks import create_attack
     from robustse.data.base import to_float
     from robustse.data.datasets import load_dataset
 
@@ -190,7 +191,7 @@ def test_measure_drift_follows_the_pass_budget_without_changing_its_draws(traine
     ds = load_dataset("fashion-mnist", split="test").subset(24, seed=5)
     atk = create_attack("pgd", steps=2, seed=0)
     whole = D.measure_drift(model, to_float(ds.x), ds.y, attack=atk, eps=0.03, batch_size=12, rows=12)
-    per_row = A.grad_bytes_per_row(model, to_float(ds.x[:1]))
+    per_row = AE.grad_bytes_per_row(model, to_float(ds.x[:1]))
     monkeypatch.setattr(PS, "CPU_PASS_MEMORY", 7 * per_row + per_row // 2)
     converted, passes, snaps = [], [], []
     for name, seen in (("as_float_images", converted), ("snapshot", snaps)):

@@ -208,7 +208,7 @@ def test_batched_sweep_rows_equal_one_model_at_a_time(three_seeds, tmp_path, mon
 
 
 def test_stacked_attacks_equal_attacks_on_each_member_alone():
-    from robustse.attacks.engine import create_attack
+    from robustse.attacks import create_attack
     from robustse.core.errors import AttackError
     from robustse.models.stacked import MemberRows, member_rows
 
@@ -252,7 +252,7 @@ def test_stacked_rows_that_do_not_fit_a_pass_are_attacked_one_model_at_a_time(th
 def test_stacked_rows_past_the_pass_budget_are_attacked_one_model_at_a_time(three_seeds, tmp_path, monkeypatch):
     """With no pass_rows, a batch of 40 fits the budget of 60 rows but three stacked seeds (120 rows)
     do not: they go one at a time, whole batches each, and the options are left as given."""
-    import robustse.attacks.engine as A
+    import robustse.attacks.base as A
     import robustse.core.passes as PS
     import robustse.experiment.sweep as S
     from robustse.core.config import SweepConfig

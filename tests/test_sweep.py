@@ -465,7 +465,7 @@ def test_bad_glob_and_no_eps_zero(tmp_path, trained_small, evalset):
 def test_pass_rows_gives_the_same_cells_and_probes_in_smaller_passes(tmp_path, trained_small, evalset):
     """Gradients and probe passes taken 5 rows at a time (memory follows pass_rows, not the
     batch): the same predictions and, up to float rounding, the same margins and site values."""
-    import robustse.attacks.engine as A
+    import robustse.attacks.base as A
 
     whole = small_sweep(trained_small, evalset, tmp_path / "whole")
     seen: list[int] = []
@@ -495,11 +495,12 @@ def test_pass_rows_gives_the_same_cells_and_probes_in_smaller_passes(tmp_path, t
 def test_pass_budget_sets_the_rows_of_a_gradient_pass(tmp_path, trained_small, evalset, monkeypatch):
     """With no pass_rows, a gradient pass takes as many rows as the device's budget holds: a
     budget of 6 rows' autograd graph gives passes of 6 rows and says so once; the default holds a batch."""
-    import robustse.attacks.engine as A
+    import robustse.attacks.base as A
+    import robustse.attacks.evaluator as AE
     import robustse.core.passes as PS
 
     model = trained_small[0]
-    per_row = A.grad_bytes_per_row(model, to_float(evalset.x[:2]))
+    per_row = AE.grad_bytes_per_row(model, to_float(evalset.x[:2]))
     monkeypatch.setattr(PS, "CPU_PASS_MEMORY", 6 * per_row + per_row // 2)
     seen: list[int] = []
     grad = A._chunk_grad
@@ -519,7 +520,7 @@ def test_grad_bytes_per_row_counts_activations_not_weights():
     """The autograd graph of an input-gradient pass, per row: each exp layer saves its output (one
     image's worth of float32 per row), the weights (held anyway) are not counted, and what does
     not grow with the batch is not per row."""
-    from robustse.attacks.engine import grad_bytes_per_row
+    from robustse.attacks.evaluator import grad_bytes_per_row
 
     class Exp(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -585,7 +586,8 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
     """held_gates pins each row of its batch to that row's clean gates: a pass of other rows (a
     subset of survivors, cut into parts or not) cannot be matched and is refused, never given
     another row's gates; so accuracy_only (survivors only) is refused for an intervention."""
-    from robustse.attacks.engine import _input_grad, create_attack
+    from robustse.attacks import create_attack
+    from robustse.attacks.base import input_grad as _input_grad
     from robustse.core.errors import SpecError
     from robustse.core.passes import pass_rows, rows_for_pass, rows_of_pass
     from robustse.experiment.setup import intervention_models
@@ -627,7 +629,7 @@ def test_a_held_intervention_refuses_passes_that_are_not_its_batch(tmp_path, tra
 def test_held_gates_work_under_inference_mode(trained_small, evalset):
     """An attack inside inference_mode gets the same adversarials as outside, also with its gates
     held (the held values are taken as normal tensors, which the attack's passes may save)."""
-    from robustse.attacks.engine import create_attack
+    from robustse.attacks import create_attack
     from robustse.probes.capture import held_gates
 
     model, x = trained_small[0], to_float(evalset.x[:8])

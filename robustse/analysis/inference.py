@@ -193,7 +193,7 @@ def _mean_of(values: pd.Series, labels: list[str]) -> float:
     return float(present.mean()) if len(present) else float("nan")
 
 
-def _effect_rows(g, what, pairs, worst, alpha, margin) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def _effect_rows(g, what, pairs, worst, alpha, margin) -> list[dict[str, Any]]:
     comps, eps_list = [], []
     for eps in sorted(set(worst.eps)):
         a, b = paired_matrices(worst[worst.eps == eps], pairs, "correct")

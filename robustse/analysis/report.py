@@ -40,7 +40,7 @@ from robustse.analysis import ratios as R
 from robustse.analysis import stats as S
 from robustse.core.errors import ModelError, StoreError
 from robustse.core.files import own_dir, write_bytes, write_text
-from robustse.core.roles import attack_role, names_with_role
+from robustse.core.roles import attack_role, names_with_role, recorded_roles
 from robustse.core.store import ResultsStore
 from robustse.core.types import PathLike, split_intervention
 
@@ -122,6 +122,7 @@ class RunData:
     dataset: str
     manifest: dict[str, Any]
     spec: str | None
+    roles: dict[str, str] = field(default_factory=dict)  # {attack: role} as the sweeps recorded them
     out: Path | None = None  # where the report is written (default: the run directory)
 
     @property
@@ -241,10 +242,11 @@ def build_report(
     if out_dir is not None:
         data.out = own_dir(Path(out_dir))
     opts = _resolve_options(data.run, n_boot, alpha, gallery_eps, seed)
-    analysis = analyse(data, opts, log)
-    figures = draw_figures(data, analysis)
-    csv = write_tables(data, analysis)
-    html_path, md_path = write_pages(ReportContext.of(data, analysis, opts, figures), figures)
+    with recorded_roles(data.roles):  # each attack counts as the role it ran with
+        analysis = analyse(data, opts, log)
+        figures = draw_figures(data, analysis)
+        csv = write_tables(data, analysis)
+        html_path, md_path = write_pages(ReportContext.of(data, analysis, opts, figures), figures)
     seconds = time.perf_counter() - t0
     if log:
         log(f"report: {html_path} ({seconds:.1f}s)")
@@ -311,7 +313,8 @@ def load_run(run_dir: PathLike) -> RunData:
         raise StoreError(f"{run}: no results.db here (run `robustse experiment` or `robustse sweep` first)")
     with ResultsStore(db, read_only=True) as store:
         data = _read_store(run, db, store)
-    _require_one_norm(run, data.examples)
+    with recorded_roles(data.roles):
+        _require_one_norm(run, data.examples)
     return data
 
 
@@ -325,7 +328,7 @@ def _read_store(run: Path, db: Path, store: ResultsStore) -> RunData:
         sites=store.probe_table("sites"), excitations=store.probe_table("excitations"),
         gallery=store.probe_table("gallery"), checks=store.checks(), cells=store.cells(),
         classes=json.loads(store.get_meta("classes") or "[]"), dataset=store.get_meta("dataset") or "?",
-        manifest=_read_json(run / "manifest.json"), spec=_read_text(run / "spec.toml"),
+        manifest=_read_json(run / "manifest.json"), spec=_read_text(run / "spec.toml"), roles=store.roles(),
     )  # fmt: skip
 
 
@@ -636,7 +639,7 @@ def _class_names(classes: list[str]) -> list[str]:
     return [str(c) for c in classes] if classes else [str(i) for i in range(10)]
 
 
-def _heatmaps(exc: Any, groups: list[dict[str, Any]], attack: str | None, eps: float, classes: list[str]):  # type: ignore[no-untyped-def]
+def _heatmaps(exc: Any, groups: list[dict[str, Any]], attack: str | None, eps: float, classes: list[str]):
     """(gate, clean (K, C), adversarial (K, C)) for the first and last gate of the first SE group."""
     if exc.empty or not groups or attack is None:
         return []
@@ -663,7 +666,7 @@ def _class_means(t: Any, k: int) -> np.ndarray:
     return m
 
 
-def _gallery(gal: Any, ex: Any, groups: list[dict[str, Any]], attack: str | None, eps: float, classes: list[str]):  # type: ignore[no-untyped-def]
+def _gallery(gal: Any, ex: Any, groups: list[dict[str, Any]], attack: str | None, eps: float, classes: list[str]):
     """Gallery items for the first SE model and its first plain twin: up to 3 examples each."""
     if gal.empty or not groups or attack is None:
         return []

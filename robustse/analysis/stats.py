@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from robustse.core.roles import ROLES, attack_role, is_attack, roles_of
+from robustse.core.roles import attack_role, roles_of
 
 Z95 = 1.959963984540054
 
@@ -262,9 +262,6 @@ OUTPUT_MEASURES = {
     "logit_sensitivity_calibrated": "‖f(x')/T − f(x)/T‖ / ‖δ‖ (T fitted on held-out NLL)",
     "kl_calibrated": "KL(softmax f(x)/T ‖ softmax f(x')/T)",
 }
-# Measured perturbations that are not attacks on the label (never in robust accuracy): the noise
-# control and the gate attack (roles in :mod:`robustse.core.roles`).
-CONTROLS = tuple(name for name in ROLES if not is_attack(name))
 
 
 def model_kinds(models: Any) -> Any:
@@ -446,7 +443,7 @@ def _compare_over_eps(g: dict[str, Any], job: _Job, r: Resampler, alpha: float) 
     return block
 
 
-def group_curve(values: Any, models: list[str], column: str, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):  # type: ignore[no-untyped-def]
+def group_curve(values: Any, models: list[str], column: str, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):
     """Mean of ``column`` per eps over the given models (seeds) with a two-level bootstrap CI.
 
     Args:
@@ -469,7 +466,7 @@ def group_curve(values: Any, models: list[str], column: str, *, n_boot: int = 20
     return pd.DataFrame(out, columns=["eps", "mean", "ci_low", "ci_high", "seeds"])
 
 
-def damping_table(site_examples: Any, models: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):  # type: ignore[no-untyped-def]
+def damping_table(site_examples: Any, models: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):
     """Channel gain per gate with a bootstrap CI, per (arm, SE family, attack, eps > 0).
 
     ``verdict`` is ``damps`` (CI below 1), ``amplifies`` (CI above 1) or ``neither``.
@@ -500,7 +497,7 @@ def damping_table(site_examples: Any, models: Any, *, n_boot: int = 2000, alpha:
     )
 
 
-def intervention_table(examples: Any, models: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):  # type: ignore[no-untyped-def]
+def intervention_table(examples: Any, models: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):
     """Gate interventions on the SE models: accuracy and sensitivity with gates held at their
     clean values (``clean_gates``) or training-set means (``frozen_mean``) minus the normal model,
     per (arm, family, attack, eps > 0), with paired-seed bootstrap CIs.

@@ -74,12 +74,12 @@ class Ctx:
         self.verbose = False
 
     @property
-    def device(self):  # type: ignore[no-untyped-def]
+    def device(self):
         from robustse.core.device import resolve_device
 
         return resolve_device(self.device_name)
 
-    def distributed(self):  # type: ignore[no-untyped-def]
+    def distributed(self):
         """(layout, device) of this process: joins the process group when launched by torchrun."""
         from robustse.core.distributed import init_from_env, shutdown
 
@@ -95,7 +95,7 @@ class Ctx:
             click.echo(message, err=True)
 
     @property
-    def debug(self):  # type: ignore[no-untyped-def]
+    def debug(self):
         """A logger for --verbose detail, or None."""
         return self.log if self.verbose and not self.quiet else None
 
@@ -119,9 +119,17 @@ pass_ctx = click.make_pass_decorator(Ctx)
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; results only.")
 @click.option("--verbose", "-v", is_flag=True, help="More log lines (per cell: accuracy and time).")
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="MODULE_OR_FILE",
+    help="Import a module (or a .py file) that registers attacks before the command runs; repeatable. "
+    "Installed packages with a 'robustse.attacks' entry point load without it.",
+)
 @click.version_option(package_name="robustse")
 @click.pass_context
-def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) -> None:
+def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool, plugins: tuple[str, ...]) -> None:
     """robustse: does Squeeze-and-Excitation gating damp adversarial perturbations?
 
     Shell completion (bash): eval "$(_ROBUSTSE_COMPLETE=bash_source robustse)"; zsh and fish:
@@ -135,6 +143,11 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool) 
         raise DeviceError(f"unknown device {device!r} (valid: auto, cpu, cuda, cuda:N)")
     ctx.obj = Ctx(device, seed, quiet)
     ctx.obj.verbose = verbose and not quiet
+    if plugins:
+        from robustse.attacks import load_plugin
+
+        for plugin in plugins:
+            load_plugin(plugin)
 
 
 # --------------------------------------------------------------------------- shared options
@@ -540,18 +553,18 @@ def parse_epsilons(text: str) -> tuple[float, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def attacks_cmd(as_json: bool) -> None:
     """List the attacks and their options (defaults shown)."""
-    from robustse.attacks.engine import attack_info, list_attacks
+    from robustse.attacks import attack_info, list_attacks
 
+    infos = [attack_info(n) for n in list_attacks()]
     rows: list[dict[str, Any]] = [
-        {"name": n, "description": attack_info(n).description, "options": attack_info(n).options()}
-        for n in list_attacks()
+        {"name": i.name, "role": i.role, "description": i.description, "options": i.options()} for i in infos
     ]
     if as_json:
         click.echo(strict_json(rows))
         return
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
-        click.echo(f"{r['name']:<7} {r['description']}\n        options: {opts}")
+        click.echo(f"{r['name']:<7} {r['description']} [{r['role']}]\n        options: {opts}")
     click.echo("torchattacks:<Name>  any torchattacks attack with an eps budget, e.g. 'torchattacks:APGD(steps=10)';")
     click.echo("        its own keyword options; eps comes from the ladder")
 
@@ -750,7 +763,7 @@ def drift_cmd(
     """Per-gate excitation drift, SE input/output drift, channel gain and adaptive damping of
     CHECKPOINT at one eps, adversarial vs the random-noise control; block amplification for every
     model."""
-    from robustse.attacks.engine import check_epsilons
+    from robustse.attacks import check_epsilons
     from robustse.core.config import SweepConfig
     from robustse.experiment.drift import measure_drift, plot_drift
     from robustse.experiment.setup import load_drift_input

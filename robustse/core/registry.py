@@ -29,6 +29,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
 
+    def remove(self, name: str) -> None:
+        """Take ``name`` out (nothing happens if it is not there)."""
+        self._entries.pop(name, None)
+
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted names matching a glob pattern."""
         return sorted(n for n in self._entries if fnmatch(n, pattern))

@@ -1,4 +1,4 @@
-"""What each registered attack is for, readable without importing torch (statistics, checks, report).
+"""What each attack is for, readable without importing torch (statistics, checks, report).
 
 An attack's *role* decides where its cells count:
 
@@ -8,27 +8,76 @@ An attack's *role* decides where its cells count:
 * ``probe``: an attack on something other than the label (the gate attack, which moves the SE gates
   as far as it can); runs on SE models only and never counts toward robust accuracy.
 
-The attack registry (:mod:`robustse.attacks`) takes each entry's role from here, so the role is a
-field of the registry entry and every reader asks :func:`attack_role` instead of comparing names.
+The role is given once, where the attack is registered (``@register_attack(name, role=...)`` in
+:mod:`robustse.attacks`), which declares it here. A sweep records the roles of its attacks in its
+results store, and a report reads them back (:func:`recorded_roles`), so ``robustse report`` knows a
+plugin's role without importing the plugin, or torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Literal, cast
 
 Role = Literal["attack", "control", "probe"]
+ROLE_NAMES: tuple[Role, ...] = ("attack", "control", "probe")
 TORCHATTACKS_PREFIX = "torchattacks:"
 
-# Registered attack names and their roles; torchattacks attacks (``torchattacks:<Name>``) are attacks.
-ROLES: dict[str, Role] = {"fgsm": "attack", "pgd": "attack", "noise": "control", "gate": "probe"}
+# Stores written before sweeps recorded their attacks' roles hold only the built-in attacks; these
+# are their roles, used only for names that neither the store nor this process's registry knows
+# (a test checks they agree with the registry).
+UNRECORDED_ROLES: dict[str, Role] = {"fgsm": "attack", "pgd": "attack", "noise": "control", "gate": "probe"}
+
+_declared: dict[str, Role] = {}  # by register_attack, in this process
+_recorded: list[Mapping[str, Role]] = []  # by the store being reported on (innermost last)
+
+
+def check_role(role: object, name: str = "") -> Role:
+    """``role`` if it is one of :data:`ROLE_NAMES`, else ValueError naming the valid ones."""
+    if role not in ROLE_NAMES:
+        where = f" of attack {name!r}" if name else ""
+        raise ValueError(f"role{where} must be one of {', '.join(ROLE_NAMES)} (got {role!r})")
+    return cast(Role, role)
+
+
+def declare_role(name: str, role: Role) -> None:
+    """Record the role of a registered attack (called by ``register_attack``)."""
+    _declared[name] = check_role(role, name)
+
+
+def forget_role(name: str) -> None:
+    """Drop a declared role (an attack taken out of the registry again)."""
+    _declared.pop(name, None)
+
+
+def declared_roles() -> dict[str, Role]:
+    """``{name: role}`` of every attack registered in this process."""
+    return dict(_declared)
+
+
+@contextlib.contextmanager
+def recorded_roles(roles: Mapping[str, str]) -> Iterator[None]:
+    """Read ``roles`` (a results store's record) first, inside the block: a report on a store goes
+    by the roles its sweep ran with. Unknown role values are ignored."""
+    _recorded.append({n: cast(Role, r) for n, r in roles.items() if r in ROLE_NAMES})
+    try:
+        yield
+    finally:
+        _recorded.pop()
 
 
 def attack_role(name: str) -> Role:
-    """The role of the attack stored under ``name`` (a registry name or ``torchattacks:<Name>``)."""
+    """The role of the attack stored under ``name`` (a registry name or ``torchattacks:<Name>``):
+    the store's record, else this process's registry, else ``attack``."""
+    for table in reversed(_recorded):
+        if name in table:
+            return table[name]
+    if name in _declared:
+        return _declared[name]
     if name.startswith(TORCHATTACKS_PREFIX):
         return "attack"
-    return ROLES.get(name, "attack")
+    return UNRECORDED_ROLES.get(name, "attack")
 
 
 def is_attack(name: str) -> bool:

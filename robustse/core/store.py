@@ -314,6 +314,33 @@ class ResultsStore:
         with self.writing():
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def record_roles(self, roles: dict[str, str]) -> None:
+        """Add the roles of a sweep's attacks (``{name: role}``) to the store's record, so a report
+        reads them without importing the attacks (README "Adding an attack").
+
+        Raises:
+            StoreError: a name recorded with another role (a changed plugin): never silently mixed.
+        """
+        with self.writing(immediate=True):
+            known = self.roles()
+            for name, role in roles.items():
+                if known.get(name, role) != role:
+                    raise StoreError(
+                        f"{self.path}: attack {name!r} ran here as a {known[name]}, but is registered as a "
+                        f"{role} now; use another --out"
+                    )
+            merged = json.dumps({**known, **roles}, sort_keys=True)
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('roles', ?)", (merged,))
+
+    def roles(self) -> dict[str, str]:
+        """``{attack name: role}`` as recorded by the sweeps that wrote this store (empty for stores
+        written before roles were recorded)."""
+        try:
+            recorded = json.loads(self.get_meta("roles") or "{}")
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
+
     def get_meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -356,13 +383,13 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ reading
 
-    def cells(self):  # type: ignore[no-untyped-def]
+    def cells(self):
         """All cells as a pandas DataFrame."""
         import pandas as pd
 
         return pd.read_sql_query("SELECT * FROM cells ORDER BY model, attack_key, eps", self.conn)
 
-    def examples(self):  # type: ignore[no-untyped-def]
+    def examples(self):
         """Per-example rows joined with their cell (model, attack, eps) as a DataFrame."""
         import pandas as pd
 
@@ -372,7 +399,7 @@ class ResultsStore:
             self.conn,
         )
 
-    def probe_table(self, table: str):  # type: ignore[no-untyped-def]
+    def probe_table(self, table: str):
         """A probe table (``sites``, ``site_examples``, ``excitations``, ``gallery``) joined with its
         cell's model, attack, attack_key, norm and eps, as a DataFrame."""
         import pandas as pd
@@ -385,17 +412,17 @@ class ResultsStore:
             self.conn,
         )
 
-    def models(self):  # type: ignore[no-untyped-def]
+    def models(self):
         import pandas as pd
 
         return pd.read_sql_query("SELECT * FROM models ORDER BY model", self.conn)
 
-    def checks(self):  # type: ignore[no-untyped-def]
+    def checks(self):
         import pandas as pd
 
         return pd.read_sql_query("SELECT * FROM checks ORDER BY model, name", self.conn)
 
-    def export_csv(self, path: PathLike, examples=None) -> Path:  # type: ignore[no-untyped-def]
+    def export_csv(self, path: PathLike, examples=None) -> Path:
         """Write every per-example row with its cell columns to ``path`` (CSV).
 
         ``examples``: :meth:`examples` if the caller has already read it.
@@ -404,7 +431,7 @@ class ResultsStore:
         text = ex.drop(columns=["cell_id"]).to_csv(index=False)
         return replace_file(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
-    def export_parquet(self, path: PathLike, examples=None) -> Path | None:  # type: ignore[no-untyped-def]
+    def export_parquet(self, path: PathLike, examples=None) -> Path | None:
         """The same table as :meth:`export_csv` as Parquet, if pyarrow is installed (else None)."""
         if not _has_pyarrow():
             return None

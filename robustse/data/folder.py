@@ -291,7 +291,7 @@ def _list_images(name: str, folder: Path, classes: tuple[str, ...]) -> tuple[lis
 # --------------------------------------------------------------------------- decoding
 
 
-class _Decode(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class _Decode(torch.utils.data.Dataset):
     """Decode + resize + centre-crop one image; an unreadable one yields an error message
     (raised by the main process as one line, not as a worker traceback)."""
 

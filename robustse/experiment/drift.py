@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustse.attacks.engine import Attack, create_attack, grad_bytes_per_row
+from robustse.attacks import Attack, create_attack
+from robustse.attacks.evaluator import grad_bytes_per_row
 from robustse.core.passes import pass_memory, pass_rows, rows_within
 from robustse.data.base import as_float_images
 from robustse.probes import metrics as M
@@ -76,7 +77,7 @@ def measure_drift(
     return _drift_rows(columns, [label for label, _ in perturbations], eps)
 
 
-def _measure_part(model: nn.Module, xb: torch.Tensor, moved: list[torch.Tensor], perturbations, columns) -> None:  # type: ignore[no-untyped-def]
+def _measure_part(model: nn.Module, xb: torch.Tensor, moved: list[torch.Tensor], perturbations, columns) -> None:
     """Record the clean pass of ``xb`` once; measure each perturbed pass against it into ``columns``."""
     clean = snapshot(model, xb)
     for (label, _), x_p in zip(perturbations, moved, strict=True):

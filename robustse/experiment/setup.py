@@ -86,7 +86,7 @@ def try_attacks_first(
     Raises:
         AttackError: the attack's one-line refusal.
     """
-    from robustse.attacks.engine import TorchattacksAttack
+    from robustse.attacks.adapter import TorchattacksAttack
     from robustse.data.base import to_float
 
     eps = [e for e in sorted(epsilons) if e > 0][:1]

@@ -23,7 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from robustse.analysis.stats import wilson_interval, worst_case_examples
-from robustse.attacks.engine import Attack, Evaluator, create_attack, grad_bytes_per_row
+from robustse.attacks import Attack, create_attack
+from robustse.attacks.evaluator import Evaluator, grad_bytes_per_row
 from robustse.core.distributed import SINGLE, Dist
 from robustse.core.errors import DataError, ModelError, SpecError
 from robustse.core.passes import pass_memory, pass_rows, rows_of_pass, rows_within
@@ -206,7 +207,7 @@ class _Ladder:
     frozen_clean: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict)  # frozen_mean clean logits
 
 
-class _SnapCache(dict):  # type: ignore[type-arg]
+class _SnapCache(dict):
     """Recorded clean passes of one model by batch, within a memory budget (bytes left)."""
 
     def __init__(self, budget: int) -> None:
@@ -444,7 +445,7 @@ class Sweep:
                 o.hook.remove()
 
     def _run_ladders(self, lads: list[_Ladder], stacked: MemberRows, *, together: bool) -> None:
-        can = together and len(lads) > 1 and lads[0].atk._tiles_draws() and not self.opt.accuracy_only
+        can = together and len(lads) > 1 and lads[0].atk.tiles_draws() and not self.opt.accuracy_only
         if not can:
             for lad in lads:
                 self.run_ladder(lad)
@@ -455,7 +456,7 @@ class Sweep:
                 self._run_rungs_together(lads, stacked, (rung, e), grads)
         self.computed += sum(len(lad.todo) for lad in lads)
 
-    def _run_rungs_together(self, lads, stacked, rung_eps, grads) -> None:  # type: ignore[no-untyped-def]
+    def _run_rungs_together(self, lads, stacked, rung_eps, grads) -> None:
         """One rung of K ladders: every batch attacked for all members at once, then each member's
         adversarials predicted, measured and written as its own cell."""
         (rung, e), n, t0 = rung_eps, len(self.y_all), time.perf_counter()
@@ -474,7 +475,7 @@ class Sweep:
                 correct = pred == self.y_all.cpu()
                 self.write_cell(lad, e, (pred, adv_margin, correct), stats, probe, seconds)
 
-    def _adversarials_together(self, lads, stacked, where, grads) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    def _adversarials_together(self, lads, stacked, where, grads) -> list[torch.Tensor]:
         """Each member's adversarials of one batch, from one attack call on the stacked network
         (each member gets its own gradients and the random draws it would get alone)."""
         b, i, rung, e = where
@@ -570,7 +571,7 @@ class Sweep:
             temperature=sm.temperature,
         )  # fmt: skip
 
-    def attack_batch(self, lad, where, prev_correct, out, stats, probe) -> None:  # type: ignore[no-untyped-def]
+    def attack_batch(self, lad, where, prev_correct, out, stats, probe) -> None:
         """Attack one batch; fill its rows of ``out`` = (pred, margin); update ``stats`` and ``probe``.
 
         ``where`` = (batch number, first row, rung, eps): the random stream of the attack is the
@@ -582,7 +583,7 @@ class Sweep:
         with lad.sm.batch(xb):
             self._attack_rows(lad, where, prev_correct, out, stats, probe)
 
-    def _attack_rows(self, lad, where, prev_correct, out, stats, probe) -> None:  # type: ignore[no-untyped-def]
+    def _attack_rows(self, lad, where, prev_correct, out, stats, probe) -> None:
         b, i, rung, e = where
         bs = self.opt.batch_size
         xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
@@ -599,7 +600,7 @@ class Sweep:
         )  # fmt: skip
         self._score_rows(lad, where, (rows, res.adversarials[0]), out, (stats, probe))
 
-    def _score_rows(self, lad, where, attacked, out, tallies) -> None:  # type: ignore[no-untyped-def]
+    def _score_rows(self, lad, where, attacked, out, tallies) -> None:
         """Predict the adversarials ``attacked`` = (rows, adv) of one batch; fill ``out`` =
         (pred, margin) at those rows; update ``tallies`` = (stats, probe)."""
         (b, i, _, e), (rows, adv), (stats, probe) = where, attacked, tallies
@@ -616,7 +617,7 @@ class Sweep:
         if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
             self._probe_batch(lad, probe, (b, i), (xb, adv, yb))
 
-    def _probe_batch(self, lad: _Ladder, probe: CellProbe, where: tuple[int, int], batch: tuple) -> None:  # type: ignore[type-arg]
+    def _probe_batch(self, lad: _Ladder, probe: CellProbe, where: tuple[int, int], batch: tuple) -> None:
         """Probe one batch, ``pass_rows`` rows at a time; keep each recorded clean pass for the
         model's next ladders (within budget)."""
         (b, i), (xb, adv, yb) = where, batch
@@ -632,7 +633,7 @@ class Sweep:
                 lad.snaps[key] = snap
                 lad.snaps.budget -= snapshot_bytes(snap)
 
-    def write_cell(self, lad, e, result, stats, probe, seconds) -> None:  # type: ignore[no-untyped-def]
+    def write_cell(self, lad, e, result, stats, probe, seconds) -> None:
         """One cell, its per-example rows and (with probes) its site tables, in one transaction.
 
         ``result`` = (pred, margin, correct) per example.
@@ -684,7 +685,7 @@ class Sweep:
         return SweepResult(self.out_dir, cells, robust, checks, self.computed)
 
 
-def _fill_rows(out: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, pred, marg, finite):  # type: ignore[no-untyped-def]
+def _fill_rows(out: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, pred, marg, finite):
     """Write predictions and margins at rows ``idx`` of ``out``; return ``finite``."""
     out[0][idx], out[1][idx] = pred, marg
     return finite
@@ -785,7 +786,7 @@ def run_sweep(
     return sweep.run()
 
 
-def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, layout: Dist):  # type: ignore[no-untyped-def]
+def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor, bs: int, layout: Dist):
     """Clean predictions and margins, the zero-gradient fraction and a probabilities test
     (``x``, ``y``: the evaluation set on the sweep's device).
 
@@ -863,6 +864,7 @@ def _prepare_store(store: ResultsStore, sweep: Sweep, pairs: list[tuple[SweepMod
     store.check_identity("accuracy_only", str(bool(sweep.opt.accuracy_only)), "mode (--accuracy-only)")
     store.set_meta("classes", json.dumps(list(dataset.classes)))
     store.set_meta("dataset", dataset.name)
+    store.record_roles({atk.name: atk.role for _, atk in pairs})  # a report reads them without the attacks
     for sm in sweep.models:
         old = store.model_hash(sm.label)
         if old is not None and old != sweep.hashes[sm.label]:  # retrained under the same name
@@ -900,7 +902,7 @@ def ladder_of(atk: Attack, eps: list[float]) -> list[float]:
     return [e for e in eps if e == 0 or e in atk.only_eps]
 
 
-def worst_case_accuracy(store: ResultsStore, *, models=None, attack_keys=None, epsilons=None, examples=None):  # type: ignore[no-untyped-def]
+def worst_case_accuracy(store: ResultsStore, *, models=None, attack_keys=None, epsilons=None, examples=None):
     """Robust accuracy per model, norm and eps with a 95% Wilson interval: an example counts as
     robust only if no attack of that norm fooled it (:func:`robustse.analysis.stats.worst_case_examples`).
 

@@ -29,7 +29,7 @@ class VGGStage(Block):
         self.se = make_site(cout, se)
         self.pool = MaxPool2d(2) if pool else nn.Identity()
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         return self.pool(self.se(self.convs(x)))
 
 

@@ -128,7 +128,7 @@ def create_timm_model(
     return _wrap(net, in_channels, mean, std, preprocess)
 
 
-def _import_timm():  # type: ignore[no-untyped-def]
+def _import_timm():
     try:
         import timm
         import timm.data

@@ -186,7 +186,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     tested, ties included), so outputs and gradients are identical to ``nn.MaxPool2d``'s."""
 
     @staticmethod
-    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):  # type: ignore[no-untyped-def,override]
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
         args = (kernel, stride, padding, dilation, ceil_mode)
         y, idx = torch.ops.aten.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), *args)
         y, idx = y.contiguous(), idx.contiguous()
@@ -196,7 +196,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def,override]
+    def backward(ctx, grad):
         x, idx = ctx.saved_tensors
         g = torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, *ctx.args, idx)
         return g, None, None, None, None, None

@@ -158,7 +158,7 @@ class StackedModel(nn.Module):
     def to_channels_last(self) -> StackedModel:
         """Weights and inputs in channels_last layout (grouped convolutions run faster so on CPU)."""
         self.channels_last = True
-        return self.to(memory_format=torch.channels_last)  # type: ignore[return-value]
+        return self.to(memory_format=torch.channels_last)
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s state dict (copies), with the keys and shapes of a model built alone."""

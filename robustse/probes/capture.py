@@ -138,10 +138,10 @@ class _Keeper:
             self.versions.append((where, t, t._version))
         return t
 
-    def start(self, m, inp):  # type: ignore[no-untyped-def]
+    def start(self, m, inp):
         self.versions.clear()
 
-    def end(self, m, inp, out):  # type: ignore[no-untyped-def]
+    def end(self, m, inp, out):
         for where, t, v in self.versions:
             if t._version != v:
                 raise RuntimeError(
@@ -157,10 +157,10 @@ def _hook_gates(
     """Record s from each gate, and u and y from its SE module (one hook sees both: less overhead)."""
     for gate_name, (se, gate) in ses.items():
 
-        def on_gate(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
+        def on_gate(m, inp, out, name=gate_name):
             rec.gate(name, keep(out, name).flatten(1))  # (B, C, 1, 1) in torchvision → (B, C)
 
-        def on_se(m, inp, out, name=gate_name):  # type: ignore[no-untyped-def]
+        def on_se(m, inp, out, name=gate_name):
             u = keep(inp[0], name)
             rec.se(name, u, keep(out, name))
             rec.site(site_of(name), u)
@@ -172,7 +172,7 @@ def _hook_sites(sites: dict[str, nn.Module], rec: Recorder, keep: _Keeper, handl
     """Record the input u of each gateless SE site (plain twin, static control)."""
     for site_name, module in sites.items():
 
-        def on_site(m, inp, out, name=site_name):  # type: ignore[no-untyped-def]
+        def on_site(m, inp, out, name=site_name):
             rec.site(name, keep(inp[0], name))
 
         handles.append(module.register_forward_hook(on_site))
@@ -182,7 +182,7 @@ def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, han
     """Record each block's output h."""
     for block_name, block in blocks.items():
 
-        def on_block(m, inp, out, name=block_name):  # type: ignore[no-untyped-def]
+        def on_block(m, inp, out, name=block_name):
             rec.block(name, keep(out, name))
 
         handles.append(block.register_forward_hook(on_block))
@@ -275,7 +275,7 @@ def fixed_gates(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
         raise KeyError(f"not a gate of this model: {unknown[0]!r}")
     handles = []
 
-    def override(m, inp, out, value):  # type: ignore[no-untyped-def]
+    def override(m, inp, out, value):
         v = rows_for_pass(value, out.shape[0]) if value.dim() > 1 else value.unsqueeze(0).expand(out.shape[0], -1)
         return v.reshape(out.shape).to(dtype=out.dtype, device=out.device)
 

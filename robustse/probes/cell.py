@@ -195,7 +195,7 @@ class CellProbe:
             out.seen = part.seen.clone() if out.seen is None else out.seen | part.seen
         return out
 
-    def _column(self, table: dict, key: Any) -> torch.Tensor:  # type: ignore[type-arg]
+    def _column(self, table: dict, key: Any) -> torch.Tensor:
         if key not in table:
             table[key] = torch.full((self.n,), float("nan"), dtype=torch.float64)
         return table[key]

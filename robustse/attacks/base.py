@@ -1,0 +1,485 @@
+"""The attack contract: what every attack, built in or a user's, promises and what the base class
+does for it.
+
+A subclass of :class:`Attack` implements one hook, :meth:`Attack.perturb`, for a batch whose rows
+carry their own budgets. The base class owns everything around it, in a final ``__call__``
+(Foolbox 3's ``Attack.__call__`` / ``run`` split): checking the epsilon ladder and the batch, the
+model's eval mode (restored afterwards), ``eps = 0`` (the clean input, exactly), stacking several
+epsilons into one batch, one random stream per rung (so a rung's result does not depend on the
+other rungs of the ladder), the accuracy-only bookkeeping, and the budget: every adversarial
+leaves in the eps-ball and in [0, 1], whatever the hook returned. See README "Adding an attack".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, final
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustse.attacks.norms import NORMS, Norm
+from robustse.core.device import evaluating
+from robustse.core.errors import AttackError
+from robustse.core.passes import current_pass_rows, rows_of_pass
+from robustse.core.roles import Role, attack_role
+from robustse.core.types import MAX_RUNGS
+
+# Documented limits (README "Reliability"): beyond them a command is refused, not left to run for days.
+MAX_STEPS = 10_000  # iterations of an iterative attack (also torchattacks' steps / n_queries: 100,000)
+MAX_RESTARTS = 100
+MAX_QUERIES = 100_000
+MAX_PIXEL_UNITS = 1e6  # an eps or step size beyond this is no budget at all (and overflows float32)
+
+Draw = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class AttackResult:
+    """Adversarial batches for each epsilon.
+
+    Attributes:
+        epsilons: the epsilons, in the order asked.
+        adversarials: one tensor like ``x`` per epsilon.
+        correct: with ``accuracy_only``, one bool tensor (B,) per epsilon: still classified correctly.
+    """
+
+    epsilons: tuple[float, ...]
+    adversarials: list[torch.Tensor]
+    correct: list[torch.Tensor] | None = None
+
+
+@dataclass
+class Rungs:
+    """What :meth:`Attack.perturb` knows about the rows it is given beyond the tensors.
+
+    The rows are R rungs of the ladder stacked (rung by rung, each rung the whole batch; with a
+    stacked model, member by member inside a rung).
+
+    Attributes:
+        generators: one random stream per rung; draw through :meth:`draw`.
+        batch: B, the examples of one rung of one member: divide a summed loss by it, so every row
+            gets the gradient of a mean-loss attack on B examples (as torchattacks computes it).
+        grad0: the input gradient at the clean rows, tiled like them, when the caller has it.
+        early_stop: rows already misclassified may keep their current (valid) adversarial.
+        members: K models of a stacked network attacked at once (1: an ordinary model).
+    """
+
+    generators: list[torch.Generator]
+    batch: int
+    grad0: torch.Tensor | None = None
+    early_stop: bool = False
+    members: int = 1
+
+    def draw(self, fn: Draw, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``fn(x, eps, gen)`` (a random start or noise), each rung from its own stream and every
+        member of a stacked model with member 0's draws: what a call on that rung and member alone
+        draws (its rows are the same clean batch)."""
+        k, b, rest = self.members, self.batch, x.shape[1:]
+        rungs = x.shape[0] // (k * b)
+        if len(self.generators) != rungs:
+            raise AttackError(f"{rungs} rungs of rows but {len(self.generators)} random streams")
+        xs, es = x.view(rungs, k, b, *rest), eps.view(rungs, k, b, *eps.shape[1:])
+        first = [fn(xs[r, 0], es[r, 0], g) for r, g in enumerate(self.generators)]
+        return torch.stack(first).unsqueeze(1).expand(rungs, k, b, *rest).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with parameter gradients off; restore both afterwards (each
+    submodule's own mode: :func:`robustse.core.device.evaluating`)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    with evaluating(model):
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            yield model
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+@dataclass
+class Attack(ABC):
+    """An attack over an epsilon ladder. Subclass it, implement :meth:`perturb`, and register it
+    with :func:`robustse.attacks.register_attack` to make it a ``--attack`` name.
+
+    Args:
+        norm: the budget's norm, ``linf`` or ``l2`` (:attr:`norm_ops` gives its hooks).
+        seed: seeds the random streams (with the call's ``stream``).
+        max_batch: rows per stacked chunk (rungs × batch). Measured on a 2-core CPU, per-image cost
+            rises past ~500 rows (caches), so stacking pays only for small batches there.
+        only_eps: in a sweep, run this attack only at these eps of the ladder (and 0), e.g. an
+            expensive cell at one eps. Not part of the attack's identity in the results store.
+
+    Class attributes a subclass may set: ``stacks_rungs = False`` to get one rung per
+    :meth:`perturb` call (every row with the same eps), e.g. for a library that takes one eps.
+    """
+
+    norm: str = "linf"
+    seed: int = 0
+    max_batch: int = 256
+    only_eps: tuple[float, ...] | None = None
+    # Set by register_attack: the registry name, stored with every result (:attr:`name`).
+    attack_name: ClassVar[str] = "attack"
+    stacks_rungs: ClassVar[bool] = True
+    _registered: ClassVar[type | None] = None  # the class register_attack registered (not a subclass)
+    # K models attacked at once (a stacked network, robustse.models.stacked): x holds K copies of the
+    # batch, model by model, and random draws are made once and shared, as K separate calls would.
+    _members: int = field(default=1, init=False, repr=False)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: implement perturb(), not __call__ (the base class owns the ladder)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.norm, str):
+            self.norm = self.norm.lower()  # L2 and l2 are one norm
+        if self.norm not in NORMS:
+            raise AttackError(f"unknown norm {self.norm!r} (valid: {', '.join(NORMS)})")
+        if self.only_eps is not None:
+            if not isinstance(self.only_eps, (list, tuple)) or not all(is_real(e) for e in self.only_eps):
+                raise AttackError(f"only_eps must be a list of numbers (got {self.only_eps!r})")
+            self.only_eps = tuple(float(e) for e in self.only_eps)
+        if not is_int(self.seed) or not 0 <= self.seed < 2**31:
+            raise AttackError(f"seed must be an integer in [0, 2^31) (got {self.seed!r})")
+
+    # ------------------------------------------------------------------ the hooks
+
+    @abstractmethod
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, rungs: Rungs
+    ) -> torch.Tensor:
+        """Adversarial rows for ``x`` (N, C, H, W), whose rows carry budgets ``eps`` (N, 1, 1, 1).
+
+        ``model`` is in eval mode with parameter gradients off, and autograd is on. Return a tensor
+        like ``x``; the caller projects anything outside the eps-ball or [0, 1] back into it.
+        """
+
+    def shares_first_gradient(self) -> bool:
+        """Whether the first step's gradient is the clean input's for every eps (no random start):
+        the ladder then computes it once and passes it as ``rungs.grad0``."""
+        return False
+
+    def tiles_draws(self) -> bool:
+        """Whether this attack can run on K stacked members at once (its draws go through
+        :meth:`Rungs.draw`, and nothing mixes the members' rows)."""
+        return False
+
+    @property
+    def name(self) -> str:
+        """The name this attack is registered (and stored) under."""
+        return self.attack_name
+
+    @property
+    def norm_ops(self) -> Norm:
+        """The hooks of this attack's norm (random start, step, project, noise)."""
+        return NORMS[self.norm]
+
+    @property
+    def role(self) -> Role:
+        """What the attack is for (README "Adding an attack"): attack, control or probe."""
+        return attack_role(self.name)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and options, for stores and reports."""
+        skip = ("name", "max_batch", "only_eps")
+        opts = {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
+        return {"attack": self.name, **opts}
+
+    # ------------------------------------------------------------------ the final call
+
+    @final
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        epsilons: Sequence[float],
+        accuracy_only: bool = False,
+        grad0: torch.Tensor | None = None,
+        stream: int = 0,
+        members: int = 1,
+    ) -> AttackResult:
+        """Attack ``x`` (floats in [0, 1], (B, C, H, W)) with labels ``y`` at every eps.
+
+        Args:
+            model: classifier returning logits; evaluated in eval mode.
+            x: clean inputs.
+            y: labels (B,).
+            epsilons: perturbation budgets in pixel units (norm of the attack).
+            accuracy_only: attack at a larger eps only what survived the smaller ones; fills
+                ``result.correct``.
+            grad0: the input gradient at ``x`` from :meth:`clean_gradient`, to reuse across calls.
+            stream: mixed into the seed, so separate calls (batches, cells) draw independent starts.
+            members: ``x`` is K = ``members`` copies of one batch, one per member of a stacked
+                model (:func:`robustse.models.stacked.member_rows`); each member gets the random start
+                it would get alone (default 1: an ordinary model).
+
+        Returns:
+            :class:`AttackResult`.
+
+        Raises:
+            AttackError: bad epsilons, inputs that are not finite or outside [0, 1], labels that
+                are not integers in range, one per input; inputs of another dtype than the model's
+                weights or another channel count than it takes.
+
+        Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (the usual evaluation
+        pattern): gradients are enabled for the attack's own passes.
+        """
+        eps = check_epsilons(epsilons, self.norm)
+        check_batch(x, y)
+        check_fits(model, x, members=members)
+        check_members(self, x, eps, members=members, accuracy_only=accuracy_only)
+        if x.is_inference() or y.is_inference():  # made under inference_mode: autograd cannot use them
+            with torch.inference_mode(False):
+                x, y = x.clone(), y.clone()  # ordinary tensors autograd may use
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                return self._attack(model, x, y, eps, accuracy_only=accuracy_only, grad0=grad0, stream=stream,
+                                    members=members)  # fmt: skip
+            except IndexError as exc:  # cross_entropy: "Target 12 is out of bounds."
+                raise AttackError(f"a label is out of range for the model's outputs ({exc})") from None
+
+    def clean_gradient(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, members: int = 1
+    ) -> torch.Tensor | None:
+        """The input gradient at ``x`` if this attack's first step uses it for every eps, else None.
+
+        Pass it back as ``grad0`` to reuse it across calls (a sweep's FGSM cells share one).
+        ``members``: as for ``__call__`` (the loss is divided by one member's batch).
+        """
+        if not self.shares_first_gradient():
+            return None
+        with eval_mode(model), torch.enable_grad():
+            grad, _ = input_grad(model, x, y, x.shape[0] // members)
+        return grad
+
+    def _attack(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], *,
+        accuracy_only: bool, grad0: torch.Tensor | None, stream: int, members: int,
+    ) -> AttackResult:  # fmt: skip
+        self._members = members
+        seed = self.seed * 1_000_003 + stream
+        with eval_mode(model):
+            if accuracy_only:
+                return self._accuracy_only(model, x, y, eps, seed, grad0)
+            advs: list[torch.Tensor | None] = [x.detach().clone() if e == 0 else None for e in eps]
+            todo = [i for i, e in enumerate(eps) if e > 0]
+            ladder = self._ladder(model, x, y, [eps[i] for i in todo], seed, grad0=grad0)
+            for i, adv in zip(todo, ladder, strict=True):
+                advs[i] = adv
+            return AttackResult(eps, [a.detach() for a in advs if a is not None])  # never the caller's graph
+
+    def _ladder(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], seed: int, *,
+        early_stop: bool = False, grad0: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """Adversarials for every eps > 0, stacking epsilons into chunks of at most max_batch rows.
+
+        Each rung draws from a stream of its own, seeded by ``seed`` alone, so it gets what a call
+        with that eps alone gets. ``grad0``: the input gradient at the clean batch, if known.
+        """
+        if not eps:
+            return []
+        b = x.shape[0]
+        if grad0 is None and self.shares_first_gradient():
+            # Without a random start the first step's gradient is taken at the clean input for
+            # every eps: compute it once for the whole ladder (FGSM's ladder is one backward pass).
+            grad0, _ = input_grad(model, x, y, b // self._members)
+        per_chunk = max(1, self.max_batch // max(1, b)) if self.stacks_rungs else 1
+        out: list[torch.Tensor] = []
+        for start in range(0, len(eps), per_chunk):
+            chunk = eps[start : start + per_chunk]
+            reps = (len(chunk),) + (1,) * (x.dim() - 1)
+            e = torch.tensor(chunk, dtype=x.dtype, device=x.device).repeat_interleave(b)
+            e = e.view(-1, *([1] * (x.dim() - 1)))  # (E·B, 1, 1, 1)
+            rungs = Rungs(
+                generators=[torch.Generator(device="cpu").manual_seed(seed) for _ in chunk],
+                batch=b // self._members, grad0=grad0.repeat(reps) if grad0 is not None else None,
+                early_stop=early_stop, members=self._members,
+            )  # fmt: skip
+            xs = x.repeat(reps)
+            adv = self.perturb(model, xs, y.repeat(len(chunk)), e, rungs)
+            out.extend(self._within_budget(xs, adv, e).split(b))
+        return out
+
+    def _within_budget(self, x: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``adv`` as it is where it lies in the eps-ball (the built-in attacks always do: their
+        results are unchanged), projected into the ball and [0, 1] where it does not."""
+        if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
+            got = tuple(adv.shape) if isinstance(adv, torch.Tensor) else type(adv).__name__
+            raise AttackError(f"{self.name}: perturb returned {got}, not a tensor shaped {tuple(x.shape)}")
+        adv = adv.detach()
+        if not bool(torch.isfinite(adv).all()):
+            raise AttackError(f"{self.name}: perturb returned NaN or infinite values")
+        ops = self.norm_ops
+        return torch.where(ops.within(x, adv, eps), adv, ops.project(x, adv, eps)).clamp(0, 1)
+
+    def _accuracy_only(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], seed: int,
+        grad0: torch.Tensor | None = None,
+    ) -> AttackResult:  # fmt: skip
+        order = sorted(range(len(eps)), key=lambda i: eps[i])
+        advs: dict[int, torch.Tensor] = {}
+        correct: dict[int, torch.Tensor] = {}
+        current = x.clone()
+        if grad0 is None and self.shares_first_gradient():  # one pass gives the clean predictions too
+            grad0, logits = input_grad(model, x, y, x.shape[0])
+        else:
+            with torch.no_grad():
+                logits = model(x)
+        alive = logits.argmax(1) == y
+        for i in order:
+            if eps[i] > 0 and bool(alive.any()):
+                idx = alive.nonzero().flatten()
+                g = grad0[idx] if grad0 is not None else None
+                (adv,) = self._ladder(model, x[idx], y[idx], [eps[i]], seed, early_stop=True, grad0=g)
+                current = current.clone()
+                current[idx] = adv
+                with torch.no_grad():
+                    alive[idx] = model(adv).argmax(1) == y[idx]
+            advs[i], correct[i] = current, alive.clone()
+        return AttackResult(eps, [advs[i] for i in range(len(eps))], [correct[i] for i in range(len(eps))])
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_members(
+    attack: Attack, x: torch.Tensor, eps: tuple[float, ...], *, members: int, accuracy_only: bool
+) -> None:
+    """Refuse a stacked-model call the attack cannot make the way K separate calls would.
+
+    Raises:
+        AttackError: naming the reason.
+    """
+    if not is_int(members) or members < 1 or x.shape[0] % members:
+        raise AttackError(f"{x.shape[0]} rows cannot hold {members!r} members' batches")
+    if members > 1 and (accuracy_only or not attack.tiles_draws()):
+        raise AttackError(f"{attack.name} cannot attack a stacked model (members > 1)")
+    if members > 1 and sum(e > 0 for e in eps) > 1:  # draws must follow a lone member's order
+        raise AttackError("a stacked model is attacked one eps at a time")
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse what an attack cannot use, with one line: non-tensors, an empty batch, inputs that
+    are not finite or outside [0, 1], labels that are not integers or not one per input.
+
+    Raises:
+        AttackError: naming the problem.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise AttackError(f"x and y must be tensors (got {type(x).__name__}, {type(y).__name__})")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise AttackError(f"x must be a non-empty batch (B, ...) (got shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise AttackError(f"x must be floats in [0, 1] (got {x.dtype}; divide uint8 images by 255)")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise AttackError(f"labels must be integers (got {y.dtype})")
+    if y.shape != (x.shape[0],):
+        raise AttackError(f"{x.shape[0]} inputs but labels of shape {tuple(y.shape)}: one label per input")
+    if not bool(torch.isfinite(x).all()):
+        raise AttackError("inputs hold NaN or infinite values")
+    if x.min() < 0 or x.max() > 1:
+        raise AttackError(f"inputs must lie in [0, 1] (got [{float(x.min()):.3g}, {float(x.max()):.3g}])")
+    if y.min() < 0:
+        raise AttackError(f"labels must be >= 0 (got {int(y.min())})")
+
+
+def check_fits(model: nn.Module, x: torch.Tensor, *, members: int = 1) -> None:
+    """Refuse inputs the model cannot take, with one line instead of torch's error from deep inside
+    a pass: a dtype other than the model's weights' (no silent conversion: a bfloat16 model gets
+    bfloat16 inputs, a float32 model float32), or a channel count other than its first convolution's
+    (``members`` stacked seed models take ``members`` times the channels: README "Seed batching").
+
+    Raises:
+        AttackError: naming both sides of the mismatch.
+    """
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and weight.dtype != x.dtype:
+        raise AttackError(
+            f"inputs are {x.dtype} but the model's weights are {weight.dtype}: pass x.to({weight.dtype}) "
+            "(or convert the model)"
+        )
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and x.dim() == 4 and x.shape[1] * members != conv.in_channels:
+        raise AttackError(
+            f"inputs have {x.shape[1]} channel(s) but the model takes {conv.in_channels // max(members, 1)}"
+        )
+
+
+def check_epsilons(epsilons: Sequence[float], norm: str) -> tuple[float, ...]:
+    """Validate an epsilon ladder (pixel units).
+
+    Raises:
+        AttackError: empty ladder, a negative or non-finite eps, or a Linf eps above 1.
+    """
+    if isinstance(epsilons, (str, bytes)) or not isinstance(epsilons, (Sequence, torch.Tensor)):
+        raise AttackError(f"epsilons must be a list of numbers, e.g. [0.03] (got {epsilons!r})")
+    try:
+        eps = tuple(float(e) for e in epsilons)
+    except (TypeError, ValueError):
+        raise AttackError(f"epsilons must be a list of numbers (got {list(epsilons)!r})") from None
+    if not eps:
+        raise AttackError("no epsilons given")
+    if len(eps) > MAX_RUNGS:
+        raise AttackError(f"a ladder of {len(eps):,} epsilons is over the limit of {MAX_RUNGS:,}")
+    for e in eps:
+        if not 0 <= e <= MAX_PIXEL_UNITS:
+            raise AttackError(f"eps must be a number in [0, {MAX_PIXEL_UNITS:g}] (got {e})")
+        if norm == "linf" and e > 1:
+            raise AttackError(f"Linf eps {e} > 1 is larger than the whole pixel range [0, 1]")
+    return eps
+
+
+def is_int(v: object) -> bool:
+    """An int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_real(v: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input gradient of the cross-entropy summed over rows and divided by ``batch``, and the logits.
+
+    Dividing by the unstacked batch size B (not the E·B stacked rows) gives every row exactly the
+    gradient of a mean-loss attack on B examples, as torchattacks computes it; this matters for L2
+    steps, whose normalization adds a small constant to the gradient norm. Under
+    :func:`robustse.core.passes.pass_rows` the rows go through in chunks.
+    """
+    return by_pass_rows(lambda xc, yc: _chunk_grad(model, xc, yc, batch), x, y)
+
+
+def by_pass_rows(
+    fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(x, y)`` (a pair of per-row tensors), taken :func:`pass_rows` rows at a time and joined."""
+    rows = current_pass_rows() or len(x)
+    if rows >= len(x):
+        return fn(x, y)
+    parts = []
+    for i in range(0, len(x), rows):
+        with rows_of_pass(slice(i, i + rows), len(x)):
+            parts.append(fn(x[i : i + rows], y[i : i + rows]))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _chunk_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, reduction="sum") / batch
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad, logits.detach()
