@@ -104,7 +104,7 @@ def verdict_table(
 ) -> pd.DataFrame:
     """SE − baseline per (arm, family, baseline, measurement, attack, eps > 0), by seed pairs.
 
-    The measurements of :func:`robustse.analysis.stats.comparison_table`. Rows of the ``primary``
+    The measurements of :func:`robustse.analysis.stats.comparison_jobs`. Rows of the ``primary``
     measurement are the primary endpoint, Holm-corrected across their eps (and attacks); every
     other row is secondary (exploratory), Holm-corrected across the whole secondary family of its
     (arm, family, baseline). ``equivalent`` uses the margin of the measurement (:data:`MARGINS`,

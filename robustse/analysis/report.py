@@ -46,7 +46,7 @@ from robustse.core.types import PathLike, split_intervention
 
 VERDICT_COLOURS = {
     "SE damps": "#1a7f37", "SE amplifies": "#cf222e", "equivalent": "#0969da", "inconclusive": "#6e7781",
-    "too few seeds": "#8c959f", "no evidence": "#6e7781", "reaction hurts": "#cf222e", "reaction helps": "#1a7f37",
+    "too few seeds": "#8c959f", "reaction hurts": "#cf222e", "reaction helps": "#1a7f37",
     "attack damped more": "#1a7f37", "noise damped more": "#cf222e", "negligible": "#57606a",
     "attack attenuated more": "#1a7f37", "noise attenuated more": "#9a6700", "SE lower": "#1a7f37",
     "SE higher": "#cf222e", "Yes": "#1a7f37", "No": "#cf222e", "Not settled": "#6e7781",
@@ -430,7 +430,7 @@ def analyse(data: RunData, opts: ReportOptions, log: Callable[[str], None] | Non
         ex, models, site_examples=site_ex, alpha=opts.alpha, primary=opts.primary, margins=opts.margins
     )
     damp = S.damping_table(site_ex, models, **kw) if not site_ex.empty else None
-    inter = S.intervention_table(ex, models, **kw)
+    inter = S.intervention_table(ex, models, alpha=opts.alpha)
     groups = S.twin_groups(models)
     if log:
         log(f"statistics: {len(comparison)} seed-pair comparisons, {len(groups)} twin group(s)")

@@ -8,8 +8,9 @@ examples are shared by every model), with Welch–Satterthwaite degrees of freed
 (:data:`TWIN_VERDICTS`): a direction (``SE damps`` / ``SE amplifies``) for a Holm-adjusted p
 below alpha whose estimate clears the measurement's equivalence margin, ``negligible`` for a
 significant difference inside the margin, ``equivalent`` (two one-sided tests within the
-margin), ``inconclusive``, and ``too few seeds`` below 5 pairs. The two-level bootstrap
-(:class:`Resampler`) draws only the descriptive bands of the figures and the transfer tables.
+margin), ``inconclusive``, and ``too few seeds`` below 5 pairs. The two-level bootstrap over
+seeds and examples (:class:`Resampler`) draws only the descriptive bands of the figures and the
+channel-gain table.
 
 Only numpy, pandas and scipy here (no torch): tables in, tables out.
 """
@@ -17,7 +18,6 @@ Only numpy, pandas and scipy here (no torch): tables in, tables out.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -64,7 +64,7 @@ def _as_matrix(values: Any) -> np.ndarray:
 
 
 class Resampler:
-    """The random draws of one analysis: example weights, seed draws and sign flips.
+    """The random draws of one analysis: example weights and seed draws.
 
     A bootstrap replicate draws n examples with replacement; it is represented by its counts
     (a row of a (B, n) matrix), so a replicate's mean is one matrix product. Draws are made once
@@ -72,10 +72,9 @@ class Resampler:
     still a valid bootstrap interval; the tables are computed in seconds instead of minutes).
     """
 
-    def __init__(self, *, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0) -> None:
-        self.n_boot, self.n_perm, self.seed = n_boot, n_perm, seed
+    def __init__(self, *, n_boot: int = 2000, seed: int = 0) -> None:
+        self.n_boot, self.seed = n_boot, seed
         self._weights: dict[int, np.ndarray] = {}
-        self._signs: dict[int, np.ndarray] = {}
         self._seeds: dict[tuple[int, int], np.ndarray] = {}
 
     def _rng(self, *key: int) -> np.random.Generator:
@@ -94,12 +93,6 @@ class Resampler:
             self._seeds[s, stream] = self._rng(2, s, stream).integers(0, s, size=(self.n_boot, s))
         return self._seeds[s, stream]
 
-    def signs(self, n: int) -> np.ndarray:
-        """(P, n) random signs for the sign-flip test."""
-        if n not in self._signs:
-            self._signs[n] = self._rng(3, n).integers(0, 2, size=(self.n_perm, n)).astype(np.float64) * 2 - 1
-        return self._signs[n]
-
     def replicate_means(self, a: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """(B,) the mean over drawn seeds of the mean over drawn examples (NaN entries ignored)."""
         w = self.weights(a.shape[1])
@@ -109,15 +102,6 @@ class Resampler:
         picked = np.take_along_axis(per_seed, seeds, axis=1)
         with np.errstate(invalid="ignore"):
             return np.nanmean(picked, axis=1) if np.isnan(picked).any() else picked.mean(axis=1)
-
-    def sign_flip_p(self, d: np.ndarray) -> float:
-        """Two-sided p-value that the per-example differences ``d`` have mean 0; 1.0 if all are 0."""
-        d = np.asarray(d, dtype=np.float64)
-        if d.size == 0 or not np.any(d):
-            return 1.0
-        flipped = np.abs(self.signs(d.size) @ d) / d.size
-        hits = int((flipped >= abs(d.mean()) - 1e-12).sum())
-        return (hits + 1) / (self.n_perm + 1)
 
 
 def bootstrap_mean(
@@ -140,79 +124,6 @@ def bootstrap_mean(
     return float(np.nanmean(a)), float(lo), float(hi)
 
 
-def sign_flip_test(d: Any, *, n_perm: int = 2000, seed: int = 0) -> float:
-    """Two-sided p-value that the per-example differences ``d`` have mean 0 (random sign flips)."""
-    return Resampler(n_perm=n_perm, seed=seed).sign_flip_p(np.asarray(d, dtype=np.float64))
-
-
-@dataclass(frozen=True)
-class Difference:
-    """``a − b`` of two (seeds, examples) matrices with its CI and paired test."""
-
-    a_mean: float
-    b_mean: float
-    diff: float
-    ci_low: float
-    ci_high: float
-    p: float
-    n_examples: int
-
-
-def compare(
-    a: Any,
-    b: Any,
-    *,
-    paired_seeds: bool = False,
-    n_boot: int = 2000,
-    n_perm: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    resampler: Resampler | None = None,
-) -> Difference:
-    """Difference of means ``a − b`` with a two-level bootstrap CI and a paired permutation test.
-
-    Args:
-        a, b: (seeds, examples) matrices over the same examples (columns aligned).
-        paired_seeds: the rows are the same models measured two ways (an intervention), so a
-            replicate draws the same seeds for both; twins are separate models (default: drawn
-            independently).
-        n_boot, n_perm: bootstrap replicates and random sign flips.
-        alpha: 1 − CI level.
-        seed: seeds the draws (results are reproducible).
-        resampler: shared draws of a whole analysis (overrides ``n_boot``, ``n_perm``, ``seed``).
-
-    Returns:
-        :class:`Difference`; ``p`` is two-sided, from sign flips of the per-example differences of
-        the seed means.
-
-    Raises:
-        ValueError: the matrices have different numbers of examples.
-    """
-    a, b = _as_matrix(a), _as_matrix(b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b cover different examples ({a.shape[1]} vs {b.shape[1]})")
-    if paired_seeds and a.shape[0] != b.shape[0]:
-        raise ValueError("paired_seeds needs the same number of seeds on both sides")
-    r = resampler or Resampler(n_boot=n_boot, n_perm=n_perm, seed=seed)
-    sa = r.seeds(a.shape[0], 0)
-    sb = sa if paired_seeds else r.seeds(b.shape[0], 1)
-    dist = r.replicate_means(a, sa) - r.replicate_means(b, sb)  # the same example draws on both sides
-    lo, hi = np.nanquantile(dist, [alpha / 2, 1 - alpha / 2])
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (undefined ratios)
-        d = np.nanmean(a, axis=0) - np.nanmean(b, axis=0)
-    d = d[~np.isnan(d)]
-    return Difference(
-        float(np.nanmean(a)),
-        float(np.nanmean(b)),
-        float(np.nanmean(a) - np.nanmean(b)),
-        float(lo),
-        float(hi),
-        r.sign_flip_p(d),
-        int(a.shape[1]),
-    )
-
-
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of p-values (same order as given).
 
@@ -229,27 +140,6 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p[i]))
         adjusted[i] = running
     return [round(float(v), 12) for v in adjusted]
-
-
-def verdict(
-    ci_low: float, ci_high: float, p_holm: float, *, alpha: float = 0.05, higher_is_damping: bool = False
-) -> str:
-    """``SE damps`` / ``no evidence`` / ``SE amplifies`` for an SE − plain difference.
-
-    Args:
-        ci_low, ci_high: the CI of SE − plain.
-        p_holm: the Holm-corrected p-value.
-        alpha: significance level.
-        higher_is_damping: True for measurements where more is better for SE (robust accuracy);
-            False where less means damped (sensitivity, KL, flip rate, amplification).
-    """
-    if not p_holm < alpha or any(math.isnan(v) for v in (ci_low, ci_high)):
-        return "no evidence"
-    below, above = ci_high < 0, ci_low > 0
-    if below or above:
-        damps = above if higher_is_damping else below
-        return "SE damps" if damps else "SE amplifies"
-    return "no evidence"
 
 
 # --------------------------------------------------------------------------- experiment tables
@@ -336,49 +226,6 @@ def with_noise_ratio(ex: Any) -> Any:
     return out.drop(columns="_noise_sens")
 
 
-def comparison_table(
-    examples: Any,
-    models: Any,
-    *,
-    site_examples: Any = None,
-    n_boot: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> Any:
-    """The SE − plain statistics of an experiment, one row per (arm, family, measurement, attack, eps).
-
-    Measurements: ``robust_accuracy`` (worst case over the attacks; higher = SE damps) and, for
-    every attack and the noise control, ``logit_sensitivity``, ``kl``, ``flip_rate`` and, where
-    probes stored them, the last block's ``amplification``; for every attack
-    ``log_sensitivity_vs_noise`` (lower = SE damps, for all of these). eps = 0 rows are
-    left out (nothing is perturbed). p-values are Holm-corrected across the eps of each
-    (arm, family, measurement, attack).
-
-    Returns:
-        DataFrame: arm, family, measurement, attack, eps, se_mean, plain_mean, diff, ci_low,
-        ci_high, p, p_holm, verdict, n_examples, se_seeds, plain_seeds.
-    """
-    import pandas as pd
-
-    r = Resampler(n_boot=n_boot, n_perm=n_boot, seed=seed)
-    ex = examples[examples.eps > 0].copy()
-    ex["flip_rate"] = (ex.adv_pred != ex.clean_pred).astype(float)
-    ex = with_noise_ratio(ex)
-    worst = worst_case_examples(ex)
-    last_block = last_block_amplification(site_examples)
-    rows: list[dict[str, Any]] = []
-    for g in twin_groups(models):
-        for job in comparison_jobs(g, ex, worst, last_block):
-            rows += _compare_over_eps(g, job, r, alpha)
-    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
-
-
-COMPARISON_COLUMNS = [
-    "arm", "family", "measurement", "attack", "eps", "se_mean", "plain_mean", "diff", "ci_low", "ci_high",
-    "p", "p_holm", "verdict", "n_examples", "se_seeds", "plain_seeds", "higher_is_damping",
-]  # fmt: skip
-
-
 class _Job(NamedTuple):
     """One measurement of one attack to compare between twins: its table and value column."""
 
@@ -416,31 +263,6 @@ def comparison_jobs(g: dict[str, Any], ex: Any, worst: Any, last_block: Any) -> 
             if not lb.empty:
                 jobs.append(_Job("amplification_last_block", attack, lb, "value", False))
     return jobs
-
-
-def _compare_over_eps(g: dict[str, Any], job: _Job, r: Resampler, alpha: float) -> list[dict[str, Any]]:
-    """One row per eps of ``job`` for twin group ``g``; p-values Holm-corrected across the eps."""
-    block: list[dict[str, Any]] = []
-    for eps in sorted(set(job.table.eps)):
-        t = job.table[job.table.eps == eps]
-        a, b = _matrix(t, g["se"], job.column), _matrix(t, g["plain"], job.column)
-        if np.isnan(a).all() or np.isnan(b).all() or a.shape[1] != b.shape[1]:
-            continue
-        d = compare(a, b, alpha=alpha, resampler=r)
-        block.append(
-            {
-                "arm": g["arm"], "family": g["family"], "measurement": job.measure, "attack": job.attack,
-                "eps": float(eps), "se_mean": d.a_mean, "plain_mean": d.b_mean, "diff": d.diff,
-                "ci_low": d.ci_low, "ci_high": d.ci_high, "p": d.p, "n_examples": d.n_examples,
-                "se_seeds": len(g["se"]), "plain_seeds": len(g["plain"]), "higher_is_damping": job.higher_is_damping,
-            }
-        )  # fmt: skip
-    for row, p_adj in zip(block, holm([r["p"] for r in block]), strict=True):
-        row["p_holm"] = p_adj
-        row["verdict"] = verdict(
-            row["ci_low"], row["ci_high"], p_adj, alpha=alpha, higher_is_damping=row["higher_is_damping"]
-        )
-    return block
 
 
 def group_curve(values: Any, models: list[str], column: str, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):
@@ -497,20 +319,21 @@ def damping_table(site_examples: Any, models: Any, *, n_boot: int = 2000, alpha:
     )
 
 
-def intervention_table(examples: Any, models: Any, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0):
-    """Gate interventions on the SE models: accuracy and sensitivity with gates held at their
-    clean values (``clean_gates``) or training-set means (``frozen_mean``) minus the normal model,
-    per (arm, family, attack, eps > 0), with paired-seed bootstrap CIs.
+def intervention_table(examples: Any, models: Any, *, alpha: float = 0.05) -> Any:
+    """Transfer: the SE models scored with gates held at their clean values (``clean_gates``) or
+    training-set means (``frozen_mean``) on the intact model's adversarials, minus the intact model,
+    per (arm, family, attack, eps > 0). Paired per model (the model is the unit,
+    :func:`compare_paired_models`): a t interval over the models' effects, no multiplicity
+    adjustment (a secondary, descriptive table).
 
     A positive accuracy effect of ``clean_gates`` means the adaptive gates hurt under attack.
 
     Returns:
         DataFrame: arm, family, attack, eps, intervention, measurement, normal, intervened,
-        effect, ci_low, ci_high, p.
+        effect, ci_low, ci_high, p, n_pairs.
     """
     import pandas as pd
 
-    r = Resampler(n_boot=n_boot, n_perm=n_boot, seed=seed)
     rows = []
     roles = examples.attack.map(roles_of(examples.attack.unique()))
     probe = (roles == "probe").to_numpy(dtype=bool)  # the gate attack: no plain side
@@ -518,23 +341,29 @@ def intervention_table(examples: Any, models: Any, *, n_boot: int = 2000, alpha:
     for g in twin_groups(models):
         sub = ex[ex.model.isin(g["se"])]
         for (attack, eps), t in sub.groupby(["attack", "eps"], sort=True):
-            for prefix, name in (("cg", "clean_gates"), ("fm", "frozen_mean")):
-                for measure, normal_col in (("accuracy", "correct"), ("logit_sensitivity", "logit_sensitivity")):
-                    col = f"{prefix}_{'correct' if measure == 'accuracy' else 'sensitivity'}"
-                    if col not in t or t[col].isna().all():
-                        continue
-                    a, b = _matrix(t, g["se"], col), _matrix(t, g["se"], normal_col)
-                    d = compare(a, b, paired_seeds=True, alpha=alpha, resampler=r)
-                    rows.append(
-                        {"arm": g["arm"], "family": g["family"], "attack": attack, "eps": float(eps),
-                         "intervention": name, "measurement": measure, "normal": d.b_mean, "intervened": d.a_mean,
-                         "effect": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high, "p": d.p}
-                    )  # fmt: skip
-    columns = [
-        "arm", "family", "attack", "eps", "intervention", "measurement", "normal", "intervened", "effect",
-        "ci_low", "ci_high", "p",
-    ]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+            for name, measure, col, normal_col in _TRANSFER:
+                if col not in t or t[col].isna().all():
+                    continue
+                c = compare_paired_models(_matrix(t, g["se"], col), _matrix(t, g["se"], normal_col), alpha=alpha)
+                rows.append(
+                    {"arm": g["arm"], "family": g["family"], "attack": attack, "eps": float(eps),
+                     "intervention": name, "measurement": measure, "normal": c.plain_mean, "intervened": c.se_mean,
+                     "effect": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "p": c.p, "n_pairs": c.n_pairs}
+                )  # fmt: skip
+    return pd.DataFrame(rows, columns=TRANSFER_COLUMNS)
+
+
+# (intervention, measurement, its column, the intact model's column)
+_TRANSFER = [
+    ("clean_gates", "accuracy", "cg_correct", "correct"),
+    ("clean_gates", "logit_sensitivity", "cg_sensitivity", "logit_sensitivity"),
+    ("frozen_mean", "accuracy", "fm_correct", "correct"),
+    ("frozen_mean", "logit_sensitivity", "fm_sensitivity", "logit_sensitivity"),
+]
+TRANSFER_COLUMNS = [
+    "arm", "family", "attack", "eps", "intervention", "measurement", "normal", "intervened", "effect",
+    "ci_low", "ci_high", "p", "n_pairs",
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- twins: the model is the unit
