@@ -250,7 +250,7 @@ def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir
 
 
 def test_external_twins_share_a_family_without_the_se_prefix():
-    from robustse.analysis.report import external_family
+    from robustse.analysis.rundata import external_family
 
     names = ["timm:seresnet50", "timm:resnet50", "timm:legacy_seresnet50", "torchvision:resnet50"]
     assert {external_family(n) for n in names} == {"resnet50"}

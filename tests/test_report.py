@@ -157,7 +157,7 @@ def test_report_refuses_a_run_that_mixes_norms(tmp_path):
 
 def test_a_control_of_another_norm_is_not_a_mix(tmp_path):
     """Only attacks on the label count: the noise control and the gate probe may use any norm."""
-    from robustse.analysis.report import load_run
+    from robustse.analysis.rundata import load_run
 
     _store_with_cells(tmp_path, [("fgsm", "linf", 0.1), ("noise", "l2", 0.5), ("gate", "l2", 0.5)])
     data = load_run(tmp_path)
