@@ -4,80 +4,45 @@ For every model the clean pass runs once and is reused by every cell. Cells run 
 ascending) and each is committed with its per-example rows in one transaction; the clean-input
 gradient of attacks without a random start is cached per batch, so FGSM's whole ladder still costs
 one backward pass per batch. A rerun skips finished cells; a killed sweep loses at most the cell
-in flight.
+in flight. :class:`Sweep` runs the plan; the steps of one ladder are in
+:mod:`~robustse.experiment.cells`, those of a stacked seed group in
+:mod:`~robustse.experiment.seed_groups`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
-import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from robustse.analysis.stats import wilson_interval, worst_case_examples
 from robustse.attacks import Attack, create_attack
 from robustse.attacks.evaluator import Evaluator, grad_bytes_per_row
 from robustse.core.distributed import SINGLE, Dist
-from robustse.core.errors import DataError, ModelError, SpecError
-from robustse.core.passes import pass_memory, pass_rows, rows_of_pass, rows_within
+from robustse.core.errors import DataError, SpecError
+from robustse.core.passes import pass_memory, pass_rows, rows_within
 from robustse.core.roles import attack_role
-from robustse.core.store import PROBE_COLUMNS, Cell, ResultsStore, attack_key
+from robustse.core.store import ResultsStore, attack_key
 from robustse.data.base import Dataset, to_float
 from robustse.data.folder import dataset_identity
-from robustse.experiment.checks import Check, run_checks
+from robustse.experiment.cells import (
+    Clean,
+    Opened,
+    SnapCache,
+    SweepModel,
+    SweepOptions,
+    SweepResult,
+    merge_rows,
+)
+from robustse.experiment.checks import run_checks
+from robustse.experiment.seed_groups import SeedGroupSteps, architecture_key
 from robustse.models.checkpoint import weight_hash
 from robustse.models.gates import find_gates
-from robustse.models.stacked import MemberRows, member_rows, stack_models
-from robustse.probes.cell import CellProbe, snapshot_bytes
 from robustse.probes.metrics import margin
-
-
-@dataclass
-class SweepModel:
-    """A model taking part in a sweep."""
-
-    label: str
-    model: nn.Module
-    checkpoint: str
-    meta: dict[str, Any] = field(default_factory=dict)
-    gate_means: dict[str, torch.Tensor] | None = None  # frozen_mean values; default: meta["gate_means"]
-    # a gate intervention attacked white-box (README "Metrics"): entered around every batch ``x``
-    # (clean pass, attack, predictions, probes); None for the model as it is
-    hold: Callable[[torch.Tensor], contextlib.AbstractContextManager[None]] | None = None
-    # logits divided by this give calibrated measures (fitted on held-out examples); None: not fitted
-    temperature: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.gate_means is None and isinstance(self.meta.get("gate_means"), dict):
-            self.gate_means = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.meta["gate_means"].items()}
-
-    def batch(self, x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-        """The context every pass over the clean batch ``x`` (or its perturbations) runs in."""
-        return contextlib.nullcontext() if self.hold is None else self.hold(x)
-
-    def evaluator(self) -> Evaluator:
-        """The prediction path: a channels_last copy, or the model itself for an intervention (its
-        gates are set per batch on the model)."""
-        return Evaluator(self.model) if self.hold is None else Evaluator(self.model, copy_model=False)
-
-
-@dataclass
-class SweepResult:
-    """What :func:`run_sweep` produced: per-cell robust accuracy, worst case, checks."""
-
-    out_dir: Path
-    cells: Any  # pandas DataFrame of the cells table (None on ranks other than 0)
-    robust: Any  # DataFrame: model, eps, n, correct, accuracy, ci_low, ci_high (worst case over attacks)
-    checks: list[Check]
-    computed_cells: int = 0
 
 
 def evalset_fingerprint(ds: Dataset) -> str:
@@ -129,136 +94,7 @@ def build_attacks(specs: Sequence[dict[str, Any]], *, norm: str, seed: int, nois
     return attacks
 
 
-class _Clean(NamedTuple):
-    """A model's clean pass over the evaluation set (CPU tensors, one entry per example)."""
-
-    pred: torch.Tensor
-    margin: torch.Tensor
-    finite: torch.Tensor  # logits all finite
-
-
-@dataclass
-class PerturbationStats:
-    """A cell's adversarials at a glance: largest Linf and L2 perturbation, pixel range, and the
-    number of rows whose adversarial or logits are not finite. Accumulated batch by batch
-    (:meth:`update`) and, under torchrun, over ranks (:meth:`merge`)."""
-
-    linf: float = 0.0
-    l2: float = 0.0
-    min: float = 1.0
-    max: float = 0.0
-    nonfinite: int = 0
-
-    def update(self, delta: torch.Tensor, adv: torch.Tensor, finite: torch.Tensor) -> None:
-        """Add one batch: ``delta`` (B, D) perturbations, ``adv`` adversarials, ``finite`` (B,) bools."""
-        self.nonfinite += int((~finite).sum())
-        self.linf = max(self.linf, float(delta.abs().max()))
-        self.l2 = max(self.l2, float(delta.norm(dim=1).max()))
-        lo, hi = adv.aminmax()
-        self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
-
-    @classmethod
-    def merge(cls, parts: Sequence[PerturbationStats]) -> PerturbationStats:
-        """One summary from those of several ranks."""
-        return cls(
-            linf=max(p.linf for p in parts), l2=max(p.l2 for p in parts),
-            min=min(p.min for p in parts), max=max(p.max for p in parts),
-            nonfinite=sum(p.nonfinite for p in parts),
-        )  # fmt: skip
-
-
-@dataclass
-class SweepOptions:
-    """How a sweep runs (the keyword options of :func:`run_sweep`)."""
-
-    batch_size: int = 256
-    accuracy_only: bool = False
-    probes: bool = True
-    probe_subsample: int = 256
-    channels_last: bool = False
-    progress: bool = True
-    seed_batching: bool | None = None  # attack the seeds of one architecture at once; None: on a GPU
-    pass_rows: int | None = None  # rows per gradient and probe pass within a batch (None: the pass budget's)
-
-
-@dataclass
-class _Rung:
-    """The state a ladder carries from one rung to the next: per example, was it still classified
-    correctly, its prediction and its margin (accuracy-only mode attacks the survivors only)."""
-
-    correct: torch.Tensor
-    pred: torch.Tensor
-    margin: torch.Tensor
-
-
-@dataclass
-class _Ladder:
-    """One model × attack ladder in progress: its rungs, what is left to run and its caches."""
-
-    sm: SweepModel
-    atk: Attack
-    key: str
-    eps: list[float]  # the attack's rungs (ascending)
-    todo: list[float]
-    ev: Evaluator
-    clean: _Clean
-    snaps: _SnapCache  # recorded clean passes of this model, shared by its ladders
-    grads: dict[int, torch.Tensor | None] = field(default_factory=dict)  # clean-input gradient per batch
-    frozen_clean: dict[tuple[int, int], torch.Tensor | None] = field(default_factory=dict)  # frozen_mean clean logits
-
-
-class _SnapCache(dict):
-    """Recorded clean passes of one model by batch, within a memory budget (bytes left)."""
-
-    def __init__(self, budget: int) -> None:
-        super().__init__()
-        self.budget = budget
-
-
-@dataclass
-class _Opened:
-    """A model being attacked (:meth:`Sweep._open`): evaluator, clean pass, probe cache, the
-    training-mode forward counter and its hook."""
-
-    sm: SweepModel
-    ev: Evaluator
-    clean: _Clean
-    snaps: _SnapCache
-    train_forwards: list[int]
-    hook: Any
-
-    def ladder(self, sweep: Sweep, atk: Attack, todo: list[float]) -> _Ladder:
-        """The ladder of ``atk`` on this model with the rungs ``todo`` left."""
-        key = attack_key(atk.describe())
-        return _Ladder(self.sm, atk, key, sweep.ladders[id(atk)], todo, self.ev, self.clean, self.snaps)
-
-
-def _architecture(sm: SweepModel) -> str:
-    """What must agree for models to be stacked: architecture and builder options."""
-    return json.dumps([sm.meta.get("arch"), sm.meta.get("arch_kwargs")], sort_keys=True, default=str)
-
-
-def _stackable(sm: SweepModel) -> bool:
-    """Only robustse's own architectures are stacked: a foreign model may mix channels (a
-    concatenation, a channel shuffle) in ways the stacked network cannot keep apart."""
-    from robustse.models import model_info
-
-    arch = sm.meta.get("arch")
-    if not isinstance(arch, str) or ":" in arch:
-        return False
-    try:
-        model_info(arch)
-    except ModelError:
-        return False
-    return True
-
-
-def _same(todos: list[Any]) -> bool:
-    """Whether every member has the same rungs left (and has this attack at all)."""
-    return all(t is not None and t == todos[0] for t in todos)
-
-
-class Sweep:
+class Sweep(SeedGroupSteps):
     """One sweep's state and its steps: :meth:`prepare` the store, then per model a
     :meth:`clean_pass` and a :meth:`run_ladder` per attack, then :meth:`finish` (checks, exports,
     worst case). :func:`run_sweep` documents the arguments."""
@@ -359,7 +195,7 @@ class Sweep:
         (:func:`robustse.attacks.pass_memory`), from the largest autograd graph per row of the
         models; logged when a batch does not fit."""
         x = to_float(self.x_all[:1])
-        models = {_architecture(sm) if sm.meta.get("arch") else id(sm.model): sm.model for sm in self.models}
+        models = {architecture_key(sm) if sm.meta.get("arch") else id(sm.model): sm.model for sm in self.models}
         per_row = max((grad_bytes_per_row(m.to(self.device), x) for m in models.values()), default=0)
         rows = rows_within(pass_memory(self.device), per_row)
         if rows < self.opt.batch_size and self.log and self.layout.is_main:
@@ -375,12 +211,12 @@ class Sweep:
         try:
             for atk, todo in ladders:
                 if todo:
-                    self.run_ladder(opened.ladder(self, atk, todo))
+                    self.run_ladder(opened.ladder(self.ladders, atk, todo))
                     self._model_done(sm, atk, todo, opened.train_forwards)
         finally:
             opened.hook.remove()
 
-    def _open(self, sm: SweepModel, *, share: int = 1) -> _Opened:
+    def _open(self, sm: SweepModel, *, share: int = 1) -> Opened:
         """A model ready to attack: on the device, in eval mode, counting training-mode forwards,
         with its evaluator and its clean pass done."""
         sm.model.to(self.device).eval()
@@ -391,101 +227,9 @@ class Sweep:
         ev = sm.evaluator()
         clean = self.clean_pass(sm, ev, train_forwards)
         # models open together share the probe cache's memory budget
-        return _Opened(sm, ev, clean, _SnapCache(_probe_cache_bytes() // share), train_forwards, hook)
+        return Opened(sm, ev, clean, SnapCache(_probe_cache_bytes() // share), train_forwards, hook)
 
     # ------------------------------------------------------------------- seeds attacked at once
-
-    def _groups(self) -> list[list[SweepModel]]:
-        """The models in sweep order, those of one architecture and options together when seed
-        batching is on (gate interventions always alone)."""
-        batch = self.opt.seed_batching
-        if batch is None:
-            batch = self.device.type == "cuda"
-        if not batch or self.layout.active:
-            return [[sm] for sm in self.models]
-        groups: dict[Any, list[SweepModel]] = {}
-        for sm in self.models:
-            key = _architecture(sm) if sm.hold is None and _stackable(sm) else id(sm)
-            groups.setdefault(key, []).append(sm)
-        return [g for group in groups.values() for g in self._fitting(group)]
-
-    def _fitting(self, group: list[SweepModel]) -> list[list[SweepModel]]:
-        """``group`` stacked when its K·B rows fit one pass (``pass_rows``, else the pass budget's
-        rows), else one model at a time: a pass cut out of the stacked rows would split the
-        members' rows."""
-        rows = self.budget_rows
-        if len(group) == 1 or rows is None or len(group) * self.opt.batch_size <= rows:
-            return [group]
-        if self.log and self.layout.is_main:
-            self.log(f"{len(group)} models of {group[0].label}'s architecture: {len(group)}x{self.opt.batch_size} rows "
-                     f"do not fit a pass of {rows}; attacked one at a time, not stacked")  # fmt: skip
-        return [[sm] for sm in group]
-
-    def run_group(self, members: list[SweepModel], ladders: list[list[tuple[Attack, list[float]]]]) -> None:
-        """K ≥ 2 models of one architecture: each one's clean pass, then per attack its ladders,
-        attacked all at once through one stacked network where the attack allows (README
-        "Performance": seed batching) and one by one otherwise."""
-        try:
-            stacked = MemberRows(stack_models([sm.model.to(self.device) for sm in members]).eval())
-        except ModelError:  # a module the stacked network cannot hold: one model at a time
-            for sm, mine in zip(members, ladders, strict=True):
-                self.run_model(sm, mine)
-            return
-        opened = [self._open(sm, share=len(members)) for sm in members]
-        try:
-            for atk in self.attacks:
-                todos = [dict((id(a), t) for a, t in mine).get(id(atk)) for mine in ladders]
-                lads = [o.ladder(self, atk, t) for o, t in zip(opened, todos, strict=True) if t]
-                self._run_ladders(lads, stacked, together=len(lads) == len(members) and _same(todos))
-                for o, todo in zip(opened, todos, strict=True):
-                    if todo:
-                        self._model_done(o.sm, atk, todo, o.train_forwards)
-        finally:
-            for o in opened:
-                o.hook.remove()
-
-    def _run_ladders(self, lads: list[_Ladder], stacked: MemberRows, *, together: bool) -> None:
-        can = together and len(lads) > 1 and lads[0].atk.tiles_draws() and not self.opt.accuracy_only
-        if not can:
-            for lad in lads:
-                self.run_ladder(lad)
-            return
-        grads: dict[int, torch.Tensor | None] = {}
-        for rung, e in enumerate(lads[0].eps):
-            if e in lads[0].todo:
-                self._run_rungs_together(lads, stacked, (rung, e), grads)
-        self.computed += sum(len(lad.todo) for lad in lads)
-
-    def _run_rungs_together(self, lads, stacked, rung_eps, grads) -> None:
-        """One rung of K ladders: every batch attacked for all members at once, then each member's
-        adversarials predicted, measured and written as its own cell."""
-        (rung, e), n, t0 = rung_eps, len(self.y_all), time.perf_counter()
-        outs = [(lad.clean.pred.clone(), lad.clean.margin.clone()) for lad in lads]  # every row is attacked
-        tallies = [(PerturbationStats(), self._probe(lad) if self.probes else None) for lad in lads]
-        for b, i in enumerate(range(0, n, self.opt.batch_size)):
-            where = (b, i, rung, e)
-            advs = self._adversarials_together(lads, stacked, where, grads)
-            rows = torch.arange(len(advs[0]))
-            for lad, adv, out, tally in zip(lads, advs, outs, tallies, strict=True):
-                self._score_rows(lad, where, (rows, adv), out, tally)
-            self.bar.update(len(lads))
-        seconds = (time.perf_counter() - t0) / len(lads)  # the rung's time, shared by its cells
-        for lad, (pred, adv_margin), (stats, probe) in zip(lads, outs, tallies, strict=True):
-            if self.store is not None:
-                correct = pred == self.y_all.cpu()
-                self.write_cell(lad, e, (pred, adv_margin, correct), stats, probe, seconds)
-
-    def _adversarials_together(self, lads, stacked, where, grads) -> list[torch.Tensor]:
-        """Each member's adversarials of one batch, from one attack call on the stacked network
-        (each member gets its own gradients and the random draws it would get alone)."""
-        b, i, rung, e = where
-        k, bs, atk = len(lads), self.opt.batch_size, lads[0].atk
-        xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
-        xs, ys = member_rows(xb, k), yb.repeat(k)
-        if b not in grads:
-            grads[b] = atk.clean_gradient(stacked, xs, ys, members=k)
-        res = atk(stacked, xs, ys, epsilons=[e], grad0=grads[b], stream=cell_stream(b, e), members=k)
-        return list(res.adversarials[0].view(k, len(yb), *xb.shape[1:]))
 
     def _model_done(self, sm: SweepModel, atk: Attack, todo: list[float], train_forwards: list[int]) -> None:
         forwards = int(self.layout.all_sum(train_forwards[0]))
@@ -494,7 +238,7 @@ class Sweep:
         if self.log and self.layout.is_main:
             self.log(f"{sm.label} × {atk.name}: {len(todo)} eps done")
 
-    def clean_pass(self, sm: SweepModel, ev: Evaluator, train_forwards: list[int]) -> _Clean:
+    def clean_pass(self, sm: SweepModel, ev: Evaluator, train_forwards: list[int]) -> Clean:
         """Clean predictions and margins of every example; the model's row in the store (rank 0)."""
         clean, zero_frac, prob_like = _clean_pass(sm, ev, self.x_all, self.y_all, self.opt.batch_size, self.layout)
         if self.store is not None:
@@ -506,164 +250,6 @@ class Sweep:
         return clean
 
     # ------------------------------------------------------------------------------ one ladder
-
-    def run_ladder(self, lad: _Ladder) -> None:
-        """The cells ``lad.todo`` of one (model, attack) pair, rung by rung, each its own transaction.
-
-        The clean-input gradient of attacks without a random start is computed once per batch and
-        reused by every rung (FGSM's whole ladder costs one backward pass per batch). In
-        accuracy-only mode a rung attacks only the examples that survived the rung below it; the
-        others keep their earlier adversarial, which lies inside every larger ball. Under torchrun
-        each rank runs its batches; the rung's results are gathered on every rank and rank 0
-        writes them.
-        """
-        y_cpu = self.y_all.cpu()
-        prev = _Rung(lad.clean.pred == y_cpu, lad.clean.pred.clone(), lad.clean.margin.clone())
-        for rung, e in enumerate(lad.eps):
-            if e in lad.todo and not self._done_elsewhere(lad, e):
-                prev = self.run_rung(lad, rung, e, prev)
-                self.computed += 1
-            elif self.opt.accuracy_only:  # a finished rung (resumed run): its survivors seed the next one
-                prev = self._stored_rung(lad, e)
-
-    def _done_elsewhere(self, lad: _Ladder, e: float) -> bool:
-        """Whether another process sweeping into the same store has finished this cell since the
-        plan was made (two sweeps into one run directory share the work instead of colliding)."""
-        done = None
-        if self.store is not None:
-            done = lad.sm.label not in self.stale and self.store.has_cell(lad.sm.label, lad.key, e)
-        return bool(self.layout.broadcast(done))
-
-    def _stored_rung(self, lad: _Ladder, e: float) -> _Rung:
-        rows = self.layout.broadcast(self.store.cell_rows(lad.sm.label, lad.key, e) if self.store is not None else None)
-        return _Rung(
-            torch.tensor([bool(r[0]) for r in rows]),
-            torch.tensor([r[1] for r in rows]),
-            torch.tensor([r[2] for r in rows], dtype=lad.clean.margin.dtype),
-        )
-
-    def run_rung(self, lad: _Ladder, rung: int, e: float, prev: _Rung) -> _Rung:
-        """Attack every batch (this rank's) at eps ``e``, gather, and write the cell (rank 0)."""
-        t0 = time.perf_counter()
-        pred, adv_margin = prev.pred.clone(), prev.margin.clone()
-        stats = PerturbationStats()
-        n = len(self.y_all)
-        probe = self._probe(lad) if self.probes else None
-        for b, i in enumerate(range(0, n, self.opt.batch_size)):
-            if self.layout.owns(b):
-                self.attack_batch(lad, (b, i, rung, e), prev.correct, (pred, adv_margin), stats, probe)
-            self.bar.update(self.layout.world if self.layout.is_main else 1)
-        if self.layout.active:  # every rank gets every batch's results, in batch order
-            parts = self.layout.gather((pred, adv_margin, stats, probe))
-            _merge_rows((pred, adv_margin), parts, self.opt.batch_size, self.layout.world)
-            stats = PerturbationStats.merge([p[2] for p in parts])
-            probe = CellProbe.merge([p[3] for p in parts]) if probe is not None else None
-        correct = pred == self.y_all.cpu()
-        if self.store is not None:
-            self.write_cell(lad, e, (pred, adv_margin, correct), stats, probe, time.perf_counter() - t0)
-        return _Rung(correct, pred, adv_margin)
-
-    def _probe(self, lad: _Ladder) -> CellProbe:
-        """A cell's probe: the intact model's also scores the gate interventions on its adversarials."""
-        sm, n = lad.sm, len(self.y_all)
-        return CellProbe(
-            n, subsample=self.opt.probe_subsample, gate_means=sm.gate_means, transfer=sm.hold is None,
-            temperature=sm.temperature,
-        )  # fmt: skip
-
-    def attack_batch(self, lad, where, prev_correct, out, stats, probe) -> None:
-        """Attack one batch; fill its rows of ``out`` = (pred, margin); update ``stats`` and ``probe``.
-
-        ``where`` = (batch number, first row, rung, eps): the random stream of the attack is the
-        batch's at that eps (:func:`cell_stream`).
-        """
-        b, i, rung, e = where
-        bs = self.opt.batch_size
-        xb = to_float(self.x_all[i : i + bs])
-        with lad.sm.batch(xb):
-            self._attack_rows(lad, where, prev_correct, out, stats, probe)
-
-    def _attack_rows(self, lad, where, prev_correct, out, stats, probe) -> None:
-        b, i, rung, e = where
-        bs = self.opt.batch_size
-        xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
-        if b not in lad.grads:
-            lad.grads[b] = lad.atk.clean_gradient(lad.sm.model, xb, yb)
-        rows = prev_correct[i : i + bs].nonzero().flatten() if self.opt.accuracy_only else torch.arange(len(yb))
-        if not len(rows):
-            return
-        sub = rows.to(self.device)
-        g = lad.grads[b]
-        res = lad.atk(
-            lad.sm.model, xb[sub], yb[sub], epsilons=[e], accuracy_only=self.opt.accuracy_only,
-            grad0=None if g is None else g[sub], stream=cell_stream(b, e),
-        )  # fmt: skip
-        self._score_rows(lad, where, (rows, res.adversarials[0]), out, (stats, probe))
-
-    def _score_rows(self, lad, where, attacked, out, tallies) -> None:
-        """Predict the adversarials ``attacked`` = (rows, adv) of one batch; fill ``out`` =
-        (pred, margin) at those rows; update ``tallies`` = (stats, probe)."""
-        (b, i, _, e), (rows, adv), (stats, probe) = where, attacked, tallies
-        bs = self.opt.batch_size
-        xb, yb = to_float(self.x_all[i : i + bs]), self.y_all[i : i + bs]
-        sub, idx = rows.to(self.device), i + rows
-        if e == 0 and torch.equal(adv, xb[sub]):  # the clean input itself: its clean pass stands
-            finite = _fill_rows(out, idx, lad.clean.pred[idx], lad.clean.margin[idx], lad.clean.finite[idx])
-        else:
-            logits = lad.ev(adv)
-            finite = (torch.isfinite(logits).all(1) & torch.isfinite(adv).flatten(1).all(1)).cpu()
-            _fill_rows(out, idx, logits.argmax(1).cpu(), margin(logits, yb[sub]).cpu(), finite)
-        stats.update((adv - xb[sub]).flatten(1), adv, finite)
-        if probe is not None:  # every row was attacked (no accuracy-only): adv is the batch
-            self._probe_batch(lad, probe, (b, i), (xb, adv, yb))
-
-    def _probe_batch(self, lad: _Ladder, probe: CellProbe, where: tuple[int, int], batch: tuple) -> None:
-        """Probe one batch, ``pass_rows`` rows at a time; keep each recorded clean pass for the
-        model's next ladders (within budget)."""
-        (b, i), (xb, adv, yb) = where, batch
-        rows = self.pass_rows or len(xb)
-        for j in range(0, len(xb), rows):
-            part, key = slice(j, j + rows), (b, j)
-            with rows_of_pass(part, len(xb)):  # a held intervention's clean gates: these rows'
-                lad.frozen_clean[key], snap = probe.add(
-                    lad.sm.model, xb[part], adv[part], yb[part], i + j,
-                    frozen_clean=lad.frozen_clean.get(key), clean=lad.snaps.get(key),
-                )  # fmt: skip
-            if key not in lad.snaps and lad.snaps.budget >= snapshot_bytes(snap):  # reuse the clean pass
-                lad.snaps[key] = snap
-                lad.snaps.budget -= snapshot_bytes(snap)
-
-    def write_cell(self, lad, e, result, stats, probe, seconds) -> None:
-        """One cell, its per-example rows and (with probes) its site tables, in one transaction.
-
-        ``result`` = (pred, margin, correct) per example.
-        """
-        assert self.store is not None
-        pred, adv_margin, correct = result
-        n, ok = len(pred), stats.nonfinite == 0
-        cell = Cell(
-            lad.sm.label, lad.atk.name, lad.key, lad.atk.norm, e, n, int(correct.sum()), seconds,
-            "done" if ok else "failed", None if ok else f"{stats.nonfinite} non-finite rows",
-            stats.linf, stats.l2, stats.min, stats.max, stats.nonfinite,
-        )  # fmt: skip
-        clean = lad.clean
-        columns = [
-            range(n), self.y_all.cpu().tolist(), clean.pred.tolist(), pred.tolist(), correct.int().tolist(),
-            torch.nan_to_num(clean.margin).tolist(), torch.nan_to_num(adv_margin).tolist(),
-        ]  # fmt: skip
-        tables = None
-        if probe is not None:
-            measured = probe.example_columns()
-            columns += [measured.get(c, [None] * n) for c in PROBE_COLUMNS]
-            tables = probe_tables(probe)
-        stale = lad.sm.label in self.stale
-        self.store.write_cell(cell, zip(*columns, strict=True), tables, replace_model=stale)
-        self.stale.discard(lad.sm.label)
-        if self.debug:
-            acc = cell.correct / n
-            self.debug(
-                f"  {cell.model} {cell.attack} eps={e:g}: accuracy {acc:.4f} ({cell.seconds:.1f}s, {cell.status})"
-            )
 
     # -------------------------------------------------------------------------------- the end
 
@@ -683,22 +269,6 @@ class Sweep:
         cells = cells[cells.model.isin(labels) & cells.attack_key.isin(keys) & cells.eps.isin(self.eps)]
         robust = worst_case_accuracy(store, models=labels, attack_keys=keys, epsilons=self.eps, examples=examples)
         return SweepResult(self.out_dir, cells, robust, checks, self.computed)
-
-
-def _fill_rows(out: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, pred, marg, finite):
-    """Write predictions and margins at rows ``idx`` of ``out``; return ``finite``."""
-    out[0][idx], out[1][idx] = pred, marg
-    return finite
-
-
-def probe_tables(probe: CellProbe) -> dict[str, Any]:
-    """The site tables a probed cell writes beside its per-example rows."""
-    return {
-        "sites": probe.site_rows(),
-        "site_examples": probe.subsample_rows(),
-        "excitations": probe.excitation_rows(),
-        "gallery": probe.gallery_rows(),
-    }
 
 
 def attack_pairs(models: Sequence[SweepModel], attacks: Sequence[Attack]) -> list[tuple[SweepModel, Attack]]:
@@ -813,25 +383,10 @@ def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor,
         finite[i : i + bs] = torch.isfinite(logits).all(1).cpu()
     if layout.active:
         parts = layout.gather((preds, margs, finite, zero_grads, prob_like))
-        _merge_rows((preds, margs, finite), parts, bs, layout.world)
+        merge_rows((preds, margs, finite), parts, bs, layout.world)
         zero_grads = sum(p[3] for p in parts)
         prob_like = all(p[4] for p in parts)
-    return _Clean(preds, margs, finite), zero_grads / n, prob_like
-
-
-def _merge_rows(dst: Sequence[torch.Tensor], parts: list[Any], bs: int, world: int) -> None:
-    """Fill ``dst`` batch by batch from the gathered ``parts`` of the rank that computed each batch
-    (batch b runs on rank b mod world; each part starts with its copies of ``dst``)."""
-    for b, i in enumerate(range(0, len(dst[0]), bs)):
-        for d, src in zip(dst, parts[b % world], strict=False):
-            d[i : i + bs] = src[i : i + bs]
-
-
-def cell_stream(batch: int, eps: float) -> int:
-    """The random stream of one batch of a cell: a function of the batch number and the eps alone,
-    so a cell draws the same random starts whatever else the ladder holds or ran before it (with
-    the attack's seed: the same for every model, common random numbers for paired comparisons)."""
-    return zlib.crc32(f"{batch}|{float(eps).hex()}".encode()) & 0x7FFFFFFF
+    return Clean(preds, margs, finite), zero_grads / n, prob_like
 
 
 def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
