@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from robustse.analysis import stats as S
+from robustse.analysis import twins as T
 
 
 def _examples(effect: float, *, seeds: int = 3, n: int = 400, eps=(0.0, 0.01, 0.02, 0.05), rng_seed: int = 0):
@@ -73,7 +74,7 @@ def test_the_seed_level_test_detects_a_shift_and_not_noise():
     ],
 )
 def test_verdict_rules(diff, p, p_eq, higher, want):
-    got = S._verdicts(diff, p, p_eq, 6, alpha=0.05, higher_is_damping=higher, margin=0.01)
+    got = T._verdicts(diff, p, p_eq, 6, alpha=0.05, higher_is_damping=higher, margin=0.01)
     assert str(got) == want
 
 

@@ -16,6 +16,7 @@ from scipy import stats as st
 from scipy.special import expit
 
 from robustse.analysis import stats as S
+from robustse.analysis import twins as T
 
 SIMS = 2000
 Sim = tuple[np.ndarray, np.ndarray, float]  # se, plain (sims, pairs, examples) and the true SE − plain
@@ -54,7 +55,7 @@ def run(make: Callable[[np.random.Generator, int], Sim], seed: int, sims: int = 
     parts = []
     for size in [500] * (sims // 500) + ([sims % 500] if sims % 500 else []):
         se, plain, truth = make(rng, size)
-        r = S._twin_arrays(se, plain, **kw)
+        r = T._twin_arrays(se, plain, **kw)
         r["covered"] = (r["ci_low"] <= truth) & (truth <= r["ci_high"])
         r["rejected"] = r["p"] < 0.05
         parts.append(r)
@@ -102,7 +103,7 @@ def test_the_example_term_is_needed_when_examples_interact_with_architecture():
     d = (se - plain).mean(axis=-1)
     half = st.t.ppf(0.975, 5) * d.std(axis=-1, ddof=1) / np.sqrt(6)
     assert np.mean(np.abs(d.mean(axis=-1) - truth) <= half) < 0.7
-    r = S._twin_arrays(se, plain)
+    r = T._twin_arrays(se, plain)
     assert np.mean((r["ci_low"] <= truth) & (truth <= r["ci_high"])) >= 0.93
     assert np.median(r["var_example"] / (r["var_seed"] + r["var_example"])) > 0.8
 
@@ -120,7 +121,7 @@ def test_nan_values_and_a_missing_model():
     se[rng.random(se.shape) < 0.1] = np.nan
     plain[rng.random(plain.shape) < 0.1] = np.nan
     plain[:, 2, :] = np.nan  # one plain twin missing: its pair drops out
-    r = S._twin_arrays(se, plain)
+    r = T._twin_arrays(se, plain)
     assert (r["n_pairs"] == 5).all() and (r["n_examples"] >= 495).all()  # a few examples lose every pair
     assert np.mean((r["ci_low"] <= truth) & (truth <= r["ci_high"])) >= 0.93
 
@@ -169,7 +170,7 @@ def test_old_pseudo_replicating_test_fails_the_false_positive_check():
     se, plain, _ = continuous(rng, 100, tau=0.3)
     p_old = example_sign_flip_p(se, plain)
     assert (p_old < 0.05).mean() > 0.3
-    assert (S._twin_arrays(se, plain)["p"] < 0.05).mean() <= 0.12  # 100 simulations: nominal 0.05 ± 0.02
+    assert (T._twin_arrays(se, plain)["p"] < 0.05).mean() <= 0.12  # 100 simulations: nominal 0.05 ± 0.02
 
 
 # --------------------------------------------------------------------------- by hand
@@ -178,7 +179,7 @@ def test_old_pseudo_replicating_test_fails_the_false_positive_check():
 def test_compare_twins_is_the_batched_path():
     rng = np.random.default_rng(20)
     se, plain, _ = continuous(rng, 4, effect=0.1, inter=0.5)
-    r = S._twin_arrays(se, plain, margin=0.2)
+    r = T._twin_arrays(se, plain, margin=0.2)
     for j in range(4):
         c = S.compare_twins(se[j], plain[j], margin=0.2)
         assert c.verdict == r["verdict"][j] and isinstance(c.n_pairs, int) and isinstance(c.diff, float)
@@ -222,7 +223,7 @@ def test_identical_twins_and_exact_differences():
 def test_adjust_family_holm_and_verdicts():
     def twin(p, p_eq=float("nan"), diff=-0.1, n=6):
         margin = None if np.isnan(p_eq) else 0.5
-        v = S._verdicts(diff, p, p_eq, n, alpha=0.05, higher_is_damping=False)
+        v = T._verdicts(diff, p, p_eq, n, alpha=0.05, higher_is_damping=False)
         return S.TwinComparison(
             diff, diff - 0.05, diff + 0.05, p, str(v), n, 100, 1.0, 1.1, p_eq, 5.0, 0.02, 0.0004, 0.0, p, p_eq,
             0.05, margin, False,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, final
 
 import torch
@@ -128,9 +128,6 @@ class Attack(ABC):
     attack_name: ClassVar[str] = "attack"
     stacks_rungs: ClassVar[bool] = True
     _registered: ClassVar[type | None] = None  # the class register_attack registered (not a subclass)
-    # K models attacked at once (a stacked network, robustse.models.stacked): x holds K copies of the
-    # batch, model by model, and random draws are made once and shared, as K separate calls would.
-    _members: int = field(default=1, init=False, repr=False)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -265,35 +262,42 @@ class Attack(ABC):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], *,
         accuracy_only: bool, grad0: torch.Tensor | None, stream: int, members: int,
     ) -> AttackResult:  # fmt: skip
-        self._members = members
-        seed = self.seed * 1_000_003 + stream
+        run = LadderRun(self, model, seed=self.seed * 1_000_003 + stream, members=members)
         with eval_mode(model):
-            if accuracy_only:
-                return self._accuracy_only(model, x, y, eps, seed, grad0)
-            advs: list[torch.Tensor | None] = [x.detach().clone() if e == 0 else None for e in eps]
-            todo = [i for i, e in enumerate(eps) if e > 0]
-            ladder = self._ladder(model, x, y, [eps[i] for i in todo], seed, grad0=grad0)
-            for i, adv in zip(todo, ladder, strict=True):
-                advs[i] = adv
-            return AttackResult(eps, [a.detach() for a in advs if a is not None])  # never the caller's graph
+            return run.survivors(x, y, eps, grad0) if accuracy_only else run.every_rung(x, y, eps, grad0)
 
-    def _ladder(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], seed: int, *,
-        early_stop: bool = False, grad0: torch.Tensor | None = None,
+
+class LadderRun:
+    """One call's ladder: rungs stacked into chunks of at most ``attack.max_batch`` rows, each rung
+    with its own random stream (seeded by ``seed`` alone, so a rung gets what a call with that eps
+    alone gets), and every result brought into its eps-ball."""
+
+    def __init__(self, attack: Attack, model: nn.Module, *, seed: int, members: int) -> None:
+        self.attack, self.model, self.seed, self.members = attack, model, seed, members
+
+    def every_rung(
+        self, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], grad0: torch.Tensor | None
+    ) -> AttackResult:
+        """Adversarials at every eps; eps = 0 is the clean input itself."""
+        advs: list[torch.Tensor | None] = [x.detach().clone() if e == 0 else None for e in eps]
+        todo = [i for i, e in enumerate(eps) if e > 0]
+        for i, adv in zip(todo, self.ladder(x, y, [eps[i] for i in todo], grad0=grad0), strict=True):
+            advs[i] = adv
+        return AttackResult(eps, [a.detach() for a in advs if a is not None])  # never the caller's graph
+
+    def ladder(
+        self, x: torch.Tensor, y: torch.Tensor, eps: list[float], *, early_stop: bool = False,
+        grad0: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:  # fmt: skip
-        """Adversarials for every eps > 0, stacking epsilons into chunks of at most max_batch rows.
-
-        Each rung draws from a stream of its own, seeded by ``seed`` alone, so it gets what a call
-        with that eps alone gets. ``grad0``: the input gradient at the clean batch, if known.
-        """
+        """Adversarials for every eps > 0 (``grad0``: the input gradient at the clean batch, if known)."""
         if not eps:
             return []
-        b = x.shape[0]
-        if grad0 is None and self.shares_first_gradient():
+        atk, b = self.attack, x.shape[0]
+        if grad0 is None and atk.shares_first_gradient():
             # Without a random start the first step's gradient is taken at the clean input for
             # every eps: compute it once for the whole ladder (FGSM's ladder is one backward pass).
-            grad0, _ = input_grad(model, x, y, b // self._members)
-        per_chunk = max(1, self.max_batch // max(1, b)) if self.stacks_rungs else 1
+            grad0, _ = input_grad(self.model, x, y, b // self.members)
+        per_chunk = max(1, atk.max_batch // max(1, b)) if atk.stacks_rungs else 1
         out: list[torch.Tensor] = []
         for start in range(0, len(eps), per_chunk):
             chunk = eps[start : start + per_chunk]
@@ -301,50 +305,51 @@ class Attack(ABC):
             e = torch.tensor(chunk, dtype=x.dtype, device=x.device).repeat_interleave(b)
             e = e.view(-1, *([1] * (x.dim() - 1)))  # (E·B, 1, 1, 1)
             rungs = Rungs(
-                generators=[torch.Generator(device="cpu").manual_seed(seed) for _ in chunk],
-                batch=b // self._members, grad0=grad0.repeat(reps) if grad0 is not None else None,
-                early_stop=early_stop, members=self._members,
+                generators=[torch.Generator(device="cpu").manual_seed(self.seed) for _ in chunk],
+                batch=b // self.members, grad0=grad0.repeat(reps) if grad0 is not None else None,
+                early_stop=early_stop, members=self.members,
             )  # fmt: skip
             xs = x.repeat(reps)
-            adv = self.perturb(model, xs, y.repeat(len(chunk)), e, rungs)
-            out.extend(self._within_budget(xs, adv, e).split(b))
+            adv = atk.perturb(self.model, xs, y.repeat(len(chunk)), e, rungs)
+            out.extend(self.within_budget(xs, adv, e).split(b))
         return out
 
-    def _within_budget(self, x: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def within_budget(self, x: torch.Tensor, adv: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``adv`` as it is where it lies in the eps-ball (the built-in attacks always do: their
         results are unchanged), projected into the ball and [0, 1] where it does not."""
+        name = self.attack.name
         if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
             got = tuple(adv.shape) if isinstance(adv, torch.Tensor) else type(adv).__name__
-            raise AttackError(f"{self.name}: perturb returned {got}, not a tensor shaped {tuple(x.shape)}")
+            raise AttackError(f"{name}: perturb returned {got}, not a tensor shaped {tuple(x.shape)}")
         adv = adv.detach()
         if not bool(torch.isfinite(adv).all()):
-            raise AttackError(f"{self.name}: perturb returned NaN or infinite values")
-        ops = self.norm_ops
+            raise AttackError(f"{name}: perturb returned NaN or infinite values")
+        ops = self.attack.norm_ops
         return torch.where(ops.within(x, adv, eps), adv, ops.project(x, adv, eps)).clamp(0, 1)
 
-    def _accuracy_only(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], seed: int,
-        grad0: torch.Tensor | None = None,
-    ) -> AttackResult:  # fmt: skip
+    def survivors(
+        self, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], grad0: torch.Tensor | None = None
+    ) -> AttackResult:
+        """Accuracy-only: eps ascending, each rung attacking only what survived the rung below."""
         order = sorted(range(len(eps)), key=lambda i: eps[i])
         advs: dict[int, torch.Tensor] = {}
         correct: dict[int, torch.Tensor] = {}
         current = x.clone()
-        if grad0 is None and self.shares_first_gradient():  # one pass gives the clean predictions too
-            grad0, logits = input_grad(model, x, y, x.shape[0])
+        if grad0 is None and self.attack.shares_first_gradient():  # one pass gives the clean predictions too
+            grad0, logits = input_grad(self.model, x, y, x.shape[0])
         else:
             with torch.no_grad():
-                logits = model(x)
+                logits = self.model(x)
         alive = logits.argmax(1) == y
         for i in order:
             if eps[i] > 0 and bool(alive.any()):
                 idx = alive.nonzero().flatten()
                 g = grad0[idx] if grad0 is not None else None
-                (adv,) = self._ladder(model, x[idx], y[idx], [eps[i]], seed, early_stop=True, grad0=g)
+                (adv,) = self.ladder(x[idx], y[idx], [eps[i]], early_stop=True, grad0=g)
                 current = current.clone()
                 current[idx] = adv
                 with torch.no_grad():
-                    alive[idx] = model(adv).argmax(1) == y[idx]
+                    alive[idx] = self.model(adv).argmax(1) == y[idx]
             advs[i], correct[i] = current, alive.clone()
         return AttackResult(eps, [advs[i] for i in range(len(eps))], [correct[i] for i in range(len(eps))])
 

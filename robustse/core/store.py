@@ -128,99 +128,11 @@ PROBE_COLUMNS = (
 PROBE_TABLES = {"sites": 12, "site_examples": 5, "excitations": 5, "gallery": 4}  # table: columns with cell_id
 
 
-class ResultsStore:
-    """The SQLite store of one run directory.
+class StoreReader:
+    """The reading side of a results store: has a cell, its rows, the tables as DataFrames, the
+    recorded meta values, and the CSV / Parquet exports (over an open ``conn``)."""
 
-    Raises:
-        StoreError: the file is not a robustse results database (corrupt, truncated or foreign);
-            it is reported and never overwritten.
-    """
-
-    def __init__(self, path: PathLike, *, read_only: bool = False) -> None:
-        self.path = Path(path)
-        if self.path.is_symlink() and not read_only:  # SQLite would follow it and write wherever it points
-            raise StoreError(f"{self.path} is a symbolic link: robustse never writes through one; remove it")
-        _refuse_odd_file(self.path, read_only)
-        existed = self.path.exists() and self.path.stat().st_size > 0
-        if read_only and not existed:
-            raise StoreError(f"{self.path}: no results store here")
-        try:
-            if read_only:  # a URI, so that SQLite never tries to write (a read-only file, directory or disk)
-                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOCK_TIMEOUT_S)
-            else:
-                self.conn = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT_S)
-            if existed:
-                ok = self.conn.execute("PRAGMA quick_check").fetchone()
-                if not ok or ok[0] != "ok":
-                    raise sqlite3.DatabaseError(f"integrity check: {ok[0] if ok else 'no answer'}")
-                version = self._meta_version()
-                if version is None and self._is_empty():  # its first transaction was rolled back
-                    existed = False
-                elif version is not None and version != SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.path} was written by another robustse version (store schema {version}, this one "
-                        f"reads {SCHEMA_VERSION}); use another --out or move it away"
-                    )
-                if existed and version != SCHEMA_VERSION:
-                    raise sqlite3.DatabaseError(f"not a robustse results store (schema {version!r})")
-            if not read_only:
-                with self.writing():
-                    self.conn.executescript(SCHEMA)
-                    self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        except StoreError:
-            self._close_quietly()
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._close_quietly()
-            healthy = _healthy_store_problem(self.path, exc)  # locked, read-only, full: not corrupt
-            raise StoreError(
-                healthy or f"{self.path}: corrupt or foreign results database ({exc}); move it away to start over"
-            ) from None
-
-    def _close_quietly(self) -> None:
-        if hasattr(self, "conn"):
-            self.conn.close()
-
-    @contextmanager
-    def writing(self, *, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a store that is locked for longer than ``LOCK_TIMEOUT_S``,
-        read-only or on a full disk gives a one-line StoreError (the transaction rolls back).
-        ``immediate``: take the write lock first, so what the transaction reads stays true until
-        it commits (another process cannot write in between)."""
-        try:
-            with self.conn:
-                if immediate:
-                    self.conn.execute("BEGIN IMMEDIATE")
-                yield self.conn
-        except sqlite3.OperationalError as exc:
-            raise StoreError(_healthy_store_problem(self.path, exc) or f"{self.path}: cannot write ({exc})") from None
-
-    def _is_empty(self) -> bool:
-        """No table at all: a database whose first transaction never committed."""
-        return self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
-
-    def _meta_version(self) -> str | None:
-        try:
-            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        except sqlite3.OperationalError:
-            return None
-        return row[0] if row else None
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> ResultsStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self.writing() as conn:
-            yield conn
-
-    # ------------------------------------------------------------------ writing
+    conn: sqlite3.Connection
 
     def has_cell(self, model: str, attack_key: str, eps: float) -> bool:
         """Whether the cell is stored and finished (a failed cell is run again)."""
@@ -230,55 +142,6 @@ class ResultsStore:
         ).fetchone()
         return row is not None
 
-    def write_cell(
-        self,
-        cell: Cell,
-        rows: Iterable[tuple[Any, ...]],
-        probes: dict[str, Iterable[tuple[Any, ...]]] | None = None,
-        *,
-        replace_model: bool = False,
-    ) -> bool:
-        """Commit a cell, its per-example rows and its probe rows in one transaction, replacing
-        the stored cell it succeeds (a failed one) in that same transaction. A finished cell
-        written meanwhile by another process stands: nothing is written and False is returned.
-
-        Args:
-            cell: the summary.
-            rows: per-example tuples in ``EXAMPLE_COLUMNS`` order, optionally followed by the
-                ``PROBE_COLUMNS`` values.
-            probes: ``{table: rows without cell_id}`` for the tables in ``PROBE_TABLES``.
-            replace_model: also drop every stored cell of ``cell.model`` (results of weights that
-                have since changed), in the same transaction: until a successor is committed,
-                nothing is lost.
-        """
-        with self.writing(immediate=True):
-            if replace_model:
-                self._delete_cells("model = ?", [cell.model])
-            elif self.has_cell(cell.model, cell.attack_key, cell.eps):
-                return False  # another process into this store finished it first: its result stands
-            else:
-                self._delete_cells("model = ? AND attack_key = ? AND eps = ?", [cell.model, cell.attack_key, cell.eps])
-            cur = self.conn.execute(
-                "INSERT INTO cells (model, attack, attack_key, norm, eps, n, correct, status, reason, seconds,"
-                " max_linf, max_l2, min_pixel, max_pixel, nonfinite) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (cell.model, cell.attack, cell.attack_key, cell.norm, cell.eps, cell.n, cell.correct, cell.status,
-                 cell.reason, cell.seconds, cell.max_linf, cell.max_l2, cell.min_pixel, cell.max_pixel,
-                 cell.nonfinite),
-            )  # fmt: skip
-            cell_id = cur.lastrowid
-            it = iter(rows)
-            first = next(it, None)
-            if first is not None:  # as many probe columns as the rows carry
-                cols = ("cell_id", *EXAMPLE_COLUMNS, *PROBE_COLUMNS)[: len(first) + 1]
-                sql = f"INSERT INTO examples ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                self.conn.executemany(sql, ((cell_id, *r) for r in itertools.chain([first], it)))
-            for table, trows in (probes or {}).items():
-                if table not in PROBE_TABLES:
-                    raise ValueError(f"unknown probe table {table!r}")
-                marks = ", ".join("?" * PROBE_TABLES[table])
-                self.conn.executemany(f"INSERT INTO {table} VALUES ({marks})", ((cell_id, *r) for r in trows))
-        return True
-
     def cell_rows(self, model: str, attack_key: str, eps: float) -> list[tuple[int, int, float]]:
         """(correct, adv_pred, adv_margin) per example of a finished cell, in example order."""
         return self.conn.execute(
@@ -286,51 +149,6 @@ class ResultsStore:
             " WHERE c.model = ? AND c.attack_key = ? AND c.eps = ? ORDER BY e.idx",
             (model, attack_key, eps),
         ).fetchall()
-
-    def write_model(self, model: str, **fields: Any) -> None:
-        cols = ["model", *fields]
-        with self.writing():
-            self.conn.execute(
-                f"INSERT OR REPLACE INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                (model, *fields.values()),
-            )
-
-    def check_identity(self, key: str, value: str, what: str) -> None:
-        """Record ``value`` under ``key`` on first use; later runs must match it.
-
-        Raises:
-            StoreError: the store was written for another ``what`` (never silently mixed).
-        """
-        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row is None:  # first use, unless a concurrent sweep records it first: then its value counts
-            with self.writing():
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
-            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row[0] != value:
-            raise StoreError(f"{self.path} holds results for a different {what}; use another --out or move it away")
-
-    def set_meta(self, key: str, value: str) -> None:
-        """Store a free-form value (e.g. the class names) in the ``meta`` table."""
-        with self.writing():
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
-    def record_roles(self, roles: dict[str, str]) -> None:
-        """Add the roles of a sweep's attacks (``{name: role}``) to the store's record, so a report
-        reads them without importing the attacks (README "Adding an attack").
-
-        Raises:
-            StoreError: a name recorded with another role (a changed plugin): never silently mixed.
-        """
-        with self.writing(immediate=True):
-            known = self.roles()
-            for name, role in roles.items():
-                if known.get(name, role) != role:
-                    raise StoreError(
-                        f"{self.path}: attack {name!r} ran here as a {known[name]}, but is registered as a "
-                        f"{role} now; use another --out"
-                    )
-            merged = json.dumps({**known, **roles}, sort_keys=True)
-            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('roles', ?)", (merged,))
 
     def roles(self) -> dict[str, str]:
         """``{attack name: role}`` as recorded by the sweeps that wrote this store (empty for stores
@@ -348,40 +166,6 @@ class ResultsStore:
     def model_hash(self, model: str) -> str | None:
         row = self.conn.execute("SELECT weight_hash FROM models WHERE model = ?", (model,)).fetchone()
         return row[0] if row else None
-
-    def delete_cells(self, model: str, *, attack_key: str | None = None, eps: float | None = None) -> int:
-        """Delete a model's cells (optionally one attack / one eps) with their rows; returns how many."""
-        where = "model = ?"
-        args: list[Any] = [model]
-        if attack_key is not None:
-            where += " AND attack_key = ?"
-            args.append(attack_key)
-        if eps is not None:
-            where += " AND eps = ?"
-            args.append(eps)
-        with self.writing():
-            return self._delete_cells(where, args)
-
-    def _delete_cells(self, where: str, args: list[Any]) -> int:
-        """Delete the cells matching ``where`` with their rows, inside the caller's transaction."""
-        ids = [r[0] for r in self.conn.execute(f"SELECT id FROM cells WHERE {where}", args)]
-        for table in ("examples", *PROBE_TABLES):
-            self.conn.executemany(f"DELETE FROM {table} WHERE cell_id = ?", [(i,) for i in ids])
-        self.conn.executemany("DELETE FROM cells WHERE id = ?", [(i,) for i in ids])
-        return len(ids)
-
-    def update_model(self, model: str, **fields: Any) -> None:
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        with self.writing():
-            self.conn.execute(f"UPDATE models SET {sets} WHERE model = ?", (*fields.values(), model))
-
-    def write_checks(self, rows: Iterable[tuple[str, str, str, str]]) -> None:
-        """Replace the sanity-check table with (model, name, status, detail) rows."""
-        with self.writing():
-            self.conn.execute("DELETE FROM checks")
-            self.conn.executemany("INSERT INTO checks VALUES (?,?,?,?)", rows)
-
-    # ------------------------------------------------------------------ reading
 
     def cells(self):
         """All cells as a pandas DataFrame."""
@@ -437,6 +221,231 @@ class ResultsStore:
             return None
         ex = self.examples() if examples is None else examples
         return replace_file(Path(path), lambda fh: ex.drop(columns=["cell_id"]).to_parquet(fh, index=False))
+
+
+class ResultsStore(StoreReader):
+    """The SQLite store of one run directory.
+
+    Raises:
+        StoreError: the file is not a robustse results database (corrupt, truncated or foreign);
+            it is reported and never overwritten.
+    """
+
+    def __init__(self, path: PathLike, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.is_symlink() and not read_only:  # SQLite would follow it and write wherever it points
+            raise StoreError(f"{self.path} is a symbolic link: robustse never writes through one; remove it")
+        _refuse_odd_file(self.path, read_only)
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        if read_only and not existed:
+            raise StoreError(f"{self.path}: no results store here")
+        try:
+            if read_only:  # a URI, so that SQLite never tries to write (a read-only file, directory or disk)
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=LOCK_TIMEOUT_S)
+            else:
+                self.conn = sqlite3.connect(str(self.path), timeout=LOCK_TIMEOUT_S)
+            if existed:
+                _check_schema(self.conn, self.path)
+            if not read_only:
+                with self.writing():
+                    self.conn.executescript(SCHEMA)
+                    self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        except StoreError:
+            self._close_quietly()
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._close_quietly()
+            healthy = _healthy_store_problem(self.path, exc)  # locked, read-only, full: not corrupt
+            raise StoreError(
+                healthy or f"{self.path}: corrupt or foreign results database ({exc}); move it away to start over"
+            ) from None
+
+    def _close_quietly(self) -> None:
+        if hasattr(self, "conn"):
+            self.conn.close()
+
+    @contextmanager
+    def writing(self, *, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a store that is locked for longer than ``LOCK_TIMEOUT_S``,
+        read-only or on a full disk gives a one-line StoreError (the transaction rolls back).
+        ``immediate``: take the write lock first, so what the transaction reads stays true until
+        it commits (another process cannot write in between)."""
+        try:
+            with self.conn:
+                if immediate:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                yield self.conn
+        except sqlite3.OperationalError as exc:
+            raise StoreError(_healthy_store_problem(self.path, exc) or f"{self.path}: cannot write ({exc})") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.writing() as conn:
+            yield conn
+
+    # ------------------------------------------------------------------ writing
+
+    def write_cell(
+        self,
+        cell: Cell,
+        rows: Iterable[tuple[Any, ...]],
+        probes: dict[str, Iterable[tuple[Any, ...]]] | None = None,
+        *,
+        replace_model: bool = False,
+    ) -> bool:
+        """Commit a cell, its per-example rows and its probe rows in one transaction, replacing
+        the stored cell it succeeds (a failed one) in that same transaction. A finished cell
+        written meanwhile by another process stands: nothing is written and False is returned.
+
+        Args:
+            cell: the summary.
+            rows: per-example tuples in ``EXAMPLE_COLUMNS`` order, optionally followed by the
+                ``PROBE_COLUMNS`` values.
+            probes: ``{table: rows without cell_id}`` for the tables in ``PROBE_TABLES``.
+            replace_model: also drop every stored cell of ``cell.model`` (results of weights that
+                have since changed), in the same transaction: until a successor is committed,
+                nothing is lost.
+        """
+        with self.writing(immediate=True):
+            if replace_model:
+                self._delete_cells("model = ?", [cell.model])
+            elif self.has_cell(cell.model, cell.attack_key, cell.eps):
+                return False  # another process into this store finished it first: its result stands
+            else:
+                self._delete_cells("model = ? AND attack_key = ? AND eps = ?", [cell.model, cell.attack_key, cell.eps])
+            cur = self.conn.execute(
+                "INSERT INTO cells (model, attack, attack_key, norm, eps, n, correct, status, reason, seconds,"
+                " max_linf, max_l2, min_pixel, max_pixel, nonfinite) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (cell.model, cell.attack, cell.attack_key, cell.norm, cell.eps, cell.n, cell.correct, cell.status,
+                 cell.reason, cell.seconds, cell.max_linf, cell.max_l2, cell.min_pixel, cell.max_pixel,
+                 cell.nonfinite),
+            )  # fmt: skip
+            cell_id = cur.lastrowid
+            it = iter(rows)
+            first = next(it, None)
+            if first is not None:  # as many probe columns as the rows carry
+                cols = ("cell_id", *EXAMPLE_COLUMNS, *PROBE_COLUMNS)[: len(first) + 1]
+                sql = f"INSERT INTO examples ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                self.conn.executemany(sql, ((cell_id, *r) for r in itertools.chain([first], it)))
+            for table, trows in (probes or {}).items():
+                if table not in PROBE_TABLES:
+                    raise ValueError(f"unknown probe table {table!r}")
+                marks = ", ".join("?" * PROBE_TABLES[table])
+                self.conn.executemany(f"INSERT INTO {table} VALUES ({marks})", ((cell_id, *r) for r in trows))
+        return True
+
+    def write_model(self, model: str, **fields: Any) -> None:
+        cols = ["model", *fields]
+        with self.writing():
+            self.conn.execute(
+                f"INSERT OR REPLACE INTO models ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                (model, *fields.values()),
+            )
+
+    def check_identity(self, key: str, value: str, what: str) -> None:
+        """Record ``value`` under ``key`` on first use; later runs must match it.
+
+        Raises:
+            StoreError: the store was written for another ``what`` (never silently mixed).
+        """
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:  # first use, unless a concurrent sweep records it first: then its value counts
+            with self.writing():
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row[0] != value:
+            raise StoreError(f"{self.path} holds results for a different {what}; use another --out or move it away")
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a free-form value (e.g. the class names) in the ``meta`` table."""
+        with self.writing():
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def record_roles(self, roles: dict[str, str]) -> None:
+        """Add the roles of a sweep's attacks (``{name: role}``) to the store's record, so a report
+        reads them without importing the attacks (README "Adding an attack").
+
+        Raises:
+            StoreError: a name recorded with another role (a changed plugin): never silently mixed.
+        """
+        with self.writing(immediate=True):
+            known = self.roles()
+            for name, role in roles.items():
+                if known.get(name, role) != role:
+                    raise StoreError(
+                        f"{self.path}: attack {name!r} ran here as a {known[name]}, but is registered as a "
+                        f"{role} now; use another --out"
+                    )
+            merged = json.dumps({**known, **roles}, sort_keys=True)
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('roles', ?)", (merged,))
+
+    def delete_cells(self, model: str, *, attack_key: str | None = None, eps: float | None = None) -> int:
+        """Delete a model's cells (optionally one attack / one eps) with their rows; returns how many."""
+        where = "model = ?"
+        args: list[Any] = [model]
+        if attack_key is not None:
+            where += " AND attack_key = ?"
+            args.append(attack_key)
+        if eps is not None:
+            where += " AND eps = ?"
+            args.append(eps)
+        with self.writing():
+            return self._delete_cells(where, args)
+
+    def _delete_cells(self, where: str, args: list[Any]) -> int:
+        """Delete the cells matching ``where`` with their rows, inside the caller's transaction."""
+        ids = [r[0] for r in self.conn.execute(f"SELECT id FROM cells WHERE {where}", args)]
+        for table in ("examples", *PROBE_TABLES):
+            self.conn.executemany(f"DELETE FROM {table} WHERE cell_id = ?", [(i,) for i in ids])
+        self.conn.executemany("DELETE FROM cells WHERE id = ?", [(i,) for i in ids])
+        return len(ids)
+
+    def update_model(self, model: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.writing():
+            self.conn.execute(f"UPDATE models SET {sets} WHERE model = ?", (*fields.values(), model))
+
+    def write_checks(self, rows: Iterable[tuple[str, str, str, str]]) -> None:
+        """Replace the sanity-check table with (model, name, status, detail) rows."""
+        with self.writing():
+            self.conn.execute("DELETE FROM checks")
+            self.conn.executemany("INSERT INTO checks VALUES (?,?,?,?)", rows)
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse an existing file that is not a healthy store of this schema. A database whose first
+    transaction never committed (no table at all) counts as new.
+
+    Raises:
+        StoreError: a store of another schema version.
+        sqlite3.DatabaseError: a corrupt or foreign database (the caller words it).
+    """
+    ok = conn.execute("PRAGMA quick_check").fetchone()
+    if not ok or ok[0] != "ok":
+        raise sqlite3.DatabaseError(f"integrity check: {ok[0] if ok else 'no answer'}")
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    version = row[0] if row else None
+    if version is None and conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        return  # its first transaction was rolled back
+    if version is not None and version != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} was written by another robustse version (store schema {version}, this one "
+            f"reads {SCHEMA_VERSION}); use another --out or move it away"
+        )
+    if version != SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"not a robustse results store (schema {version!r})")
 
 
 def _refuse_odd_file(path: Path, read_only: bool) -> None:
