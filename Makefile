@@ -8,12 +8,13 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # machines they install from local disk); override TORCH= to use another build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup data browser demo test lint bench gpu-check clean
+.PHONY: setup data browser demo test docs lint bench gpu-check clean
 
 $(BIN)/robustse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[docs]'
 	touch $@
 
 setup: $(BIN)/robustse data
@@ -43,6 +44,10 @@ demo: setup
 
 test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The manual (docs/, mkdocs.yml) as a static site in site/; --strict fails on a broken link or page.
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check robustse tests benchmarks cli.py

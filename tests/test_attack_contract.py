@@ -194,17 +194,17 @@ def test_draws_follow_the_rungs_and_members():
     assert torch.equal(drawn[1, 1], alone)
 
 
-# --------------------------------------------------------------------------- the README's own example
+# --------------------------------------------------------------------------- the manual's own example
 
 
 def readme_attack() -> str:
-    """The user-defined attack README "Adding an attack" shows, as written there."""
-    text = (HERE.parent / "README.md").read_text(encoding="utf-8")
+    """The user-defined attack the manual shows (docs/attacks.md, "Adding an attack"), as written there."""
+    text = (HERE.parent / "docs" / "attacks.md").read_text(encoding="utf-8")
     section = text.split("## Adding an attack", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
-def test_the_readme_attack_is_short_agrees_with_torchattacks_and_keeps_the_contract(case, tmp_path):
+def test_the_documented_attack_is_short_agrees_with_torchattacks_and_keeps_the_contract(case, tmp_path):
     import torchattacks
 
     code = readme_attack()

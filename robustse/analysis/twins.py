@@ -227,8 +227,9 @@ def compare_twins(
     Welch–Satterthwaite degrees of freedom (at least S − 1); p is the matching two-sided t test.
 
     Args:
-        se, plain: (seeds, examples) matrices; row k of both comes from seed k, columns are the
-            same examples. NaN marks an undefined value.
+        se: (seeds, examples) matrix of the SE models; row k comes from seed k, the columns are
+            the examples (NaN marks an undefined value).
+        plain: the baselines' matrix, rows and columns aligned with ``se``.
         alpha: significance level (CI level 1 − alpha).
         margin: equivalence margin (same units as the values): two one-sided tests at alpha.
         higher_is_damping: True where more is better for SE (robust accuracy); False where less

@@ -266,11 +266,12 @@ class ReportConfig:
     """What the report shows and how its statistics are computed.
 
     Args:
-        bootstrap: bootstrap replicates of every confidence interval.
+        bootstrap: replicates of the descriptive bootstrap bands and the channel-gain table (the
+            verdicts are t intervals over seed pairs and do not use it).
         alpha: significance level of the Holm-corrected paired tests (and 1 − CI level).
         gallery_eps: eps of the adversarial-example gallery and the excitation heatmaps
             (default: the middle of the ladder).
-        seed: seed of the bootstrap and permutation draws.
+        seed: seed of the bootstrap draws.
         primary: the primary endpoint (default: worst-case robust accuracy), Holm-corrected across
             its eps; every other measurement is secondary (exploratory).
         margins: equivalence margins per measurement, over the defaults (``robust_accuracy`` and

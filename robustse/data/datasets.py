@@ -133,7 +133,10 @@ def load_split(
     (:mod:`robustse.data.folder`), whose ``subset``/``held_out`` decode only the images they select.
 
     Args:
-        name, split, root, download: as for :func:`load_dataset`.
+        name: as for :func:`load_dataset`.
+        split: as for :func:`load_dataset`.
+        root: as for :func:`load_dataset`.
+        download: as for :func:`load_dataset`.
         preprocess: how an image folder's images are resized and cropped (the model's).
 
     Raises:
