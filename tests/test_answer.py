@@ -261,7 +261,7 @@ def test_report_json_is_strict_and_carries_the_answer(tiny_run, tmp_path):
     def refuse(token):
         raise ValueError(f"non-strict JSON token {token}")
 
-    payload = json.loads(result.stdout, parse_constant=refuse)
+    payload = json.loads(result.stdout, parse_constant=refuse)["result"]
     (ans,) = payload["answers"]
     assert ans["bottom_line"] == A.NOT_SETTLED and "held-gates" in ans["reason"]  # the tiny run attacks none
     assert [line["name"] for line in ans["lines"]] == ["Premise", "Outcome", "Cause", "Mechanism"]

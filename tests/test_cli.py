@@ -61,7 +61,7 @@ def test_models_lists_the_registry():
     assert res.exit_code == 0
     for name in rs.list_models():
         assert name in res.stdout
-    rows = json.loads(run("models", "*resnet*", "--json").stdout)
+    rows = json.loads(run("models", "*resnet*", "--json").stdout)["result"]
     assert [r["name"] for r in rows] == ["resnet20", "se_resnet20", "static_resnet20"]
     assert rows[1]["gates"] == 9 and rows[0]["gates"] == 0 and rows[1]["twin"] == "resnet20"
     assert rows[2]["gates"] == 0 and rows[2]["kind"] == "static"  # a learned scale, not a gate
@@ -72,14 +72,14 @@ def test_inspect_name_shows_gates():
     assert res.exit_code == 0
     assert "SE gates found: 9" in res.stdout and "blocks.8.se.gate" in res.stdout
     assert "SE gates found: 0 (a plain model)" in run("inspect", "resnet20").stdout
-    tv = json.loads(run("inspect", "torchvision:mobilenet_v3_small", "--json").stdout)
+    tv = json.loads(run("inspect", "torchvision:mobilenet_v3_small", "--json").stdout)["result"]
     assert len(tv["gates"]) == 9 and tv["gates"][0]["type"] == "Hardsigmoid"
 
 
 def test_train_eval_inspect_checkpoint(trained, fake_fmnist):
     res = run("eval", str(trained), "--data-root", str(fake_fmnist))
     assert res.exit_code == 0 and "se_small_cnn on fashion-mnist: clean accuracy" in res.stdout
-    data = json.loads(run("eval", str(trained), "--data-root", str(fake_fmnist), "--json").stdout)
+    data = json.loads(run("eval", str(trained), "--data-root", str(fake_fmnist), "--json").stdout)["result"]
     meta = rs.load_checkpoint(trained)[1]
     assert data["clean_accuracy"] == pytest.approx(meta["clean_accuracy"])
     assert data["ci95"][0] <= data["clean_accuracy"] <= data["ci95"][1] and data["eval_examples"] == 200
@@ -87,13 +87,13 @@ def test_train_eval_inspect_checkpoint(trained, fake_fmnist):
     assert info.exit_code == 0 and "seed: 0" in info.stdout and "SE gates found: 2" in info.stdout
 
 
-def test_global_seed_reaches_training(tmp_path, fake_fmnist):
+def test_train_seed_reaches_training(tmp_path, fake_fmnist):
     res = run(
         "--quiet",
-        "--seed",
-        "7",
         "train",
         "small_cnn",
+        "--seed",
+        "7",
         "--epochs",
         "1",
         "--data-root",

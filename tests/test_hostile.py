@@ -383,7 +383,7 @@ def test_item7_files_a_user_can_break_get_one_line(tiny_run, tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text("seeds = [9223372036854775807]\n")
     _assert_refused(_cli("experiment", "--spec", str(spec), "--out", str(tmp_path / "x")), "seeds must be integers in")
-    _assert_refused(_cli("--seed", str(2**64), "models"), "--seed")
+    _assert_refused(_cli("train", "small_cnn", "--seed", str(2**64)), "--seed")
     run = tmp_path / "run"
     shutil.copytree(out, run)
     for content in (b"", b"\xff\xfe\x00bad"):

@@ -244,7 +244,7 @@ def test_cli_sweep_and_drift_of_a_timm_se_resnet_on_an_image_folder(imagenet_dir
     folder = f"imagefolder:{imagenet_dir}"
     res = _cli("drift", model, "--dataset", folder, "--eps", "0.004", "--attack", "fgsm", "--json")
     assert res.exit_code == 0, res.output
-    gates = [r for r in json.loads(res.output) if r["kind"] == "gate"]
+    gates = [r for r in json.loads(res.stdout)["result"] if r["kind"] == "gate"]
     assert len(gates) == 8 * 2  # 8 SE gates, adversarial and noise
     assert all(r["gate_drift"] >= 0 for r in gates)
 
@@ -496,13 +496,13 @@ def test_eval_and_inspect_take_timm_weights_as_arch_equals_weights(imagenet_dir,
     target = f"timm:seresnet18={seresnet18_weights}"
     res = _cli("--quiet", "eval", target, "--dataset", f"imagefolder:{imagenet_dir}", "--eval-subset", "6", "--json")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
+    out = json.loads(res.stdout)["result"]
     model, _ = load_checkpoint(seresnet18_weights, arch="timm:seresnet18", arch_kwargs={"num_classes": 1000})
     ds = load_image_folder(f"imagefolder:{imagenet_dir}", "test", model.preprocess).subset(6)
     assert out["eval_examples"] == 6 and out["clean_accuracy"] == float((predict(model, ds) == ds.y).float().mean())
     res = _cli("inspect", target, "--num-classes", "1000", "--json")
     assert res.exit_code == 0, res.output
-    info = json.loads(res.stdout)
+    info = json.loads(res.stdout)["result"]
     assert len(info["gates"]) == 8 and {g["type"] for g in info["gates"]} == {"Sigmoid"}
     bad = _cli("inspect", target)  # 10 classes by default: the 1,000-way head does not fit, in one line
     assert bad.exit_code == 2 and "does not fit timm:seresnet18" in bad.output
@@ -558,7 +558,7 @@ def test_a_bad_photo_outside_the_selection_is_never_decoded(imagenet_dir, seresn
     res = _cli("--quiet", "eval", f"timm:seresnet18={seresnet18_weights}", "--dataset", f"imagefolder:{broken}",
                "--eval-subset", "3", "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["eval_examples"] == 3
+    assert json.loads(res.stdout)["result"]["eval_examples"] == 3
 
 
 def test_weights_paths_may_hold_an_equals_sign(seresnet18_weights, tmp_path):

@@ -115,7 +115,7 @@ def test_cli_sweep_attacks_the_held_gates_model_when_asked(trained_small, tmp_pa
     args = ["--quiet", "sweep", str(ckpt), "--out", str(tmp_path), "--eps", "0,0.05", "--attack", "fgsm"]
     res = CliRunner().invoke(cli, [*args, "--eval-subset", "64", "--intervention", "held_gates", "--json"])
     assert res.exit_code == 0, res.output
-    robust = json.loads(res.stdout)["robust"]
+    robust = json.loads(res.stdout)["result"]["robust"]
     label = ckpt.name.removesuffix(".safetensors")
     assert {r["model"] for r in robust} == {label, f"{label}@held_gates"}
     at0 = {r["model"]: r["correct"] for r in robust if r["eps"] == 0}

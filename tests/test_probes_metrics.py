@@ -154,7 +154,7 @@ def test_drift_command_se_and_plain(tmp_path, trained_small):
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.stdout, parse_constant=lambda token: pytest.fail(f"non-strict JSON: {token}"))
+    rows = json.loads(res.stdout, parse_constant=lambda token: pytest.fail(f"non-strict JSON: {token}"))["result"]
     squeeze = [r for r in rows if r["kind"] == "squeeze"]
     assert {r["site"] for r in squeeze} == {"blocks.0.se", "blocks.1.se"}  # the premise, at every SE site
     assert all(r["squeeze_attenuation"] > 0 for r in squeeze)

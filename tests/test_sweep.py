@@ -348,7 +348,7 @@ def test_sweep_foreign_weights_of_a_registry_architecture(tmp_path, trained_smal
     assert res.exit_code == 0, res.output
     import json
 
-    robust = json.loads(res.stdout)["robust"]
+    robust = json.loads(res.stdout)["result"]["robust"]
     by_model = {(r["model"], r["eps"]): r["accuracy"] for r in robust}
     stem = ckpt.name.removesuffix(".safetensors")
     assert {m for m, _ in by_model} == {stem, "se_small_cnn@w"}

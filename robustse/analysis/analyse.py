@@ -5,7 +5,7 @@ as one :class:`Analysis`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -38,6 +38,7 @@ class Analysis:
     sens_curves: pd.DataFrame
     drift_sites: pd.DataFrame
     profile: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)  # fallbacks the caller should hear about
 
 
 # --------------------------------------------------------------------------- stage 2: analyse
@@ -65,6 +66,7 @@ def analyse(data: RunData, opts: ReportOptions, log: Callable[[str], None] | Non
     return Analysis(
         comparison=comparison, damping=damp, interventions=inter, groups=groups, main=main, eps=eps_all,
         gallery_eps=g_eps, gate_effects=effects, adaptive=adaptive,
+        warnings=_gallery_warning(eps_all, opts.gallery_eps, g_eps),
         answer=[s for a in answers for s in a.sentences()], answers=answers, ratios=ratios,
         acc_curves=_accuracy_curves(ex, models, groups, opts),
         sens_curves=_sensitivity_curves(ex, groups, main, opts), drift_sites=_drift_sites(data.sites, models, groups),
@@ -81,6 +83,15 @@ def _gallery_eps(eps_all: list[float], wanted: float | None) -> float:
     if wanted is not None and wanted in eps_all:
         return wanted
     return eps_all[len(eps_all) // 2] if eps_all else 0.0
+
+
+def _gallery_warning(eps_all: list[float], wanted: float | None, used: float) -> list[str]:
+    """A line saying the wanted gallery eps fell back to another rung (none when it did not)."""
+    if wanted is None or used == wanted:
+        return []
+    ladder = ", ".join(f"{e:g}" for e in eps_all)
+    return [f"gallery eps {wanted:g} is not on the ladder ({ladder}); the Answer, the gallery and the heatmaps "
+            f"use eps = {used:g}"]  # fmt: skip
 
 
 def _main_attack(attacks: list[str]) -> str | None:

@@ -48,6 +48,7 @@ class ReportResult:
     answer: list[str] = field(default_factory=list)
     answers: list[A.Answer] = field(default_factory=list)
     ratios: Any = None
+    warnings: list[str] = field(default_factory=list)  # fallbacks taken (e.g. a gallery eps off the ladder)
 
 
 def build_report(
@@ -108,4 +109,5 @@ def build_report(
         analysis.answer,
         analysis.answers,
         analysis.ratios,
+        analysis.warnings,
     )

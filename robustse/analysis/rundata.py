@@ -160,8 +160,28 @@ def _models_table(run_dir: Path, store: ResultsStore) -> pd.DataFrame:
                 table["kind"] = np.where(table.se, "se", "plain")
             return table[table.label.isin(stored.model)].reset_index(drop=True)
     gated = _gated_models(store)
-    rows = [_model_row(i, r, gated) for i, r in stored.iterrows()]
-    return pd.DataFrame(rows, columns=MODEL_COLUMNS)
+    table = pd.DataFrame([_model_row(r, gated) for _, r in stored.iterrows()], columns=MODEL_COLUMNS)
+    _refuse_shared_seeds(table)
+    return table
+
+
+def _refuse_shared_seeds(table: pd.DataFrame) -> None:
+    """Two models of one family and kind with the same seed cannot both be paired: say how to
+    tell them apart instead of pairing one at random.
+
+    Raises:
+        StoreError: naming both models.
+    """
+    dupes = table[table.duplicated(["arm", "family", "kind", "seed"], keep=False)]
+    if dupes.empty:
+        return
+    first = dupes.iloc[0]
+    same = dupes[(dupes.family == first.family) & (dupes.kind == first.kind) & (dupes.seed == first.seed)]
+    names = " and ".join(same.label.head(2))
+    raise StoreError(
+        f"{names} are both seed {first.seed} of {first.kind} {first.family}: end each weight file's name with "
+        "_s<seed> (e.g. se_w_s1.pth), or list the models in models.csv (docs/tutorial.md: the pairing rule)"
+    )
 
 
 def _gated_models(store: ResultsStore) -> set[str]:
@@ -170,11 +190,15 @@ def _gated_models(store: ResultsStore) -> set[str]:
     return set(sites[sites.kind == "gate"].model)
 
 
-def _model_row(i: Any, r: Any, gated: set[str]) -> dict[str, Any]:
+def _model_row(r: Any, gated: set[str]) -> dict[str, Any]:
     """A ``models.csv`` row for a stored model, from its architecture's registry entry; an
     external model (``timm:``/``torchvision:``) is SE when its gates were recorded, and twins
     with the external model whose name differs only by an ``se``/``legacy_se`` prefix
-    (``timm:seresnet50`` and ``timm:resnet50``: family ``resnet50``, seed 0)."""
+    (``timm:seresnet50`` and ``timm:resnet50``: family ``resnet50``).
+
+    The seed (the pairing rule): the ``_s<N>`` ending of the model's label (a robustse checkpoint
+    ``se_small_cnn_s3``, or foreign weights ``se_resnet20=w_s3.pth``), else 0, so one SE model and
+    its plain twin pair whatever order they are given in."""
     from robustse.models import model_info
 
     arch = r["arch"] if isinstance(r["arch"], str) else None
@@ -192,7 +216,7 @@ def _model_row(i: Any, r: Any, gated: set[str]) -> dict[str, Any]:
         "family": info.family if info else (arch or r["model"]),
         "se": bool(info.has_se) if info else False,
         "arm": "main",
-        "seed": int(m.group(1)) if m else i,
+        "seed": int(m.group(1)) if m else 0,
         "kind": info.kind if info else "plain",
     }
 

@@ -10,9 +10,23 @@ from typing import Any
 
 import click
 
-from robustse.cli.group import Ctx, cli, dataset_option, num_classes_option, pass_ctx
+from robustse.cli.group import (
+    Ctx,
+    cli,
+    data_root_option,
+    dataset_option,
+    emit_json,
+    json_option,
+    num_classes_option,
+    pass_ctx,
+    seed_option,
+)
+from robustse.core.config import SweepConfig
 from robustse.core.errors import SpecError
-from robustse.core.jsonout import dumps as strict_json
+
+_DEFAULTS = SweepConfig()  # shown in --help
+_DEFAULT_LADDER = ",".join(f"{e:g}" for e in _DEFAULTS.epsilons)
+_DEFAULT_ATTACKS = " and ".join(str(a["name"]) for a in _DEFAULTS.attacks)
 
 
 def parse_attack(text: str) -> dict[str, Any]:
@@ -69,7 +83,7 @@ def parse_epsilons(text: str) -> tuple[float, ...]:
 
 
 @cli.command("attacks")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def attacks_cmd(as_json: bool) -> None:
     """List the attacks and their options (defaults shown)."""
     from robustse.attacks import attack_info, list_attacks
@@ -79,7 +93,7 @@ def attacks_cmd(as_json: bool) -> None:
         {"name": i.name, "role": i.role, "description": i.description, "options": i.options()} for i in infos
     ]
     if as_json:
-        click.echo(strict_json(rows))
+        emit_json(rows)
         return
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
@@ -110,18 +124,31 @@ def sweep_summary(result: Any) -> None:
     "spec_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="Take attacks, epsilons and options from this spec's [sweep] table.",
+    help="Take attacks, epsilons and options from this spec's [sweep] table [default: the built-in defaults].",
 )
 @click.option(
     "--attack",
     "attack_texts",
     multiple=True,
-    help="Attack, repeatable: fgsm, 'pgd(steps=20,restarts=2)', noise, 'torchattacks:APGD(steps=10)'.",
+    help="Attack, repeatable: fgsm, 'pgd(steps=20,restarts=2)', noise, 'torchattacks:APGD(steps=10)' "
+    f"[default: the spec's, else {_DEFAULT_ATTACKS}; a noise control is added per norm].",
 )
-@click.option("--eps", "eps_text", default=None, help="Ladder: 0,0.01,0.03 or start:stop:step [default: spec's].")
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="Default norm of the attacks.")
-@click.option("--eval-subset", type=click.IntRange(min=1), default=None, help="Attack this many test images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--eps", "eps_text", default=None,
+    help=f"Ladder: 0,0.01,0.03 or start:stop:step [default: the spec's, else {_DEFAULT_LADDER}].",
+)  # fmt: skip
+@click.option(
+    "--norm", type=click.Choice(["linf", "l2"]), default=None,
+    help="Norm of the attacks that do not name one [default: the spec's, else linf].",
+)  # fmt: skip
+@click.option(
+    "--eval-subset", type=click.IntRange(min=1), default=None,
+    help="Attack this many test images (a seeded subset) [default: the spec's, else 1000].",
+)  # fmt: skip
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None,
+    help="Images per attack call [default: the spec's, else 256].",
+)  # fmt: skip
 @click.option(
     "--pass-rows",
     type=click.IntRange(min=1),
@@ -129,7 +156,10 @@ def sweep_summary(result: Any) -> None:
     help="Gradients and probes this many rows at a time: less memory, same results up to rounding "
     "(default: as many as fit 512 MiB of autograd graph on a CPU, a quarter of a GPU's memory).",
 )
-@click.option("--accuracy-only", is_flag=True, default=None, help="Larger eps attack only the survivors.")
+@click.option(
+    "--accuracy-only", is_flag=True, default=None,
+    help="Larger eps attack only the survivors (robust accuracy only, no probes) [default: the spec's, else off].",
+)  # fmt: skip
 @click.option(
     "--probes/--no-probes",
     default=None,
@@ -155,10 +185,15 @@ def sweep_summary(result: Any) -> None:
 )
 @num_classes_option("Classes of foreign ARCH=WEIGHTS models [default: the dataset's, or 10].", default=None)
 @dataset_option
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/sweep"), show_default=True)
+@data_root_option
+@seed_option("Seed of the attacks' random starts and noise [default: the spec's, else 0].", default=None)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None,
+    help="Run directory [default: reports/sweep-<name of the first model>-<digest of the models>, so unrelated "
+    "sweeps never share a store; rerunning the same models reuses it].",
+)  # fmt: skip
 @click.option("--strict", is_flag=True, help="Exit 1 if a sanity check fails.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option
 @pass_ctx
 def sweep_cmd(
     obj: Ctx,
@@ -178,7 +213,8 @@ def sweep_cmd(
     num_classes: int | None,
     dataset: str | None,
     data_root: Path | None,
-    out: Path,
+    seed: int | None,
+    out: Path | None,
     strict: bool,
     as_json: bool,
 ) -> None:
@@ -201,12 +237,15 @@ def sweep_cmd(
         "epsilons": None if eps_text is None else parse_epsilons(eps_text),
         "norm": norm, "eval_subset": eval_subset, "batch_size": batch_size, "accuracy_only": accuracy_only,
         "probes": probes, "channels_last": channels_last, "interventions": interventions or None,
-        "seed_batching": seed_batching, "pass_rows": pass_rows,
+        "seed_batching": seed_batching, "pass_rows": pass_rows, "seed": seed,
     }  # fmt: skip
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     paths = list(checkpoints) or list(cfg.models)
     if not paths:
         raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
+    if out is None:
+        out = default_sweep_dir(paths)
+        obj.log(f"run directory: {out} (--out sets another)")
     layout, device = obj.distributed()
     result = sweep_checkpoints(
         paths, cfg, out, data_root=data_root, num_classes=num_classes, dataset=dataset, device=device,
@@ -214,6 +253,19 @@ def sweep_cmd(
     )  # fmt: skip
     if layout.is_main:
         _report_sweep(result, as_json=as_json, strict=strict)
+
+
+def default_sweep_dir(models: list[str]) -> Path:
+    """``reports/sweep-<first model's name>-<digest>``: the digest is of the models as given (paths
+    and ARCH=WEIGHTS texts, order kept), so the same models always land in the same store and other
+    models never do."""
+    import hashlib
+    import re
+
+    digest = hashlib.sha256("\0".join(models).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    stem = Path(models[0].split("=")[-1]).stem or "models"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)[:40].strip("-.") or "models"
+    return Path("reports") / f"sweep-{stem}-{digest}"
 
 
 def _spec_sweep(spec_path: Path | None) -> Any:
@@ -239,7 +291,7 @@ def _report_sweep(result: Any, *, as_json: bool, strict: bool) -> None:
             "checks": [dataclasses.asdict(c) for c in result.checks],
             "out": str(result.out_dir),
         }
-        click.echo(strict_json(payload))
+        emit_json(payload)
     else:
         sweep_summary(result)
     if strict and any(c.status == "fail" for c in result.checks):
@@ -257,14 +309,28 @@ def _report_sweep(result: Any, *, as_json: bool, strict: bool) -> None:
     show_default=True,
     help="Attack: NAME or NAME(key=value,...), as for sweep.",
 )
-@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True)
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
-@click.option("--eval-subset", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option(
+    "--eps", type=click.FloatRange(min=0, min_open=True), default=0.02, show_default=True,
+    help="The perturbation budget, in pixel units of the norm.",
+)  # fmt: skip
+@click.option(
+    "--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="Norm of the budget."
+)
+@click.option(
+    "--eval-subset", type=click.IntRange(min=1), default=1000, show_default=True,
+    help="Measure on this many test images (a seeded subset).",
+)  # fmt: skip
 @dataset_option
 @num_classes_option("Classes of a foreign ARCH=WEIGHTS model [default: the dataset's, or 10].", default=None)
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a figure (PNG).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@data_root_option
+@seed_option("Seed of the attack's random start and of the noise.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a figure (PNG) here [default: no figure].",
+)
+@json_option
 @pass_ctx
 def drift_cmd(
     obj: Ctx,
@@ -276,6 +342,7 @@ def drift_cmd(
     dataset: str | None,
     num_classes: int | None,
     data_root: Path | None,
+    seed: int,
     plot: Path | None,
     as_json: bool,
 ) -> None:
@@ -291,7 +358,7 @@ def drift_cmd(
     check_epsilons([eps], norm)
     device = obj.device
     sm, ds = load_drift_input(checkpoint, SweepConfig(eval_subset=eval_subset), dataset, num_classes, data_root, device)
-    (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=obj.seed, noise=False)
+    (attack,) = build_attacks([parse_attack(attack_text)], norm=norm, seed=seed, noise=False)
     rows = measure_drift(sm.model, ds.x, ds.y, attack=attack, eps=eps)
     if plot is not None:
         try:
@@ -299,7 +366,7 @@ def drift_cmd(
         except OSError as exc:
             raise SpecError(f"cannot write {plot} ({exc.strerror or exc})") from None
     if as_json:
-        click.echo(strict_json(rows))
+        emit_json(rows)
         return
     gates = [r for r in rows if r["kind"] == "gate"]
     head = {r["perturbation"]: r for r in rows}

@@ -63,8 +63,8 @@ class RobustseGroup(click.Group):
 class Ctx:
     """Global options shared by every command."""
 
-    def __init__(self, device: str, seed: int, quiet: bool) -> None:
-        self.device_name, self.seed, self.quiet = device, seed, quiet
+    def __init__(self, device: str, quiet: bool) -> None:
+        self.device_name, self.quiet = device, quiet
         self.verbose = False
 
     @property
@@ -104,13 +104,6 @@ pass_ctx = click.make_pass_decorator(Ctx)
     show_default=True,
     help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N.",
 )
-@click.option(
-    "--seed",
-    type=click.IntRange(0, 2**31 - 1),
-    default=0,
-    show_default=True,
-    help="Seed for initialization, order and attacks.",
-)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines; results only.")
 @click.option("--verbose", "-v", is_flag=True, help="More log lines (per cell: accuracy and time).")
 @click.option(
@@ -123,8 +116,11 @@ pass_ctx = click.make_pass_decorator(Ctx)
 )
 @click.version_option(package_name="robustse")
 @click.pass_context
-def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool, plugins: tuple[str, ...]) -> None:
+def cli(ctx: click.Context, device: str, quiet: bool, verbose: bool, plugins: tuple[str, ...]) -> None:
     """robustse: does Squeeze-and-Excitation gating damp adversarial perturbations?
+
+    Every command that draws random numbers takes its own --seed; every command takes --json
+    (one envelope: {"command", "version", "result"}, strict JSON with null for NaN).
 
     Shell completion (bash): eval "$(_ROBUSTSE_COMPLETE=bash_source robustse)"; zsh and fish:
     zsh_source, fish_source.
@@ -135,7 +131,7 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool, 
 
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):  # availability is checked when a command needs it
         raise DeviceError(f"unknown device {device!r} (valid: auto, cpu, cuda, cuda:N)")
-    ctx.obj = Ctx(device, seed, quiet)
+    ctx.obj = Ctx(device, quiet)
     ctx.obj.verbose = verbose and not quiet
     if plugins:
         from robustse.attacks import load_plugin
@@ -145,6 +141,29 @@ def cli(ctx: click.Context, device: str, seed: int, quiet: bool, verbose: bool, 
 
 
 # --------------------------------------------------------------------------- shared options
+
+SEED_RANGE = click.IntRange(0, 2**31 - 1)
+
+
+def seed_option(help: str, default: int | None = 0) -> Any:
+    """--seed with a command-specific help line (what the seed drives); shown default."""
+    return click.option("--seed", type=SEED_RANGE, default=default, show_default=default is not None, help=help)
+
+
+def json_option(fn: Any) -> Any:
+    """--json: print the result as one strict-JSON envelope instead of text."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help='Print the result as JSON: {"command", "version", "result"}.'
+    )(fn)
+
+
+def emit_json(result: Any) -> None:
+    """Print ``result`` in the one envelope every command's --json uses; strict JSON (NaN is null)."""
+    from robustse._version import __version__
+    from robustse.core.jsonout import dumps
+
+    command = click.get_current_context().info_name
+    click.echo(dumps({"command": command, "version": __version__, "result": result}))
 
 
 class DatasetName(click.ParamType):
@@ -167,7 +186,7 @@ def dataset_option(fn: Any) -> Any:
         "--dataset",
         type=DatasetName(),
         default=None,
-        help="Dataset: a registered name or imagefolder:DIR (default: fashion-mnist, or the checkpoint's).",
+        help="Dataset: a registered name or imagefolder:DIR [default: the checkpoint's, else fashion-mnist].",
     )(fn)
 
 
@@ -177,16 +196,21 @@ def data_options(fn: Any) -> Any:
         "--eval-subset",
         type=click.IntRange(min=1),
         default=None,
-        help="Evaluate on this many test images (seeded subset).",
+        help="Evaluate on this many test images (a seeded subset) [default: all].",
     )(fn)
     fn = click.option("--download", is_flag=True, help="Let torchvision download missing files.")(fn)
-    fn = click.option(
+    fn = data_root_option(fn)
+    return dataset_option(fn)
+
+
+def data_root_option(fn: Any) -> Any:
+    """--data-root DIR."""
+    return click.option(
         "--data-root",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        help="Folder with the dataset files (default: $ROBUSTSE_DATA, system locations).",
+        help="Folder with the dataset files [default: $ROBUSTSE_DATA, then system locations].",
     )(fn)
-    return dataset_option(fn)
 
 
 def num_classes_option(help: str, default: int | None = 10) -> Any:

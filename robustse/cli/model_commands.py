@@ -7,13 +7,12 @@ from typing import Any
 
 import click
 
-from robustse.cli.group import Ctx, cli, data_options, num_classes_option, pass_ctx
-from robustse.core.jsonout import dumps as strict_json
+from robustse.cli.group import Ctx, cli, data_options, emit_json, json_option, num_classes_option, pass_ctx, seed_option
 
 
 @cli.command("models")
 @click.argument("pattern", default="*")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def models_cmd(pattern: str, as_json: bool) -> None:
     """List registered architectures matching PATTERN (a glob, e.g. '*resnet*')."""
     from robustse.models import create_model, list_models, model_info
@@ -37,7 +36,7 @@ def models_cmd(pattern: str, as_json: bool) -> None:
             }
         )
     if as_json:
-        click.echo(strict_json(rows))
+        emit_json(rows)
         return
     if not rows:
         click.echo(f"no architecture matches {pattern!r}")
@@ -45,7 +44,8 @@ def models_cmd(pattern: str, as_json: bool) -> None:
     click.echo(f"{'name':<18} {'twin':<18} {'gates':>5} {'params':>9}  description")
     for r in rows:
         click.echo(f"{r['name']:<18} {r['twin']:<18} {r['gates']:>5} {r['params']:>9,}  {r['description']}")
-    click.echo("External: torchvision:<name> (any torchvision classifier, weights from your checkpoint).")
+    click.echo("External: torchvision:<name> (any torchvision classifier) and timm:<name> (any timm model, with")
+    click.echo("the timm extra), weights from your checkpoint as ARCH=WEIGHTS.")
 
 
 def _looks_like_path(target: str) -> bool:
@@ -64,9 +64,14 @@ def _arch_and_weights(target: str, arch: str | None) -> tuple[str, str | None]:
 @cli.command("inspect")
 @click.argument("target")
 @num_classes_option("Classes, when TARGET is an architecture name or ARCH=WEIGHTS.")
-@click.option("--in-channels", type=click.IntRange(min=1), default=None, help="Input channels (name only).")
-@click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--in-channels", type=click.IntRange(min=1), default=None,
+    help="Input channels, when TARGET is an architecture name [default: the architecture's].",
+)  # fmt: skip
+@click.option(
+    "--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint [default: from its metadata]."
+)
+@json_option
 def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: str | None, as_json: bool) -> None:
     """Show layers, parameters and SE gates of an architecture NAME, a CHECKPOINT file, or foreign
     weights as ARCH=WEIGHTS."""
@@ -104,7 +109,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
         "checkpoint": {k: v for k, v in meta.items() if k not in ("history", "fingerprint")} if meta else None,
     }
     if as_json:
-        click.echo(strict_json(summary))
+        emit_json(summary)
         return
     click.echo(f"{summary['arch']}: {summary['params']:,} parameters")
     if meta:
@@ -121,12 +126,19 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
 
 @cli.command("train")
 @click.argument("arch")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Passes over the training set."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Training (SGD) batch size."
+)
 @click.option(
     "--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="Peak learning rate."
 )
-@click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
+@click.option(
+    "--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True,
+    help="Learning-rate schedule.",
+)  # fmt: skip
 @click.option("--no-augment", is_flag=True, help="No random crops/flips (faster convergence for short runs).")
 @click.option(
     "--adv-eps",
@@ -135,12 +147,26 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
     show_default=True,
     help="Fast adversarial training (FGSM + random start) at this Linf eps, in pixels.",
 )
-@click.option("--reduction", type=click.IntRange(min=1), default=None, help="SE reduction ratio r (SE models).")
-@click.option("--squeeze", type=click.Choice(["avg", "max"]), default=None, help="SE squeeze (SE models).")
-@click.option("--gate", type=click.Choice(["sigmoid", "hardsigmoid"]), default=None, help="SE gate (SE models).")
+@click.option(
+    "--reduction", type=click.IntRange(min=1), default=None,
+    help="SE reduction ratio r (SE models) [default: the architecture's].",
+)  # fmt: skip
+@click.option(
+    "--squeeze", type=click.Choice(["avg", "max"]), default=None, help="SE squeeze (SE models) [default: avg]."
+)
+@click.option(
+    "--gate",
+    type=click.Choice(["sigmoid", "hardsigmoid"]),
+    default=None,
+    help="SE gate (SE models) [default: sigmoid].",
+)
 @click.option("--amp", is_flag=True, help="Mixed precision for training (bf16 on CPU, fp16 on CUDA).")
 @data_options
-@click.option("--train-subset", type=click.IntRange(min=1), default=None, help="Train on this many images (seeded).")
+@click.option(
+    "--train-subset", type=click.IntRange(min=1), default=None,
+    help="Train on this many images (a seeded subset) [default: all].",
+)  # fmt: skip
+@seed_option("Seed of initialization, data order and augmentation (the checkpoint's default name ends _s<seed>).")
 @click.option(
     "--image-size",
     type=click.IntRange(min=8, max=1024),
@@ -153,6 +179,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
     default=None,
     help="Checkpoint file [default: reports/models/<arch>_s<seed>.safetensors].",
 )
+@json_option
 @pass_ctx
 def train_cmd(
     obj: Ctx,
@@ -173,7 +200,9 @@ def train_cmd(
     eval_subset: int | None,
     train_subset: int | None,
     image_size: int | None,
+    seed: int,
     out: Path | None,
+    as_json: bool,
 ) -> None:
     """Train architecture ARCH and save a checkpoint (resumes if interrupted; DDP under torchrun)."""
     from robustse.core.config import DataConfig, TrainConfig
@@ -206,13 +235,13 @@ def train_cmd(
     )
     layout, device = obj.distributed()
     if out is None:
-        out = Path("reports") / "models" / f"{arch.replace(':', '-')}_s{obj.seed}.safetensors"
+        out = Path("reports") / "models" / f"{arch.replace(':', '-')}_s{seed}.safetensors"
     result = train_model(
         arch,
         out=out,
         data=data,
         train=cfg,
-        seed=obj.seed,
+        seed=seed,
         model_kwargs=se_kwargs,
         device=device,
         progress=not obj.quiet,
@@ -220,6 +249,15 @@ def train_cmd(
         layout=layout,
     )
     if not layout.is_main:
+        return
+    if as_json:
+        from robustse.analysis.stats import wilson_interval
+
+        m = result.meta
+        n, acc = int(m["eval_examples"]), float(m["clean_accuracy"])
+        emit_json({"checkpoint": str(result.checkpoint), "arch": arch, "seed": seed, "epochs": epochs,
+                   "eval_examples": n, "clean_accuracy": acc, "ci95": list(wilson_interval(round(acc * n), n)),
+                   "train_seconds": m.get("train_seconds")})  # fmt: skip
         return
     _echo_accuracy(arch, result.meta, extra=f"{epochs} epochs, {result.meta['train_seconds']:.1f}s train")
     click.echo(f"checkpoint: {result.checkpoint}")
@@ -237,10 +275,14 @@ def _echo_accuracy(label: str, meta: dict[str, Any], *, extra: str = "") -> None
 @cli.command("eval")
 @click.argument("checkpoint")
 @data_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per evaluation batch."
+)
+@click.option(
+    "--arch", default=None, help="Architecture of a foreign .pt/.pth checkpoint [default: from its metadata]."
+)
 @num_classes_option("Classes of a foreign checkpoint [default: the dataset's, or 10].", default=None)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @pass_ctx
 def eval_cmd(
     obj: Ctx,
@@ -297,6 +339,6 @@ def eval_cmd(
         from robustse.analysis.stats import wilson_interval
 
         result["ci95"] = list(wilson_interval(correct, len(ds)))
-        click.echo(strict_json(result))
+        emit_json(result)
         return
     _echo_accuracy(f"{meta.get('arch')} on {name}", result)

@@ -8,8 +8,7 @@ from typing import Any
 import click
 
 from robustse.cli.attack_commands import sweep_summary
-from robustse.cli.group import Ctx, cli, pass_ctx
-from robustse.core.jsonout import dumps as strict_json
+from robustse.cli.group import Ctx, cli, emit_json, json_option, pass_ctx, seed_option
 
 
 @cli.command("experiment")
@@ -24,14 +23,23 @@ from robustse.core.jsonout import dumps as strict_json
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Run directory [default: reports/<spec name>]."
 )
+@json_option
 @pass_ctx
-def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
-    """Train the spec's twin pairs over its seeds, then run its [sweep] (resumable)."""
+def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None, as_json: bool) -> None:
+    """Train the spec's twin pairs over its seeds, then run its [sweep] and write the report
+    (resumable: rerun to continue).
+
+    Every seed comes from the spec (the models' seeds, [sweep] seed, [report] seed), so this
+    command has no --seed: a run directory always holds one spec's results.
+    """
     from robustse.experiment.pipeline import run_experiment
 
     layout, device = obj.distributed()
     result = run_experiment(spec_path, out, device=device, progress=not obj.quiet, log=obj.log, layout=layout)
     if not layout.is_main:
+        return
+    if as_json:
+        emit_json(_experiment_payload(result))
         return
     click.echo(f"{'model':<22} {'seed':>4} {'clean acc':>9}  {'95% CI':<15} {'train s':>8}")
     for r in result.rows:
@@ -45,6 +53,22 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None) -> None:
         _verdict_summary(result.report)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     click.echo(f"run directory: {result.out_dir} ({timings})")
+
+
+def _experiment_payload(result: Any) -> dict[str, Any]:
+    """What ``experiment --json`` prints: the models, the sweep's worst case and checks, the Answer."""
+    import dataclasses
+
+    sweep = result.sweep
+    return {
+        "out": str(result.out_dir),
+        "models": [dataclasses.asdict(r) for r in result.rows],
+        "robust": sweep.robust.to_dict(orient="records") if sweep is not None else [],
+        "checks": [dataclasses.asdict(c) for c in sweep.checks] if sweep is not None else [],
+        "answers": [a.as_dict() for a in result.report.answers] if result.report is not None else [],
+        "report": str(result.report.html) if result.report is not None else None,
+        "timings": dict(result.timings),
+    }
 
 
 def _verdict_summary(rep: Any) -> None:
@@ -77,16 +101,20 @@ def _verdict_summary(rep: Any) -> None:
     "--bootstrap",
     type=click.IntRange(min=100, max=100_000),
     default=None,
-    help="Bootstrap replicates [default: spec's, 2000].",
+    help="Replicates of the descriptive bootstrap bands and the channel-gain table; the verdicts are t "
+    "intervals over seed pairs and do not use it [default: the spec's [report] bootstrap, else 2000].",
 )
-@click.option("--alpha", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=None)
-@click.option("--gallery-eps", type=float, default=None, help="Eps of the gallery and heatmaps [default: middle].")
 @click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help="Print the Answer (bottom line and lines), the verdict and ratio tables as strict JSON.",
-)
+    "--alpha", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=None,
+    help="Significance level; intervals are 1 − alpha [default: the spec's [report] alpha, else 0.05].",
+)  # fmt: skip
+@click.option(
+    "--gallery-eps", type=float, default=None,
+    help="Eps of the Answer, the gallery and the heatmaps; an eps off the ladder falls back to the middle "
+    "rung, with a warning [default: the spec's [report] gallery_eps, else the middle rung].",
+)  # fmt: skip
+@seed_option("Seed of the bootstrap draws [default: the spec's [report] seed, else 0].", default=None)
+@json_option
 @click.option(
     "--out",
     "out_dir",
@@ -101,6 +129,7 @@ def report_cmd(
     bootstrap: int | None,
     alpha: float | None,
     gallery_eps: float | None,
+    seed: int | None,
     as_json: bool,
     out_dir: Path | None,
 ) -> None:
@@ -108,7 +137,11 @@ def report_cmd(
     results store (no attack or training is rerun)."""
     from robustse.analysis.report import build_report
 
-    rep = build_report(run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, log=obj.log, out_dir=out_dir)
+    rep = build_report(
+        run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, seed=seed, log=obj.log, out_dir=out_dir
+    )
+    for warning in rep.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         payload = {
             "report": str(rep.html),
@@ -116,6 +149,6 @@ def report_cmd(
             "comparisons": rep.comparison.to_dict(orient="records"),
             "ratios": rep.ratios.to_dict(orient="records") if rep.ratios is not None else [],
         }
-        click.echo(strict_json(payload))
+        emit_json(payload)
     else:
         _verdict_summary(rep)
