@@ -154,7 +154,7 @@ def sweep_summary(result: Any) -> None:
     type=click.IntRange(min=1),
     default=None,
     help="Gradients and probes this many rows at a time: less memory, same results up to rounding "
-    "(default: as many as fit 512 MiB of autograd graph on a CPU, a quarter of a GPU's memory).",
+    "[default: as many as fit 512 MiB of autograd graph on a CPU, a quarter of a GPU's memory].",
 )
 @click.option(
     "--accuracy-only", is_flag=True, default=None,
