@@ -95,14 +95,14 @@ def test_unrelated_sweeps_get_their_own_store_and_the_same_models_the_same_one()
     assert default_sweep_dir(["resnet20=../w/../x y?.pth"]).name.startswith("sweep-x-y-")
 
 
-def test_a_sweep_without_out_says_where_it_writes(trained_small, tmp_path, monkeypatch):
+def test_a_sweep_without_out_says_where_it_wrote(trained_small, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = str(trained_small[3])
     args = ["sweep", ckpt, "--attack", "fgsm", "--eps", "0,0.05", "--eval-subset", "16", "--no-probes"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     where = default_sweep_dir([ckpt])
-    assert f"run directory: {where}" in res.stderr and (tmp_path / where / "results.db").is_file()
+    assert f"results: {where / 'results.db'}" in res.stdout and (tmp_path / where / "results.db").is_file()
 
 
 def test_a_gallery_eps_off_the_ladder_warns(nan_run):

@@ -243,9 +243,8 @@ def sweep_cmd(
     paths = list(checkpoints) or list(cfg.models)
     if not paths:
         raise SpecError("no models: pass CHECKPOINT paths or list sweep.models in the spec")
-    if out is None:
+    if out is None:  # the summary (and --json's "out") says where it went
         out = default_sweep_dir(paths)
-        obj.log(f"run directory: {out} (--out sets another)")
     layout, device = obj.distributed()
     result = sweep_checkpoints(
         paths, cfg, out, data_root=data_root, num_classes=num_classes, dataset=dataset, device=device,
