@@ -14,7 +14,8 @@ $(BIN)/robustse: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet -e '.[docs]'
+	$(BIN)/python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))" \
+		| xargs -d '\n' $(BIN)/pip install --quiet
 	touch $@
 
 setup: $(BIN)/robustse data
