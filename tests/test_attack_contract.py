@@ -20,9 +20,17 @@ from robustse.core.errors import AttackError
 from robustse.core.roles import UNRECORDED_ROLES, attack_role
 
 HERE = Path(__file__).parent
-load_plugin(str(HERE / "plugins" / "contract_attacks.py"))  # before collection lists the attacks
+PLUGIN = load_plugin(str(HERE / "plugins" / "contract_attacks.py"))  # registers test_rand_fgsm
+NAMES = [*rs.list_attacks(), "torchattacks:PGD"]  # every registered attack, the plugin included
+unregister_attack("test_rand_fgsm")  # the rest of the session sees the built-in attacks only
 
-NAMES = [*rs.list_attacks(), "torchattacks:PGD"]
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin_registered():
+    """The plugin, registered for this module's tests (as ``--plugin`` would) and taken out after."""
+    rs.register_attack("test_rand_fgsm", role="attack")(PLUGIN.RandFGSM)
+    yield
+    unregister_attack("test_rand_fgsm")
 LADDER = {"linf": [0.0, 0.01, 0.03, 0.1], "l2": [0.0, 0.2, 0.5, 1.5]}
 
 

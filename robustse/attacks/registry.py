@@ -96,7 +96,13 @@ def register_attack(name: str, *, role: Role = "attack", description: str = "") 
 
 
 def unregister_attack(name: str) -> None:
-    """Take ``name`` out of the registry (tests; a plugin reloaded in a notebook)."""
+    """Take ``name`` out of the registry (tests; a plugin reloaded in a notebook); its class may be
+    registered again."""
+    try:
+        info = _REGISTRY.get(name)
+    except AttackError:
+        return
+    info.cls._registered = None
     _REGISTRY.remove(name)
     forget_role(name)
 
