@@ -114,3 +114,23 @@ def test_two_arm_experiment_compares_the_se_only_arm_with_the_first_plain(real_f
     base = c[(c.arm == "base") & (c.measurement == "robust_accuracy")].base_mean.tolist()
     r2 = c[(c.arm == "r2") & (c.measurement == "robust_accuracy")].base_mean.tolist()
     assert base == r2  # the same plain twin on both sides
+
+
+def test_an_experiment_says_its_phase_and_model_k_of_n_with_the_time_left(tiny_run, tmp_path):
+    """Rerun on a copy of the finished tiny run (models and cells reused): one line per phase and
+    per model, k / N with an estimate of the time left."""
+    import shutil
+
+    from robustse.experiment.pipeline import eta, run_experiment
+
+    spec, out, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    lines: list[str] = []
+    run_experiment(spec, copy, progress=False, log=lines.append)
+    assert [line for line in lines if line.startswith("phase ")] == [
+        "phase 1/4: data", "phase 2/4: train", "phase 3/4: sweep", "phase 4/4: report"
+    ]  # fmt: skip
+    done = [line for line in lines if line.startswith("train: model ")]
+    assert len(done) == 4 and done[0].startswith("train: model 1/4 done (") and done[-1].endswith("about 0 s left")
+    assert eta(30.0, 1, 4) == "1 min 30 s" and eta(10.0, 2, 4) == "10 s" and eta(5.0, 4, 4) == "0 s"

@@ -108,6 +108,12 @@ def plan_models(spec: ExperimentSpec) -> list[PlannedModel]:
     return plan
 
 
+def eta(elapsed: float, done: int, total: int) -> str:
+    """The time left for ``total`` steps after ``done`` took ``elapsed`` seconds, as ``1 min 05 s``."""
+    left = round(elapsed / max(done, 1) * (total - done))
+    return f"{left // 60} min {left % 60:02d} s" if left >= 60 else f"{left} s"
+
+
 def run_experiment(
     spec: ExperimentSpec | PathLike,
     out_dir: PathLike | None = None,
@@ -186,7 +192,9 @@ class _Run:
         return cls(ExperimentResult(spec, out), **options)
 
     def timed(self, phase: str, step: Callable[[], Any]) -> Any:
-        """Run one phase and record its time in ``result.timings``."""
+        """Run one phase, saying so, and record its time in ``result.timings``."""
+        phases = ["data", "train", *(["sweep", "report"] if self.spec.sweep is not None else [])]
+        self.say(f"phase {phases.index(phase) + 1}/{len(phases)}: {phase}")
         t0 = time.perf_counter()
         value = step()
         self.result.timings[phase] = time.perf_counter() - t0
@@ -198,11 +206,26 @@ class _Run:
             return _given_models(self.spec.models.checkpoints)
         plan = plan_models(self.spec)
         if not self._batch_seeds():
-            return [self.train(pm, splits) for pm in plan]
+            return self.train_each(plan, splits)
         trained: dict[str, Any] = {}
         for group in _seed_groups(plan):
             trained.update(zip([pm.label for pm in group], self.train_group(group, splits), strict=True))
         return [self.row(pm, trained[pm.label]) for pm in plan]
+
+    def train_each(self, plan: list[PlannedModel], splits: tuple[Dataset, Dataset]) -> list[ModelRow]:
+        """Every planned model in turn, with a line per model: k / N and the time left (the mean
+        time of the models so far; a reused checkpoint counts as the moment it took)."""
+        rows, t0 = [], time.perf_counter()
+        for k, pm in enumerate(plan, 1):
+            rows.append(self.train(pm, splits))
+            elapsed = time.perf_counter() - t0
+            self.say(f"train: model {k}/{len(plan)} done ({pm.label}), about {eta(elapsed, k, len(plan))} left")
+        return rows
+
+    def say(self, line: str) -> None:
+        """A progress line (rank 0 only)."""
+        if self.log and self.layout.is_main:
+            self.log(line)
 
     def _batch_seeds(self) -> bool:
         """Seed batching: as the spec says, else on a GPU only; never under torchrun."""
