@@ -169,3 +169,21 @@ def test_two_unseeded_models_of_one_kind_are_refused_with_the_way_out(twin_weigh
                                    "--eval-subset", "16", "--no-probes", "--out", str(seeded)])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert CliRunner().invoke(cli, ["--quiet", "report", str(seeded), "--bootstrap", "100"]).exit_code == 0
+
+
+def test_experiment_warns_of_the_same_fallbacks_as_report(tiny_run, tmp_path):
+    """The spec's [report] gallery_eps off the ladder: `experiment` warns as `report` does."""
+    import dataclasses
+
+    from robustse.core.config import dump_toml
+
+    spec, out, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    spec_file = tmp_path / "tiny.toml"
+    changed = dataclasses.replace(spec, report=dataclasses.replace(spec.report, gallery_eps=0.5))
+    spec_file.write_text(dump_toml(dataclasses.asdict(changed)), encoding="utf-8")
+    res = CliRunner().invoke(cli, ["--quiet", "experiment", "--spec", str(spec_file), "--out", str(copy), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "warning: gallery eps 0.5 is not on the ladder" in res.stderr
+    assert _strict(res.stdout)["command"] == "experiment"  # type: ignore[index]

@@ -85,6 +85,8 @@ class Rungs:
             raise AttackError(f"{rungs} rungs of rows but {len(self.generators)} random streams")
         xs, es = x.view(rungs, k, b, *rest), eps.view(rungs, k, b, *eps.shape[1:])
         first = [fn(xs[r, 0], es[r, 0], g) for r, g in enumerate(self.generators)]
+        if k == 1:  # an ordinary model: the draws are the rows
+            return first[0] if rungs == 1 else torch.cat(first)
         return torch.stack(first).unsqueeze(1).expand(rungs, k, b, *rest).reshape(x.shape)
 
 
@@ -325,7 +327,10 @@ class LadderRun:
         if not bool(torch.isfinite(adv).all()):
             raise AttackError(f"{name}: perturb returned NaN or infinite values")
         ops = self.attack.norm_ops
-        return torch.where(ops.within(x, adv, eps), adv, ops.project(x, adv, eps)).clamp(0, 1)
+        inside = ops.within(x, adv, eps)
+        if bool(inside.all()):  # the built-in attacks: nothing to project
+            return adv.clamp(0, 1)
+        return torch.where(inside, adv, ops.project(x, adv, eps)).clamp(0, 1)
 
     def survivors(
         self, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], grad0: torch.Tensor | None = None

@@ -206,9 +206,40 @@ def train_cmd(
 ) -> None:
     """Train architecture ARCH and save a checkpoint (resumes if interrupted; DDP under torchrun)."""
     from robustse.core.config import DataConfig, TrainConfig
+    from robustse.training.train import train_model
+
+    data = DataConfig(
+        dataset=dataset or "fashion-mnist", data_root=str(data_root) if data_root else None, download=download,
+        train_subset=train_subset, eval_subset=eval_subset, image_size=image_size,
+    )  # fmt: skip
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,  # type: ignore[arg-type]
+        augment=not no_augment, adv_eps=adv_eps, amp=amp,
+    )  # fmt: skip
+    layout, device = obj.distributed()
+    if out is None:
+        out = Path("reports") / "models" / f"{arch.replace(':', '-')}_s{seed}.safetensors"
+    result = train_model(
+        arch, out=out, data=data, train=cfg, seed=seed, model_kwargs=_se_options(arch, reduction, squeeze, gate),
+        device=device, progress=not obj.quiet, log=obj.log, layout=layout,
+    )  # fmt: skip
+    if not layout.is_main:
+        return
+    if as_json:
+        n, acc, lo, hi = _accuracy(result.meta)
+        emit_json({"checkpoint": str(result.checkpoint), "arch": arch, "seed": seed, "epochs": epochs,
+                   "eval_examples": n, "clean_accuracy": acc, "ci95": [lo, hi],
+                   "train_seconds": result.meta.get("train_seconds")})  # fmt: skip
+        return
+    _echo_accuracy(arch, result.meta, extra=f"{epochs} epochs, {result.meta['train_seconds']:.1f}s train")
+    click.echo(f"checkpoint: {result.checkpoint}")
+
+
+def _se_options(arch: str, reduction: int | None, squeeze: str | None, gate: str | None) -> dict[str, Any]:
+    """The SE options given on the command line; refused (ModelError) for an architecture without SE
+    blocks, naming its SE twin."""
     from robustse.core.errors import ModelError
     from robustse.models import model_info
-    from robustse.training.train import train_model
 
     se_kwargs = {k: v for k, v in {"reduction": reduction, "squeeze": squeeze, "gate": gate}.items() if v is not None}
     if se_kwargs and ":" not in arch:  # torchvision:/timm: models take no SE options
@@ -216,58 +247,20 @@ def train_cmd(
         refused = [k for k in se_kwargs if k not in info.options()]
         if refused:
             raise ModelError(f"{arch} has no SE blocks: --{refused[0]} applies to its SE twin se_{info.family}")
-    data = DataConfig(
-        dataset=dataset or "fashion-mnist",
-        data_root=str(data_root) if data_root else None,
-        download=download,
-        train_subset=train_subset,
-        eval_subset=eval_subset,
-        image_size=image_size,
-    )
-    cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        schedule=schedule,  # type: ignore[arg-type]
-        augment=not no_augment,
-        adv_eps=adv_eps,
-        amp=amp,
-    )
-    layout, device = obj.distributed()
-    if out is None:
-        out = Path("reports") / "models" / f"{arch.replace(':', '-')}_s{seed}.safetensors"
-    result = train_model(
-        arch,
-        out=out,
-        data=data,
-        train=cfg,
-        seed=seed,
-        model_kwargs=se_kwargs,
-        device=device,
-        progress=not obj.quiet,
-        log=obj.log,
-        layout=layout,
-    )
-    if not layout.is_main:
-        return
-    if as_json:
-        from robustse.analysis.stats import wilson_interval
-
-        m = result.meta
-        n, acc = int(m["eval_examples"]), float(m["clean_accuracy"])
-        emit_json({"checkpoint": str(result.checkpoint), "arch": arch, "seed": seed, "epochs": epochs,
-                   "eval_examples": n, "clean_accuracy": acc, "ci95": list(wilson_interval(round(acc * n), n)),
-                   "train_seconds": m.get("train_seconds")})  # fmt: skip
-        return
-    _echo_accuracy(arch, result.meta, extra=f"{epochs} epochs, {result.meta['train_seconds']:.1f}s train")
-    click.echo(f"checkpoint: {result.checkpoint}")
+    return se_kwargs
 
 
-def _echo_accuracy(label: str, meta: dict[str, Any], *, extra: str = "") -> None:
+def _accuracy(meta: dict[str, Any]) -> tuple[int, float, float, float]:
+    """(n, clean accuracy, 95% Wilson interval) of a checkpoint's metadata."""
     from robustse.analysis.stats import wilson_interval
 
     n, acc = int(meta["eval_examples"]), float(meta["clean_accuracy"])
     lo, hi = wilson_interval(round(acc * n), n)
+    return n, acc, lo, hi
+
+
+def _echo_accuracy(label: str, meta: dict[str, Any], *, extra: str = "") -> None:
+    n, acc, lo, hi = _accuracy(meta)
     tail = f", {extra}" if extra else ""
     click.echo(f"{label}: clean accuracy {acc:.4f} (95% CI {lo:.4f}-{hi:.4f}, n={n}{tail})")
 

@@ -38,6 +38,8 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None, as_json: bool) -
     result = run_experiment(spec_path, out, device=device, progress=not obj.quiet, log=obj.log, layout=layout)
     if not layout.is_main:
         return
+    if result.report is not None:
+        _warn(result.report)
     if as_json:
         emit_json(_experiment_payload(result))
         return
@@ -69,6 +71,12 @@ def _experiment_payload(result: Any) -> dict[str, Any]:
         "report": str(result.report.html) if result.report is not None else None,
         "timings": dict(result.timings),
     }
+
+
+def _warn(rep: Any) -> None:
+    """The report's fallbacks, one ``warning:`` line each on stderr (even with --quiet)."""
+    for warning in rep.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _verdict_summary(rep: Any) -> None:
@@ -140,8 +148,7 @@ def report_cmd(
     rep = build_report(
         run_dir, n_boot=bootstrap, alpha=alpha, gallery_eps=gallery_eps, seed=seed, log=obj.log, out_dir=out_dir
     )
-    for warning in rep.warnings:
-        click.echo(f"warning: {warning}", err=True)
+    _warn(rep)
     if as_json:
         payload = {
             "report": str(rep.html),
