@@ -140,7 +140,11 @@ def test_experiments_train_seed_groups_batched_when_asked(real_fmnist, tmp_path)
         "static_small_cnn_s1",
     ]  # fmt: skip  (plan order kept; each architecture's two seeds trained as one network)
     assert all(r.clean_accuracy > 0.65 for r in res.rows), [r.clean_accuracy for r in res.rows]
-    assert sum("epoch 2/2" in line for line in lines) == 6
+    assert sum("seed" in line and "epoch 2/2:" in line for line in lines) == 6  # each member's epoch line
+    eta_lines = [line for line in lines if line.startswith("train: ")]  # per group: each epoch, then done
+    assert len(eta_lines) == 9 and all(line.endswith(" left") for line in eta_lines), eta_lines
+    assert eta_lines[0].startswith("train: small_cnn ×2 seeds (main), group 1/3, epoch 1/2, about ")
+    assert eta_lines[-1] == "train: static_small_cnn ×2 seeds (main), group 3/3 done, about 0 s left"
     again = run_experiment(spec, tmp_path / "run", progress=False)  # finished checkpoints are reused
     assert [r.clean_accuracy for r in again.rows] == [r.clean_accuracy for r in res.rows]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from robustse.analysis import stats as S
 from robustse.analysis.analyse import Analysis
 from robustse.analysis.rundata import RunData
 from robustse.core.files import own_dir, write_bytes, write_text
+from robustse.core.progress import Progress
 from robustse.core.roles import attack_role
 
 
@@ -36,44 +38,48 @@ def draw_figures(data: RunData, a: Analysis) -> dict[str, ReportFigure]:
     """Draw every figure and save it as ``figures/<key>.png``."""
     fig_dir = own_dir(data.target / "figures")
     out = {}
-    for key, (title, fig) in _figures(data, a).items():
-        path = fig_dir / f"{key}.png"
-        out[key] = ReportFigure(title, path, _png(fig, path))
+    todo = _figures(data, a)
+    with Progress(len(todo), "report figures", unit="figure") as bar:
+        for key, (title, draw) in todo.items():
+            path = fig_dir / f"{key}.png"
+            out[key] = ReportFigure(title, path, _png(draw(), path))
+            bar.update()
     return out
 
 
-def _figures(data: RunData, a: Analysis) -> dict[str, tuple[str, Any]]:
-    """key → (caption, matplotlib Figure), in report order."""
+def _figures(data: RunData, a: Analysis) -> dict[str, tuple[str, Callable[[], Any]]]:
+    """key → (caption, a function drawing the matplotlib Figure), in report order: each figure is
+    drawn, saved and closed before the next (one open at a time)."""
     eps = a.gallery_eps
     damping = a.damping if a.damping is not None else pd.DataFrame(columns=["eps"])
     return {
         "robust_accuracy": (
             "Outcome: robust accuracy (worst case over the attacks) vs eps for SE, plain and static, "
             "mean over seeds with 95% CI",
-            plots.robust_accuracy(a.acc_curves),
+            lambda: plots.robust_accuracy(a.acc_curves),
         ),
         "squeeze": (
             f"Premise: how much of the feature-map change reaches the squeezed state per SE site at eps = "
             f"{eps:g} (1 = all of it), attack solid and noise dashed, SE and the same sites of the baselines",
-            plots.squeeze_attenuation(_squeeze_sites(data, a), eps),
+            lambda: plots.squeeze_attenuation(_squeeze_sites(data, a), eps),
         ),
         "gate_effects": (
             "Cause: robust accuracy with the gates held (or frozen) minus adaptive, attacked white-box, "
             "in pp with 95% CI (> 0: the gates' reaction hurts)",
-            plots.gate_effects(a.gate_effects),
+            lambda: plots.gate_effects(a.gate_effects),
         ),
         "reaction": (
             "Mechanism: the gates' reaction (adaptive / held gates for the same x′) under each attack and "
             "under noise, 95% CI (> 1: the reaction enlarges the change)",
-            plots.reaction_ratios(a.ratios),
+            lambda: plots.reaction_ratios(a.ratios),
         ),
-        "sensitivity": ("Output sensitivity vs eps: attack vs noise", plots.sensitivity(a.sens_curves)),
-        "gate_drift": ("Gate drift per gate vs eps", plots.gate_drift(a.drift_sites)),
-        "damping": (f"Damping per gate at eps = {eps:g}", plots.damping(damping, eps)),
-        "amplification": (f"Amplification over depth at eps = {eps:g}", plots.amplification(a.profile, eps)),
-        "excitations": ("Per-class mean excitations, clean vs adversarial", _excitations_figure(data, a)),
-        "gallery": (f"Adversarial examples ({a.main}, eps = {eps:g})", _gallery_figure(data, a)),
-        "interventions": ("Gate interventions", plots.interventions(a.interventions)),
+        "sensitivity": ("Output sensitivity vs eps: attack vs noise", lambda: plots.sensitivity(a.sens_curves)),
+        "gate_drift": ("Gate drift per gate vs eps", lambda: plots.gate_drift(a.drift_sites)),
+        "damping": (f"Damping per gate at eps = {eps:g}", lambda: plots.damping(damping, eps)),
+        "amplification": (f"Amplification over depth at eps = {eps:g}", lambda: plots.amplification(a.profile, eps)),
+        "excitations": ("Per-class mean excitations, clean vs adversarial", lambda: _excitations_figure(data, a)),
+        "gallery": (f"Adversarial examples ({a.main}, eps = {eps:g})", lambda: _gallery_figure(data, a)),
+        "interventions": ("Gate interventions", lambda: plots.interventions(a.interventions)),
     }
 
 

@@ -84,13 +84,18 @@ def build_report(
         PosixPath('reports/quick/report.html')
     """
     t0 = time.perf_counter()
+    stage = _stages(log)
+    stage("read the run")
     data = load_run(run_dir)
     if out_dir is not None:
         data.out = own_dir(Path(out_dir))
     opts = resolve_options(data.run, n_boot, alpha, gallery_eps, seed)
     with recorded_roles(data.roles):  # each attack counts as the role it ran with
+        stage("statistics")
         analysis = analyse(data, opts, log)
+        stage("figures")
         figures = draw_figures(data, analysis)
+        stage("tables and pages")
         csv = write_tables(data, analysis)
         html_path, md_path = write_pages(ReportContext.of(data, analysis, opts, figures), figures)
     seconds = time.perf_counter() - t0
@@ -111,3 +116,18 @@ def build_report(
         analysis.ratios,
         analysis.warnings,
     )
+
+
+REPORT_STAGES = 4
+
+
+def _stages(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """A function logging ``report k/4: <stage>`` as each stage of :func:`build_report` starts."""
+    count = iter(range(1, REPORT_STAGES + 1))
+
+    def stage(name: str) -> None:
+        k = next(count)
+        if log:
+            log(f"report {k}/{REPORT_STAGES}: {name}")
+
+    return stage

@@ -81,7 +81,10 @@ class Ctx:
         if layout.active:
             click.get_current_context().call_on_close(shutdown)
             if not layout.is_main:
+                from robustse.core.progress import progress_settings
+
                 self.quiet = True  # one voice: rank 0 prints progress and results
+                click.get_current_context().with_resource(progress_settings(show=False))
         return layout, device
 
     def log(self, message: str) -> None:
@@ -133,6 +136,10 @@ def cli(ctx: click.Context, device: str, quiet: bool, verbose: bool, plugins: tu
         raise DeviceError(f"unknown device {device!r} (valid: auto, cpu, cuda, cuda:N)")
     ctx.obj = Ctx(device, quiet)
     ctx.obj.verbose = verbose and not quiet
+    from robustse.core.progress import progress_settings
+
+    # bars on a terminal, else a log line at most every 30 s; nothing with --quiet
+    ctx.with_resource(progress_settings(show=not quiet, log=ctx.obj.log))
     if plugins:
         from robustse.attacks import load_plugin
 

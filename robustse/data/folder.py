@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from robustse.core.errors import DataError
+from robustse.core.progress import Progress
 from robustse.data.base import Dataset, Split
 from robustse.models.external import Preprocess
 
@@ -120,12 +121,14 @@ class ImageFolder:
         x = self._buffer(len(idx))
         files = [self.files[i] for i in idx.tolist()]
         done = 0
-        for images, errors in _loader(files, self.preprocess):
-            bad = next((e for e in errors if e), None)
-            if bad:
-                raise DataError(bad)
-            x[done : done + len(images)] = images
-            done += len(images)
+        with Progress(len(files), f"decode {self.split}", unit="image") as bar:
+            for images, errors in _loader(files, self.preprocess):
+                bad = next((e for e in errors if e), None)
+                if bad:
+                    raise DataError(bad)
+                x[done : done + len(images)] = images
+                done += len(images)
+                bar.update(len(images))
         return Dataset(self.name, self.split, x, self.y[idx].clone(), self.classes)
 
     def _buffer(self, n: int) -> torch.Tensor:

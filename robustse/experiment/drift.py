@@ -16,6 +16,7 @@ from torch import nn
 from robustse.attacks import Attack, create_attack
 from robustse.attacks.evaluator import grad_bytes_per_row
 from robustse.core.passes import pass_memory, pass_rows, rows_within
+from robustse.core.progress import track
 from robustse.data.base import as_float_images
 from robustse.probes import metrics as M
 from robustse.probes.cell import perturbed_pass, snapshot
@@ -57,7 +58,8 @@ def measure_drift(
     the same on every device): the attacks run with gradient passes of ``rows`` rows
     (:func:`robustse.attacks.pass_rows`; default :func:`drift_rows`, the pass budget's), then
     ``rows`` at a time each clean pass is recorded once and each perturbed pass is measured
-    against it as it runs (:func:`perturbed_pass`); only per-example values are kept.
+    against it as it runs (:func:`perturbed_pass`); only per-example values are kept. Progress
+    is counted per batch (:mod:`robustse.core.progress`).
 
     Returns:
         One dict per (perturbation, site): ``perturbation`` (attack name or ``noise``), ``kind``
@@ -68,7 +70,7 @@ def measure_drift(
     device = next(model.parameters()).device
     rows = rows or drift_rows(model, as_float_images(x[:1].to(device)), batch_size)
     columns: Columns = {}
-    for b, i in enumerate(range(0, len(x), batch_size)):
+    for b, i in enumerate(track(range(0, len(x), batch_size), "drift")):
         xb, yb = as_float_images(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
         with pass_rows(rows):
             moved = [atk(model, xb, yb, epsilons=[eps], stream=b).adversarials[0] for _, atk in perturbations]

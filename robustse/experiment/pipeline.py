@@ -25,6 +25,7 @@ from robustse.core.config import ArmConfig, DataConfig, ExperimentSpec, dump_tom
 from robustse.core.distributed import SINGLE, Dist
 from robustse.core.errors import SpecError
 from robustse.core.files import write_text
+from robustse.core.progress import eta
 from robustse.core.provenance import run_provenance
 from robustse.core.types import PathLike
 from robustse.data.base import Dataset
@@ -106,12 +107,6 @@ def plan_models(spec: ExperimentSpec) -> list[PlannedModel]:
                 label = f"{name}_{arm.name}_s{seed}" if many else f"{name}_s{seed}"
                 plan.append(PlannedModel(label, name, arm, seed))
     return plan
-
-
-def eta(elapsed: float, done: int, total: int) -> str:
-    """The time left for ``total`` steps after ``done`` took ``elapsed`` seconds, as ``1 min 05 s``."""
-    left = round(elapsed / max(done, 1) * (total - done))
-    return f"{left // 60} min {left % 60:02d} s" if left >= 60 else f"{left} s"
 
 
 def run_experiment(
@@ -207,10 +202,27 @@ class _Run:
         plan = plan_models(self.spec)
         if not self._batch_seeds():
             return self.train_each(plan, splits)
-        trained: dict[str, Any] = {}
-        for group in _seed_groups(plan):
-            trained.update(zip([pm.label for pm in group], self.train_group(group, splits), strict=True))
+        trained = self.train_groups(_seed_groups(plan), splits)
         return [self.row(pm, trained[pm.label]) for pm in plan]
+
+    def train_groups(self, groups: list[list[PlannedModel]], splits: tuple[Dataset, Dataset]) -> dict[str, Any]:
+        """Each group's seeds trained batched, with a line per epoch and per group: k / N and the
+        time left (the mean time of the epochs so far; a reused checkpoint counts as the moment it took)."""
+        epochs = [self.spec.arm_train(g[0].arm).epochs for g in groups]
+        total, t0 = sum(epochs), time.perf_counter()
+        trained: dict[str, Any] = {}
+        for k, group in enumerate(groups):
+            name = f"{group[0].arch} ×{len(group)} seeds ({group[0].arm.name}), group {k + 1}/{len(groups)}"
+
+            def on_epoch(epoch: int, _records: Any, name: str = name, k: int = k) -> None:
+                left = eta(time.perf_counter() - t0, sum(epochs[:k]) + epoch, total)
+                self.say(f"train: {name}, epoch {epoch}/{epochs[k]}, about {left} left")
+
+            labels = [pm.label for pm in group]
+            trained.update(zip(labels, self.train_group(group, splits, on_epoch), strict=True))
+            left = eta(time.perf_counter() - t0, sum(epochs[: k + 1]), total)
+            self.say(f"train: {name} done, about {left} left")
+        return trained
 
     def train_each(self, plan: list[PlannedModel], splits: tuple[Dataset, Dataset]) -> list[ModelRow]:
         """Every planned model in turn, with a line per model: k / N and the time left (the mean
@@ -234,7 +246,7 @@ class _Run:
             wanted = torch.device(self.device).type == "cuda"
         return wanted and not self.layout.active
 
-    def train_group(self, group: list[PlannedModel], splits: tuple[Dataset, Dataset]) -> list[Any]:
+    def train_group(self, group: list[PlannedModel], splits: tuple[Dataset, Dataset], on_epoch: Any) -> list[Any]:
         """The seeds of one architecture and arm, trained as one stacked network."""
         from robustse.training.seeds import train_seeds
 
@@ -243,7 +255,7 @@ class _Run:
             pm.arch, outs=[self.out / "models" / f"{p.label}.safetensors" for p in group],
             seeds=[p.seed for p in group], data=spec.data, train=spec.arm_train(pm.arm),
             model_kwargs=_model_kwargs(spec, pm), device=self.device, progress=self.progress, log=self.log,
-            splits=splits,
+            splits=splits, on_epoch=on_epoch,
         )  # fmt: skip
 
     def train(self, pm: PlannedModel, splits: tuple[Dataset, Dataset]) -> ModelRow:

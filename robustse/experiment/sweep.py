@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from robustse.analysis.stats import wilson_interval, worst_case_examples
 from robustse.attacks import Attack, create_attack
@@ -25,6 +24,7 @@ from robustse.attacks.evaluator import Evaluator, grad_bytes_per_row
 from robustse.core.distributed import SINGLE, Dist
 from robustse.core.errors import DataError, SpecError
 from robustse.core.passes import pass_memory, pass_rows, rows_within
+from robustse.core.progress import Progress, eta
 from robustse.core.roles import attack_role
 from robustse.core.store import ResultsStore, attack_key
 from robustse.data.base import Dataset, to_float
@@ -133,6 +133,7 @@ class Sweep(SeedGroupSteps):
         self.store: ResultsStore | None = None
         self.computed = 0
         self.bar: Any = None
+        self.ladders_done = self.ladders_total = 0  # model × attack ladders with rungs to run
         self.x_all = self.y_all = torch.empty(0)
         # rows per gradient and probe pass (None: the whole batch), and the most rows the pass
         # budget allows: both set by _start, from options.pass_rows or a measurement
@@ -188,7 +189,8 @@ class Sweep(SeedGroupSteps):
             self.pass_rows = None if self.budget_rows >= bs else self.budget_rows
         show = self.opt.progress and self.layout.is_main
         total = sum(n_batches * len(todo) for _, todo in plan)
-        self.bar = tqdm(total=total, desc="sweep", unit="batch", disable=None if show else True, dynamic_ncols=True)
+        self.bar = Progress(total, "sweep", show=show)
+        self.ladders_total = sum(1 for _, todo in plan if todo)
 
     def _budget_rows(self) -> int:
         """The rows a gradient pass may take within the device's memory budget
@@ -235,8 +237,11 @@ class Sweep(SeedGroupSteps):
         forwards = int(self.layout.all_sum(train_forwards[0]))
         if self.store is not None:
             self.store.update_model(sm.label, train_mode_forwards=forwards)
+        self.ladders_done += 1
         if self.log and self.layout.is_main:
-            self.log(f"{sm.label} × {atk.name}: {len(todo)} eps done")
+            k, n, bar = self.ladders_done, self.ladders_total, self.bar
+            left = eta(bar.settings.clock() - bar.start, bar.done, bar.total)
+            self.log(f"sweep: ladder {k}/{n} done ({sm.label} × {atk.name}, {len(todo)} eps), about {left} left")
 
     def clean_pass(self, sm: SweepModel, ev: Evaluator, train_forwards: list[int]) -> Clean:
         """Clean predictions and margins of every example; the model's row in the store (rank 0)."""

@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from robustse.core.device import evaluating
 from robustse.core.passes import rows_for_pass
+from robustse.core.progress import track
 from robustse.data.base import as_float_images, forward_rows
 from robustse.models.gates import _gateless_sites, _se_modules, find_blocks, find_gates, site_of
 from robustse.models.layers import SEBlock
@@ -250,7 +251,7 @@ def gate_means(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> d
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     rows = forward_rows(x, batch_size)
     with evaluating(model), capture(model, recorder=_GateSums()) as rec:
-        for i in range(0, len(x), rows):
+        for i in track(range(0, len(x), rows), "gate means", leave=False):
             model(as_float_images(x[i : i + rows].to(device)))
     # on the CPU: small, stored in metadata, and sent between torchrun ranks inside probes
     assert isinstance(rec, _GateSums)

@@ -12,6 +12,7 @@ from torch import nn
 
 from robustse.core.device import evaluating
 from robustse.core.errors import InputMismatchError
+from robustse.core.progress import track
 from robustse.data.base import Dataset, forward_rows, to_float
 
 
@@ -24,7 +25,7 @@ def predict(
     model.eval()
     preds = []
     rows = forward_rows(ds.x, batch_size)
-    for i in range(0, len(ds), rows):
+    for i in track(range(0, len(ds), rows), "predict", leave=False):
         x = to_float(ds.x[i : i + rows].to(device))
         preds.append(model(x).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
@@ -38,7 +39,8 @@ def logits_of(
     :func:`predict`)."""
     model.eval()
     rows = forward_rows(ds.x, batch_size)
-    out = [model(to_float(ds.x[i : i + rows].to(device))).cpu() for i in range(0, len(ds), rows)]
+    batches = track(range(0, len(ds), rows), "logits", leave=False)
+    out = [model(to_float(ds.x[i : i + rows].to(device))).cpu() for i in batches]
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -135,13 +135,13 @@ class _Batch:
         ]
         self.stacked.train()
         tallies = [Tally() for _ in self.runs]
-        bar = self.runs[0]._progress_bar(epoch, progress)
-        bar.set_description(
-            f"{self.runs[0].job.arch} {len(self.runs)} seeds ep {epoch + 1}/{self.runs[0].job.cfg.epochs}"
-        )
-        for step in bar:
-            self._step(step, perms, gens, tallies, epoch)
-        bar.close()
+        with self.runs[0]._progress_bar(epoch, progress) as bar:
+            bar.set_description(
+                f"{self.runs[0].job.arch} {len(self.runs)} seeds ep {epoch + 1}/{self.runs[0].job.cfg.epochs}"
+            )
+            for step in range(self.runs[0].steps_per_epoch):
+                self._step(step, perms, gens, tallies, epoch)
+                bar.update()
         return tallies
 
     def _step(

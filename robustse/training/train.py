@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from robustse.core.config import DataConfig, TrainConfig
 from robustse.core.distributed import SINGLE, Dist
 from robustse.core.errors import CheckpointError, ModelError, TrainingError
 from robustse.core.files import replace_file
+from robustse.core.progress import Progress
 from robustse.data.base import Dataset, to_float
 from robustse.data.datasets import flips_keep_labels
 from robustse.data.folder import absolute_name
@@ -336,12 +336,12 @@ class TrainRun:
         aug_gen = self._augmentation_generator(epoch, gen)
         self.model.train()
         tally = Tally()
-        bar = self._progress_bar(epoch, progress)
-        for step in bar:
-            self._step(self._batch_indices(perm, step), aug_gen, epoch, tally)
-            if step % 20 == 0:
-                bar.set_postfix(**tally.postfix())
-        bar.close()
+        with self._progress_bar(epoch, progress) as bar:
+            for step in range(self.steps_per_epoch):
+                self._step(self._batch_indices(perm, step), aug_gen, epoch, tally)
+                if step % 20 == 0:
+                    bar.set_postfix(**tally.postfix())
+                bar.update()
         return tally
 
     def _augmentation_generator(self, epoch: int, gen: torch.Generator) -> torch.Generator:
@@ -351,16 +351,10 @@ class TrainRun:
             return gen
         return torch.Generator().manual_seed(self.job.seed * 1_000_003 + epoch * 997 + layout.rank)
 
-    def _progress_bar(self, epoch: int, progress: bool) -> tqdm:
+    def _progress_bar(self, epoch: int, progress: bool) -> Progress:
         job = self.job
-        return tqdm(
-            range(self.steps_per_epoch),
-            desc=f"{job.arch} s{job.seed} ep {epoch + 1}/{job.cfg.epochs}",
-            disable=None if progress else True,  # None: off when stderr is not a terminal
-            leave=False,
-            unit="batch",
-            dynamic_ncols=True,
-        )
+        desc = f"{job.arch} s{job.seed} ep {epoch + 1}/{job.cfg.epochs}"
+        return Progress(self.steps_per_epoch, desc, show=progress and job.layout.is_main, leave=False)
 
     def _batch_indices(self, perm: torch.Tensor, step: int) -> torch.Tensor:
         size, layout = self.job.cfg.batch_size, self.job.layout
