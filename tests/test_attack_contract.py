@@ -31,6 +31,8 @@ def plugin_registered():
     rs.register_attack("test_rand_fgsm", role="attack")(PLUGIN.RandFGSM)
     yield
     unregister_attack("test_rand_fgsm")
+
+
 LADDER = {"linf": [0.0, 0.01, 0.03, 0.1], "l2": [0.0, 0.2, 0.5, 1.5]}
 
 

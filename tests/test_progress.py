@@ -53,14 +53,12 @@ def test_a_short_job_writes_nothing_and_postfix_figures_follow_the_count():
 
 def test_a_terminal_gets_a_bar_and_quiet_gets_nothing(capsys):
     lines: list[str] = []
-    with progress_settings(terminal=True, log=lines.append, every=0):
-        with Progress(3, "sweep") as bar:
-            assert bar.bar is not None
-            bar.update(2)
+    with progress_settings(terminal=True, log=lines.append, every=0), Progress(3, "sweep") as bar:
+        assert bar.bar is not None
+        bar.update(2)
     assert "sweep" in capsys.readouterr().err and lines == []
-    with progress_settings(terminal=False, log=lines.append, every=0, show=False):
-        with Progress(3, "sweep") as bar:
-            bar.update()
+    with progress_settings(terminal=False, log=lines.append, every=0, show=False), Progress(3, "sweep") as bar:
+        bar.update()
     with progress_settings(terminal=False, log=lines.append, every=0), Progress(3, "x", show=False) as bar:
         bar.update()
     assert bar.bar is None and lines == []
@@ -146,7 +144,8 @@ def test_the_sweep_counts_batches_and_says_each_ladder_k_of_n(tiny_run, tmp_path
     sweep_checkpoints(paths, cfg, tmp_path / "sweep", log=logged.append)
     assert any(line.startswith("sweep: 1/") for line in every_step)
     done = [line for line in logged if line.startswith("sweep: ladder ")]
-    assert [d.split(" (")[0] for d in done] == [f"sweep: ladder {k}/4 done" for k in range(1, 5)]  # fgsm and the noise control
+    # fgsm and the noise control, for each of the two models
+    assert [d.split(" (")[0] for d in done] == [f"sweep: ladder {k}/4 done" for k in range(1, 5)]
     assert done[-1].endswith("about 0 s left")
 
 
