@@ -1,7 +1,7 @@
 """Seed batching: training throughput of K seeds as one stacked network vs one seed at a time.
 
 Both sides run the same SGD steps (forward, backward, optimizer step; batch 128 per member on
-random Fashion-MNIST-shaped or CIFAR-shaped inputs) for K members, interleaved, ``--repeats``
+random Fashion-MNIST-shaped 1x28x28 inputs for every family) for K members, interleaved, ``--repeats``
 times; prints the median images/s of each side and their ratio per family and K, for the stacked
 network in the default memory layout and in channels_last.
 
