@@ -170,3 +170,17 @@ def test_training_counts_batches_per_epoch(real_fmnist, tmp_path, every_step):
     data, cfg = DataConfig(train_subset=256, eval_subset=64), TrainConfig(epochs=1, augment=False, batch_size=64)
     train_model("small_cnn", out=Path(tmp_path) / "m.safetensors", data=data, train=cfg, seed=0)
     assert "small_cnn s0 ep 1/1: 3/4 batch (75%)" in " ".join(every_step)
+
+
+def test_experiment_passes_verbose_to_its_sweep(tiny_run, tmp_path):
+    """A rerun of the finished tiny run through the CLI: --verbose adds the sweep's detail lines."""
+    import shutil
+
+    from robustse.cli import cli
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run[1], copy)
+    args = ["experiment", "--spec", str(copy / "spec.toml"), "--out", str(copy)]
+    verbose = CliRunner().invoke(cli, ["--verbose", *args])
+    assert verbose.exit_code == 0, verbose.output
+    assert "cells to run: 0" in verbose.stderr  # every cell was reused

@@ -35,7 +35,9 @@ def experiment_cmd(obj: Ctx, spec_path: Path, out: Path | None, as_json: bool) -
     from robustse.experiment.pipeline import run_experiment
 
     layout, device = obj.distributed()
-    result = run_experiment(spec_path, out, device=device, progress=not obj.quiet, log=obj.log, layout=layout)
+    result = run_experiment(
+        spec_path, out, device=device, progress=not obj.quiet, log=obj.log, layout=layout, debug=obj.debug
+    )
     if not layout.is_main:
         return
     if result.report is not None:

@@ -117,6 +117,7 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     layout: Dist = SINGLE,
+    debug: Callable[[str], None] | None = None,
 ) -> ExperimentResult:
     """Run an experiment spec end to end into ``out_dir`` (default ``reports/<spec name>``).
 
@@ -128,6 +129,7 @@ def run_experiment(
         log: receives progress lines.
         layout: under torchrun, training uses DDP and the sweep is sharded; rank 0 writes the
             files (the run directory must be shared by all ranks).
+        debug: receives the sweep's detail lines (cells to run, a line per finished cell).
 
     Returns:
         :class:`ExperimentResult` with one row per trained model (ranks other than 0: no report).
@@ -135,7 +137,7 @@ def run_experiment(
     Example:
         >>> run_experiment("attacks/quick.toml")  # doctest: +SKIP
     """
-    run = _Run.start(spec, out_dir, device=device, progress=progress, log=log, layout=layout)
+    run = _Run.start(spec, out_dir, device=device, progress=progress, log=log, layout=layout, debug=debug)
     splits = run.timed("data", lambda: load_splits(run.spec.data, training=not run.spec.models.checkpoints))
     run.result.rows = run.timed("train", lambda: run.models(splits))
     if layout.is_main:
@@ -160,6 +162,7 @@ class _Run:
     progress: bool
     log: Callable[[str], None] | None
     layout: Dist
+    debug: Callable[[str], None] | None = None
 
     @property
     def spec(self) -> ExperimentSpec:
@@ -281,7 +284,7 @@ class _Run:
         assert self.spec.sweep is not None
         return sweep_checkpoints(
             [r.checkpoint for r in self.result.rows], self.spec.sweep, self.out, splits=splits,
-            device=self.device, progress=self.progress, log=self.log, layout=self.layout,
+            device=self.device, progress=self.progress, log=self.log, layout=self.layout, debug=self.debug,
         )  # fmt: skip
 
     def report(self) -> Any:
