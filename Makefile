@@ -68,6 +68,7 @@ gpu-check: setup
 	$(BIN)/python -m pytest -q -m cuda tests/test_cuda.py
 	$(BIN)/python benchmarks/seed_batching.py --device cuda --ks 1,6,12
 	$(BIN)/python benchmarks/sweep_throughput.py --device cuda
+	$(BIN)/python benchmarks/compile_speed.py --device cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,5 +1,6 @@
 """CUDA readiness, checked when a GPU is present (skipped otherwise): a sweep on CUDA agrees with the
-CPU, batched training learns on CUDA, and a one-node torchrun NCCL sweep equals one process.
+CPU, batched training learns on CUDA, compiled training matches eager, and a one-node torchrun
+NCCL sweep equals one process.
 `make gpu-check` runs these and the throughput benchmarks with --device cuda."""
 
 from __future__ import annotations
@@ -65,3 +66,21 @@ def test_torchrun_nccl_sweep_equals_one_process(trained_small, tmp_path):
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     with ResultsStore(tmp_path / "one" / "results.db") as a, ResultsStore(tmp_path / "two" / "results.db") as b:
         assert a.examples().drop(columns="cell_id").equals(b.examples().drop(columns="cell_id"))
+
+
+def test_compiled_training_on_cuda_matches_eager(real_fmnist, tmp_path):
+    """compile = on trains on the card the model eager training gives, up to float rounding."""
+    from robustse.core.config import DataConfig, TrainConfig
+    from robustse.training.parts import load_splits
+    from robustse.training.train import train_model
+
+    data = DataConfig(train_subset=256, eval_subset=200)
+    splits = load_splits(data)
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = TrainConfig(epochs=1, batch_size=64, augment=False, compile=mode)  # type: ignore[arg-type]
+        runs[mode] = train_model("se_small_cnn", out=tmp_path / f"{mode}.safetensors", data=data, train=cfg,
+                                 splits=splits, device="cuda", progress=False)  # fmt: skip
+    assert runs["on"].meta["compiled"] is True
+    for key, v in runs["off"].model.state_dict().items():
+        torch.testing.assert_close(runs["on"].model.state_dict()[key], v, rtol=1e-3, atol=1e-3)

@@ -161,6 +161,11 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
     help="SE gate (SE models) [default: sigmoid].",
 )
 @click.option("--amp", is_flag=True, help="Mixed precision for training (bf16 on CPU, fp16 on CUDA).")
+@click.option(
+    "--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+    help="Run the training steps through torch.compile; auto: where measured to pay (SE and static-gate "
+    "models on a CPU, runs of at least 5,000 steps). $ROBUSTSE_COMPILE replaces auto.",
+)  # fmt: skip
 @data_options
 @click.option(
     "--train-subset", type=click.IntRange(min=1), default=None,
@@ -194,6 +199,7 @@ def train_cmd(
     squeeze: str | None,
     gate: str | None,
     amp: bool,
+    compile_mode: str,
     dataset: str | None,
     data_root: Path | None,
     download: bool,
@@ -214,7 +220,7 @@ def train_cmd(
     )  # fmt: skip
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule,  # type: ignore[arg-type]
-        augment=not no_augment, adv_eps=adv_eps, amp=amp,
+        augment=not no_augment, adv_eps=adv_eps, amp=amp, compile=compile_mode,  # type: ignore[arg-type]
     )  # fmt: skip
     layout, device = obj.distributed()
     if out is None:

@@ -33,6 +33,7 @@ from robustse.data.datasets import flips_keep_labels
 from robustse.data.folder import absolute_name
 from robustse.models import create_model
 from robustse.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from robustse.training.compiled import compiled, compiles_training
 from robustse.training.parts import (
     GATE_MEAN_EXAMPLES,
     SUBSET_SEED,
@@ -171,7 +172,8 @@ class TrainJob:
         if data["image_size"] is None:  # as before the setting existed: earlier checkpoints still match
             del data["image_size"]
         fields = {"arch": self.arch, "model_kwargs": self.model_kwargs, "data": data}
-        return json.dumps({**fields, "train": asdict(self.cfg), "seed": self.seed}, sort_keys=True)
+        train = {k: v for k, v in asdict(self.cfg).items() if k != "compile"}  # how it ran, not what
+        return json.dumps({**fields, "train": train, "seed": self.seed}, sort_keys=True)
 
     @property
     def resume_path(self) -> Path:
@@ -276,6 +278,11 @@ class TrainRun:
         self.amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
         self.steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+        self.compiled = compiles_training(
+            cfg.compile, job.arch, device, steps=cfg.epochs * self.steps_per_epoch,
+            single_process=not job.layout.active, plain_float=not cfg.amp and cfg.adv_eps == 0,
+        )  # fmt: skip
+        self.step_net = compiled(self.net) if self.compiled else self.net
         self.opt = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.lr,
@@ -380,7 +387,7 @@ class TrainRun:
         job = self.job
         x, y = self._inputs(idx, aug_gen)
         with torch.autocast(job.device.type, dtype=self.amp_dtype, enabled=job.cfg.amp):
-            logits = self.net(x)
+            logits = self.step_net(x)
             loss = F.cross_entropy(logits.float(), y)
         self.check_loss(loss, epoch)
         self.opt.zero_grad(set_to_none=True)
@@ -450,6 +457,7 @@ class TrainRun:
             "history": history,
             "train_seconds": sum(r["seconds"] for r in history),
             "device": str(job.device),
+            "compiled": self.compiled,  # training steps ran through torch.compile
             "fingerprint": job.fingerprint,
             **preprocess_metadata(job.data),
         }
