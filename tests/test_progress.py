@@ -128,7 +128,7 @@ def test_the_report_counts_its_figures_and_logs_its_stages(tiny_run, tmp_path, e
     stages: list[str] = []
     build_report(out, out_dir=tmp_path / "again", log=stages.append, n_boot=50)
     assert [s for s in stages if s.startswith("report ")] == [
-        "report 1/4: read the run", "report 2/4: statistics", "report 3/4: figures", "report 4/4: tables and pages"
+        "report 1/3: statistics", "report 2/3: figures", "report 3/3: tables and pages"
     ]  # fmt: skip
     assert _jobs(every_step) == {"report figures"} and len(every_step) == 10  # 11 figures
 

@@ -84,12 +84,11 @@ def build_report(
         PosixPath('reports/quick/report.html')
     """
     t0 = time.perf_counter()
-    stage = _stages(log)
-    stage("read the run")
     data = load_run(run_dir)
     if out_dir is not None:
         data.out = own_dir(Path(out_dir))
     opts = resolve_options(data.run, n_boot, alpha, gallery_eps, seed)
+    stage = _stages(log)  # from here on: a refused run has said its one line already
     with recorded_roles(data.roles):  # each attack counts as the role it ran with
         stage("statistics")
         analysis = analyse(data, opts, log)
@@ -118,11 +117,12 @@ def build_report(
     )
 
 
-REPORT_STAGES = 4
+REPORT_STAGES = 3
 
 
 def _stages(log: Callable[[str], None] | None) -> Callable[[str], None]:
-    """A function logging ``report k/4: <stage>`` as each stage of :func:`build_report` starts."""
+    """A function logging ``report k/3: <stage>`` as each stage of :func:`build_report` after
+    reading the run starts."""
     count = iter(range(1, REPORT_STAGES + 1))
 
     def stage(name: str) -> None:
