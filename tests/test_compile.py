@@ -56,21 +56,26 @@ def test_the_setting_is_not_part_of_a_checkpoints_fingerprint():
                 for e in (1, 2)}) == 2  # fmt: skip
 
 
-@pytest.mark.skipif(not C.has_cxx_compiler(), reason="inductor needs a C++ compiler on CPU")
-def test_a_compiled_run_trains_the_same_model_up_to_float_rounding(real_fmnist, tmp_path):
-    """Four equal batches (one compiled graph), the same seed, compiled and eager: the same
-    losses, weights and accuracy up to float rounding, and the checkpoint says how it ran."""
+def train_both_ways(tmp_path, device: str):  # type: ignore[no-untyped-def]
+    """se_small_cnn trained eager and compiled from one seed: four batches of 64 (one graph)."""
     from robustse.training.parts import load_splits
     from robustse.training.train import train_model
 
     data = DataConfig(train_subset=256, eval_subset=200)
     splits = load_splits(data)
-    runs = {}
+    runs = []
     for mode in ("off", "on"):
         cfg = TrainConfig(epochs=1, batch_size=64, augment=False, compile=mode)  # type: ignore[arg-type]
-        runs[mode] = train_model("se_small_cnn", out=tmp_path / f"{mode}.safetensors", data=data, train=cfg,
-                                 splits=splits, progress=False)  # fmt: skip
-    eager, comp = runs["off"], runs["on"]
+        runs.append(train_model("se_small_cnn", out=tmp_path / f"{mode}.safetensors", data=data, train=cfg,
+                                splits=splits, device=device, progress=False))  # fmt: skip
+    return runs
+
+
+@pytest.mark.skipif(not C.has_cxx_compiler(), reason="inductor needs a C++ compiler on CPU")
+def test_a_compiled_run_trains_the_same_model_up_to_float_rounding(real_fmnist, tmp_path):
+    """Four equal batches (one compiled graph), the same seed, compiled and eager: the same
+    losses, weights and accuracy up to float rounding, and the checkpoint says how it ran."""
+    eager, comp = train_both_ways(tmp_path, "cpu")
     assert comp.meta["compiled"] is True and eager.meta["compiled"] is False
     assert comp.meta["history"][0]["loss"] == pytest.approx(eager.meta["history"][0]["loss"], rel=1e-4)
     for key, v in eager.model.state_dict().items():

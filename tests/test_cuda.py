@@ -70,17 +70,9 @@ def test_torchrun_nccl_sweep_equals_one_process(trained_small, tmp_path):
 
 def test_compiled_training_on_cuda_matches_eager(real_fmnist, tmp_path):
     """compile = on trains on the card the model eager training gives, up to float rounding."""
-    from robustse.core.config import DataConfig, TrainConfig
-    from robustse.training.parts import load_splits
-    from robustse.training.train import train_model
+    from tests.test_compile import train_both_ways
 
-    data = DataConfig(train_subset=256, eval_subset=200)
-    splits = load_splits(data)
-    runs = {}
-    for mode in ("off", "on"):
-        cfg = TrainConfig(epochs=1, batch_size=64, augment=False, compile=mode)  # type: ignore[arg-type]
-        runs[mode] = train_model("se_small_cnn", out=tmp_path / f"{mode}.safetensors", data=data, train=cfg,
-                                 splits=splits, device="cuda", progress=False)  # fmt: skip
-    assert runs["on"].meta["compiled"] is True
-    for key, v in runs["off"].model.state_dict().items():
-        torch.testing.assert_close(runs["on"].model.state_dict()[key], v, rtol=1e-3, atol=1e-3)
+    eager, comp = train_both_ways(tmp_path, "cuda")
+    assert comp.meta["compiled"] is True
+    for key, v in eager.model.state_dict().items():
+        torch.testing.assert_close(comp.model.state_dict()[key], v, rtol=1e-3, atol=1e-3)
