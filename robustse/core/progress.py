@@ -108,12 +108,18 @@ class Progress:
                 self.last = now
                 (self.settings.log or _stderr_line)(self.line(now - self.start))
 
+    def time_left(self, elapsed: float | None = None) -> str:
+        """The time left at the rate so far (``elapsed``: seconds since the start; default now)."""
+        if elapsed is None:
+            elapsed = self.settings.clock() - self.start
+        return eta(elapsed, self.done, self.total)
+
     def line(self, elapsed: float) -> str:
         """The log line after ``elapsed`` seconds."""
         pct = 100 * self.done / self.total
         text = (
             f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {duration(elapsed)} so far, "
-            f"about {eta(elapsed, self.done, self.total)} left"
+            f"about {self.time_left(elapsed)} left"
         )
         extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
         return f"{text} ({extra})" if extra else text

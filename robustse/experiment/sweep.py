@@ -24,7 +24,7 @@ from robustse.attacks.evaluator import Evaluator, grad_bytes_per_row
 from robustse.core.distributed import SINGLE, Dist
 from robustse.core.errors import DataError, SpecError
 from robustse.core.passes import pass_memory, pass_rows, rows_within
-from robustse.core.progress import Progress, eta
+from robustse.core.progress import Progress
 from robustse.core.roles import attack_role
 from robustse.core.store import ResultsStore, attack_key
 from robustse.data.base import Dataset, to_float
@@ -239,8 +239,7 @@ class Sweep(SeedGroupSteps):
             self.store.update_model(sm.label, train_mode_forwards=forwards)
         self.ladders_done += 1
         if self.log and self.layout.is_main:
-            k, n, bar = self.ladders_done, self.ladders_total, self.bar
-            left = eta(bar.settings.clock() - bar.start, bar.done, bar.total)
+            k, n, left = self.ladders_done, self.ladders_total, self.bar.time_left()
             self.log(f"sweep: ladder {k}/{n} done ({sm.label} × {atk.name}, {len(todo)} eps), about {left} left")
 
     def clean_pass(self, sm: SweepModel, ev: Evaluator, train_forwards: list[int]) -> Clean:
