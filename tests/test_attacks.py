@@ -18,26 +18,40 @@ def accuracy(model, x, y):
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def test_fgsm_equals_torchattacks(trained_small):
+def agrees(adv, ref, model, y, *, exact, norm="linf", eps=1.0):
+    """Bit for bit with ``exact``. Else (the eval-mode copy: float rounding apart, which can flip
+    a step's sign where a gradient is ~0 and grows over the steps) the same robust accuracy within
+    one example, and the adversarials apart by under 5% of eps on average."""
+    if exact:
+        assert (adv - ref).abs().max() <= 1e-6
+        assert accuracy(model, adv, y) == accuracy(model, ref, y)
+        return
+    d = (adv - ref).flatten(1)
+    apart = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert float(apart.mean()) <= 0.05 * eps
+    assert accuracy(model, adv, y) == pytest.approx(accuracy(model, ref, y), abs=1 / len(y))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_fgsm_equals_torchattacks(trained_small, exact):
     model, x, y, _ = trained_small
-    res = create_attack("fgsm")(model, x, y, epsilons=EPS)
+    res = create_attack("fgsm", exact=exact)(model, x, y, epsilons=EPS)
     for eps, adv in zip(EPS[1:], res.adversarials[1:], strict=True):
         ref = torchattacks.FGSM(model, eps=eps)(x, y)
-        assert (adv - ref).abs().max() <= 1e-6, eps
-        assert accuracy(model, adv, y) == accuracy(model, ref, y)
+        agrees(adv, ref, model, y, exact=exact, eps=eps)
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize(
     ("norm", "ta", "alpha", "eps"), [("linf", "PGD", 0.01, [0.01, 0.03, 0.1]), ("l2", "PGDL2", 0.1, [0.5, 1.0, 2.0])]
 )
-def test_pgd_without_random_start_equals_torchattacks(trained_small, norm, ta, alpha, eps):
+def test_pgd_without_random_start_equals_torchattacks(trained_small, norm, ta, alpha, eps, exact):
     model, x, y, _ = trained_small
-    atk = create_attack("pgd", norm=norm, steps=10, random_start=False, abs_stepsize=alpha)
+    atk = create_attack("pgd", norm=norm, steps=10, random_start=False, abs_stepsize=alpha, exact=exact)
     res = atk(model, x, y, epsilons=eps)
     for e, adv in zip(eps, res.adversarials, strict=True):
         ref = getattr(torchattacks, ta)(model, eps=e, alpha=alpha, steps=10, random_start=False)(x, y)
-        assert (adv - ref).abs().max() <= 1e-6, e
-        assert accuracy(model, adv, y) == accuracy(model, ref, y)
+        agrees(adv, ref, model, y, exact=exact, norm=norm, eps=e)
 
 
 def test_pgd_equals_torchattacks_on_a_channels_last_model(trained_small):
@@ -47,7 +61,7 @@ def test_pgd_equals_torchattacks_on_a_channels_last_model(trained_small):
 
     model, x, y, _ = trained_small
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    atk = create_attack("pgd", steps=5, random_start=False, abs_stepsize=0.01)
+    atk = create_attack("pgd", steps=5, random_start=False, abs_stepsize=0.01, exact=True)
     for e, adv in zip([0.03, 0.1], atk(cl, x, y, epsilons=[0.03, 0.1]).adversarials, strict=True):
         ref = torchattacks.PGD(cl, eps=e, alpha=0.01, steps=5, random_start=False)(x, y)
         assert (adv - ref).abs().max() <= 1e-6, e

@@ -40,24 +40,28 @@ def test_fgsm_equals_foolbox(trained_small, norm, reference):
     assert _robust_accuracy(model, ours[-1], y) < _robust_accuracy(model, x, y)  # the attack did something
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize(("norm", "reference", "step"), [("linf", "LinfPGD", 0.01), ("l2", "L2PGD", 0.2)])
-def test_pgd_without_random_start_equals_foolbox(trained_small, norm, reference, step):
-    """Ten steps of a fixed size, each projected onto the eps ball and the [0, 1] box. L∞: every
-    row as Foolbox's. L2: a few rows drift apart over the steps (the two references normalize the
-    gradient differently, see TOLERANCE, and ReLU boundaries amplify it); they are exactly the
-    rows where torchattacks drifts from Foolbox, and robust accuracy agrees within one example."""
+def test_pgd_without_random_start_equals_foolbox(trained_small, norm, reference, step, exact):
+    """Ten steps of a fixed size, each projected onto the eps ball and the [0, 1] box. Exact (the
+    model itself): L∞ every row as Foolbox's; L2 a few rows drift apart over the steps (the two
+    references normalize the gradient differently, see TOLERANCE, and ReLU boundaries amplify
+    it), exactly the rows where torchattacks drifts from Foolbox. Robust accuracy agrees within
+    one example, also through the default eval-mode copy (whose rounding moves a few more rows)."""
     import torchattacks
 
     model, x, y, _ = trained_small
-    atk = create_attack("pgd", norm=norm, steps=10, random_start=False, abs_stepsize=step)
+    atk = create_attack("pgd", norm=norm, steps=10, random_start=False, abs_stepsize=step, exact=exact)
     ours = atk(model, x, y, epsilons=EPS[norm]).adversarials
     ref = getattr(fb.attacks, reference)(steps=10, abs_stepsize=step, random_start=False)
     theirs, success = _foolbox(model, ref, x, y, EPS[norm])
     ta = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
     for e, a, b, s in zip(EPS[norm], ours, theirs, success, strict=True):
+        assert _robust_accuracy(model, a, y) == pytest.approx(1 - float(s.float().mean()), abs=1 / len(y)), e
+        assert (a - x).flatten(1).norm(p=float("inf") if norm == "linf" else 2, dim=1).max() <= e + 1e-5
+        if not exact:
+            continue
         apart = (a - b).flatten(1).abs().amax(1) > TOLERANCE[norm]
         ta_apart = (ta(model, eps=e, alpha=step, steps=10, random_start=False)(x, y) - b).flatten(1).abs().amax(1)
         assert torch.equal(apart, ta_apart > TOLERANCE[norm]), e
         assert int(apart.sum()) <= (0 if norm == "linf" else len(y) // 20), e
-        assert _robust_accuracy(model, a, y) == pytest.approx(1 - float(s.float().mean()), abs=1 / len(y)), e
-        assert (a - x).flatten(1).norm(p=float("inf") if norm == "linf" else 2, dim=1).max() <= e + 1e-5

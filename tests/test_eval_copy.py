@@ -1,0 +1,121 @@
+"""The attacks' eval-mode copy (README "Performance"): the model's function up to float rounding,
+for every registered model, with the model itself untouched and its hooks still firing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import robustse as rs
+from robustse.attacks import create_attack
+from robustse.core.errors import AttackError
+from robustse.models.eval_copy import EvalAffine, eval_copy
+
+
+def settled(model: nn.Module) -> nn.Module:
+    """``model`` with batch-norm statistics and scales away from their defaults, in eval mode."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.uniform_(-0.2, 0.2, generator=gen)
+    return model.eval()
+
+
+def logits_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    w = torch.linspace(-1, 1, logits.shape[1], dtype=logits.dtype)  # a loss whose gradient is not ~0
+    (grad,) = torch.autograd.grad((logits * w).sum(), x)
+    return logits.detach(), grad
+
+
+@pytest.mark.parametrize("name", rs.list_models())
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_same_function_and_the_model_untouched(name, channels_last):
+    torch.manual_seed(0)
+    model = settled(rs.create_model(name, num_classes=10, in_channels=3)).double()  # float64: no rounding
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    view = eval_copy(model, channels_last=channels_last)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in view.modules())  # every one folded or affine
+    x = torch.rand(6, 3, 32, 32, dtype=torch.float64)
+    ref_logits, ref_grad = logits_and_grad(model, x)
+    logits, grad = logits_and_grad(view, x)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-9 * float(ref_grad.abs().max()))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].stride() == s for k, (v, s) in before.items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_folds_into_the_convolution_before_and_lays_out_weights():
+    model = settled(rs.create_model("small_cnn", num_classes=10, in_channels=1))
+    view = eval_copy(model, channels_last=True)
+    conv, bn = view.blocks[0].convs[0][0], view.blocks[0].convs[0][1]
+    assert isinstance(bn, nn.Identity) and conv.bias is not None  # the batch norm lives in the conv now
+    assert conv.weight.stride() == (9, 1, 3, 1)  # channels_last, even for one input channel
+    assert view.head is model.head  # untouched modules are the model's own
+
+
+def test_a_batch_norm_not_after_a_conv_becomes_affine():
+    model = settled(rs.create_model("resnet20", num_classes=10, in_channels=1))
+    view = eval_copy(model)
+    assert isinstance(view.blocks[0].bn1, EvalAffine)  # resnet blocks call conv and bn as attributes
+
+
+def test_hooks_fire_and_hooked_modules_stay():
+    torch.manual_seed(0)
+    model = settled(rs.create_model("se_small_cnn", num_classes=10, in_channels=1))
+    seen = []
+    gate = model.blocks[0].se.gate
+    bn = model.blocks[1].convs[0][1]
+    handles = [
+        gate.register_forward_hook(lambda m, i, o: seen.append("gate")),
+        bn.register_forward_hook(lambda m, i, o: seen.append("bn")),
+    ]
+    try:
+        view = eval_copy(model, channels_last=True)
+        view(torch.rand(2, 1, 28, 28))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == ["gate", "bn"]
+    assert view.blocks[1].convs[0][1] is bn  # a hooked batch norm is left as it is ...
+    assert isinstance(view.blocks[0].convs[0][1], nn.Identity)  # ... the others are folded
+    assert view.blocks[0].convs[0][0].weight.is_contiguous()  # hooks anywhere: the layout stays
+
+
+def test_batch_statistics_in_eval_are_left_alone():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    assert eval_copy(model) is model  # nothing to fold: it normalizes with each batch's statistics
+
+
+def test_torchvision_conv_norm_activation_is_folded():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = settled(torchvision.models.mobilenet_v3_small(num_classes=10))
+    view = eval_copy(model, channels_last=True)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), model(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(view.features[0][1], nn.Identity)
+
+
+def test_attacks_default_to_the_copy_and_exact_to_the_model():
+    torch.manual_seed(0)
+    model = settled(rs.create_model("small_cnn", num_classes=10, in_channels=1))
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    kinds = []
+    handle = model.register_forward_pre_hook(lambda m, i: kinds.append(type(m.blocks[0].convs[0][1]).__name__))
+    try:
+        create_attack("fgsm")(model, x, y, epsilons=[0.1])
+        create_attack("fgsm", exact=True)(model, x, y, epsilons=[0.1])
+    finally:
+        handle.remove()
+    assert kinds == ["Identity", "BatchNorm2d"]
+    assert "exact" not in create_attack("fgsm", exact=True).describe()  # not part of the attack's identity
+    with pytest.raises(AttackError, match=r"exact must be true or false \(got 'yes'\)"):
+        create_attack("pgd", exact="yes")
