@@ -41,6 +41,7 @@ def test_same_function_and_the_model_untouched(name, channels_last):
     before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
     view = eval_copy(model, channels_last=channels_last)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in view.modules())  # every one folded or affine
+    assert not any(m.training for m in view.modules())  # a sweep's check counts training-mode passes
     x = torch.rand(6, 3, 32, 32, dtype=torch.float64)
     ref_logits, ref_grad = logits_and_grad(model, x)
     logits, grad = logits_and_grad(view, x)
@@ -116,6 +117,7 @@ def test_attacks_default_to_the_copy_and_exact_to_the_model():
     finally:
         handle.remove()
     assert kinds == ["Identity", "BatchNorm2d"]
-    assert "exact" not in create_attack("fgsm", exact=True).describe()  # not part of the attack's identity
+    assert create_attack("fgsm", exact=True).describe()["exact"] is True  # a cell of its own in a store
+    assert "exact" not in create_attack("fgsm").describe()  # the default's cells keep their identity
     with pytest.raises(AttackError, match=r"exact must be true or false \(got 'yes'\)"):
         create_attack("pgd", exact="yes")

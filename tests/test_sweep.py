@@ -387,6 +387,20 @@ def test_channels_last_sweep(tmp_path, trained_small, evalset):
         small_sweep(trained_small, evalset, tmp_path / "cl")  # a store holds one layout's results
 
 
+def test_a_store_from_before_the_eval_copy_is_refused_and_exact_cells_are_their_own(tmp_path, trained_small, evalset):
+    small_sweep(trained_small, evalset, tmp_path)
+    with sqlite3.connect(tmp_path / "results.db") as conn:  # as a store written before the key existed
+        conn.execute("DELETE FROM meta WHERE key = 'gradients'")
+    with pytest.raises(StoreError, match=r"different attack gradient path \(cells from before the eval-mode copy\)"):
+        small_sweep(trained_small, evalset, tmp_path)
+    assert len(ResultsStore(tmp_path / "results.db").cells()) == 9  # nothing lost
+    model, _, _, ckpt = trained_small
+    attacks = build_attacks([{"name": "fgsm"}, {"name": "fgsm", "exact": True}], norm="linf", seed=0, noise=False)
+    res = run_sweep([SweepModel("m", model, str(ckpt))], attacks, [0.0, 0.05], evalset, tmp_path / "both",
+                    progress=False)  # fmt: skip
+    assert len(res.cells) == 4  # the exact attack's cells beside the default's, both kept
+
+
 def test_changed_weights_recompute_their_cells(tmp_path, trained_small, evalset):
     import copy
 

@@ -118,7 +118,8 @@ class Attack(ABC):
             rises past ~500 rows (caches), so stacking pays only for small batches there.
         only_eps: in a sweep, run this attack only at these eps of the ladder (and 0), e.g. an
             expensive cell at one eps. Not part of the attack's identity in the results store.
-        exact: differentiate ``model`` itself, so results equal torchattacks' bit for bit. By
+        exact: differentiate ``model`` itself, so results equal torchattacks' bit for bit (part
+            of the attack's identity in the results store only when true). By
             default the gradient passes run an eval-mode copy with batch norms folded into their
             convolutions (and channels_last weights on a CPU,
             :func:`robustse.models.eval_copy.eval_copy`): the same function up to float rounding,
@@ -200,6 +201,8 @@ class Attack(ABC):
         """Name and options, for stores and reports."""
         skip = ("name", "max_batch", "only_eps", "exact")
         opts = {k: v for k, v in vars(self).items() if k not in skip and not k.startswith("_")}
+        if self.exact:  # a cell of its own; the default path's cells keep their identity
+            opts["exact"] = True
         return {"attack": self.name, **opts}
 
     # ------------------------------------------------------------------ the final call

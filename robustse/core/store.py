@@ -351,16 +351,20 @@ class ResultsStore(StoreReader):
                 (model, *fields.values()),
             )
 
-    def check_identity(self, key: str, value: str, what: str) -> None:
+    def check_identity(self, key: str, value: str, what: str, *, legacy: str | None = None) -> None:
         """Record ``value`` under ``key`` on first use; later runs must match it.
+
+        ``legacy``: what a store that already holds cells but no ``key`` was written with (a
+        store from before the key existed); recorded instead of ``value``.
 
         Raises:
             StoreError: the store was written for another ``what`` (never silently mixed).
         """
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:  # first use, unless a concurrent sweep records it first: then its value counts
+            old = legacy is not None and self.conn.execute("SELECT 1 FROM cells LIMIT 1").fetchone() is not None
             with self.writing():
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, legacy if old else value))
             row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row[0] != value:
             raise StoreError(f"{self.path} holds results for a different {what}; use another --out or move it away")

@@ -172,6 +172,11 @@ class Sweep(SeedGroupSteps):
         if self.store is not None:
             layout_name = "channels_last" if self.opt.channels_last else "contiguous"
             self.store.check_identity("memory_format", layout_name, "memory layout (--channels-last)")
+            # attacks without exact differentiate the eval-mode copy (robustse.models.eval_copy);
+            # a store from before it holds the model's own gradients: never mixed
+            self.store.check_identity(
+                "gradients", "eval_copy", "attack gradient path (cells from before the eval-mode copy)", legacy="model"
+            )
             todo_lists = _prepare_store(self.store, self, pairs)
         todo_lists = self.layout.broadcast(todo_lists)
         assert todo_lists is not None

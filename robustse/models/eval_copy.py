@@ -77,7 +77,7 @@ def eval_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
 def _copy(module: nn.Module, layout: bool) -> nn.Module:
     """The copy of one module: folded, affine, re-laid out, or itself if nothing below it changes."""
     if _foldable_bn(module):
-        return EvalAffine(module)  # type: ignore[arg-type]
+        return EvalAffine(module).eval()  # type: ignore[arg-type]
     children = _fold_pairs(module._modules) if isinstance(module, nn.Sequential) else dict(module._modules)
     children = {k: (None if c is None else _copy(c, layout)) for k, c in children.items()}
     params = _laid_out(module._parameters, layout, parameters=True)
@@ -98,7 +98,7 @@ def _fold_pairs(children: dict[str, nn.Module | None]) -> dict[str, nn.Module | 
         conv, bn = out[a], out[b]
         if type(conv) is nn.Conv2d and not _hooked(conv) and not conv.training and isinstance(bn, nn.BatchNorm2d):
             if _foldable_bn(bn) and bn.num_features == conv.out_channels:
-                out[a], out[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+                out[a], out[b] = fuse_conv_bn_eval(conv, bn), nn.Identity().eval()
     return out
 
 
