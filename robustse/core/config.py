@@ -87,6 +87,10 @@ class TrainConfig:
             pay: SE and static-gate models on a CPU, runs of at least 5,000 steps;
             :mod:`robustse.training.compiled`), ``on`` or ``off``. The same function up to
             float rounding; not part of a checkpoint's fingerprint.
+        channels_last: hold weights and activations in channels_last memory layout while
+            training: ``auto`` (on a CPU, where it measured 1.2-1.5x faster for the small twins),
+            ``on`` or ``off``. The same function up to float rounding; not part of a checkpoint's
+            fingerprint (checkpoints are saved in the default layout).
     """
 
     epochs: int = 5
@@ -100,6 +104,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     amp: bool = False
     compile: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -116,6 +121,10 @@ class TrainConfig:
             (
                 self.compile in ("auto", "on", "off"),
                 f"train.compile must be one of auto, on, off (got {self.compile!r})",
+            ),
+            (
+                self.channels_last in ("auto", "on", "off"),
+                f"train.channels_last must be one of auto, on, off (got {self.channels_last!r})",
             ),
         ]
         for ok, message in checks:

@@ -172,7 +172,7 @@ class TrainJob:
         if data["image_size"] is None:  # as before the setting existed: earlier checkpoints still match
             del data["image_size"]
         fields = {"arch": self.arch, "model_kwargs": self.model_kwargs, "data": data}
-        train = {k: v for k, v in asdict(self.cfg).items() if k != "compile"}  # how it ran, not what
+        train = {k: v for k, v in asdict(self.cfg).items() if k not in ("compile", "channels_last")}  # how, not what
         return json.dumps({**fields, "train": train, "seed": self.seed}, sort_keys=True)
 
     @property
@@ -220,6 +220,13 @@ def _build_model(job: TrainJob, train_set: Dataset) -> nn.Module:
     model.to(job.device)
     check_input_fits(model, train_set, device=job.device)
     return model
+
+
+def trains_channels_last(setting: str, device: torch.device) -> bool:
+    """Whether training runs in channels_last layout: ``on``, or ``auto`` on a CPU (measured on a
+    2-core CPU, batch 128: ``small_cnn`` 1.5x, ``se_small_cnn`` 1.5x, ``static_small_cnn`` 1.2x;
+    no GPU figure yet, so ``auto`` leaves CUDA as it was)."""
+    return setting == "on" or (setting == "auto" and device.type == "cpu")
 
 
 def _wrap(model: nn.Module, job: TrainJob) -> nn.Module:
@@ -274,6 +281,9 @@ class TrainRun:
         cfg, device = job.cfg, job.device
         self.hflip = flips_keep_labels(train_set.name)
         self.model = _build_model(job, train_set)
+        self.channels_last = trains_channels_last(cfg.channels_last, device)
+        if self.channels_last:  # before the optimizer: its momentum buffers take the same layout
+            self.model.to(memory_format=torch.channels_last)
         self.net = _wrap(self.model, job)
         self.amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
@@ -432,7 +442,7 @@ class TrainRun:
     def finish(self) -> TrainResult:
         """Rank 0 writes the checkpoint (the unwrapped model: no DDP sync) and drops the resume state."""
         job = self.job
-        self.model.eval()
+        self.model.eval().to(memory_format=torch.contiguous_format)  # saved and handed back as built
         meta = self._metadata()
         if job.layout.is_main:
             means = training_gate_means(self.model, self.train_set)
@@ -458,6 +468,7 @@ class TrainRun:
             "train_seconds": sum(r["seconds"] for r in history),
             "device": str(job.device),
             "compiled": self.compiled,  # training steps ran through torch.compile
+            "channels_last": self.channels_last,  # ... and in channels_last memory layout
             "fingerprint": job.fingerprint,
             **preprocess_metadata(job.data),
         }
