@@ -57,6 +57,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/layout_speed.py
 	$(BIN)/python benchmarks/attack_engine.py
 	$(BIN)/python benchmarks/capture_overhead.py
 	$(BIN)/python benchmarks/sweep_throughput.py
@@ -69,6 +70,7 @@ gpu-check: setup
 	$(BIN)/python benchmarks/seed_batching.py --device cuda --ks 1,6,12
 	$(BIN)/python benchmarks/sweep_throughput.py --device cuda
 	$(BIN)/python benchmarks/compile_speed.py --device cuda
+	$(BIN)/python benchmarks/layout_speed.py --device cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

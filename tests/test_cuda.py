@@ -1,6 +1,6 @@
 """CUDA readiness, checked when a GPU is present (skipped otherwise): a sweep on CUDA agrees with the
-CPU, batched training learns on CUDA, compiled training matches eager, and a one-node torchrun
-NCCL sweep equals one process.
+CPU, batched training learns on CUDA, compiled training matches eager, the attacks' eval-mode copy is
+the same function there, and a one-node torchrun NCCL sweep equals one process.
 `make gpu-check` runs these and the throughput benchmarks with --device cuda."""
 
 from __future__ import annotations
@@ -76,3 +76,22 @@ def test_compiled_training_on_cuda_matches_eager(real_fmnist, tmp_path):
     assert comp.meta["compiled"] is True
     for key, v in eager.model.state_dict().items():
         torch.testing.assert_close(comp.model.state_dict()[key], v, rtol=1e-3, atol=1e-3)
+
+
+def test_eval_copy_on_cuda_is_the_same_function():
+    """The attacks' eval-mode copy on the card, in float64: logits and input gradients as the model's."""
+    import robustse as rs
+    from robustse.models.eval_copy import eval_copy
+
+    for name in ("se_small_cnn", "se_resnet20"):
+        torch.manual_seed(0)
+        model = rs.create_model(name, num_classes=10, in_channels=3).cuda().double().eval()
+        x = torch.rand(4, 3, 32, 32, device="cuda", dtype=torch.float64)
+        outs = []
+        for m in (model, eval_copy(model, channels_last=True)):
+            xr = x.clone().requires_grad_(True)
+            logits = m(xr)
+            (grad,) = torch.autograd.grad(logits.logsumexp(1).sum(), xr)
+            outs.append((logits.detach(), grad))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-7, atol=1e-12)

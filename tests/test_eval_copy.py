@@ -89,6 +89,26 @@ def test_hooks_fire_and_hooked_modules_stay():
     assert view.blocks[0].convs[0][0].weight.is_contiguous()  # hooks anywhere: the layout stays
 
 
+def test_hooks_on_the_model_itself_or_marked_any_layout_keep_channels_last():
+    from robustse.models.eval_copy import any_layout
+
+    model = settled(rs.create_model("se_small_cnn", num_classes=10, in_channels=1))
+    gate = model.blocks[0].se.gate
+    seen = []
+    handles = [
+        model.register_forward_pre_hook(lambda m, i: seen.append("model")),  # sees the input, as given
+        gate.register_forward_hook(any_layout(lambda m, i, o: seen.append(o.shape))),
+    ]
+    try:
+        view = eval_copy(model, channels_last=True)
+        view(torch.rand(2, 1, 28, 28))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == ["model", (2, 16)]
+    assert view.blocks[0].convs[0][0].weight.stride() == (9, 1, 3, 1)  # channels_last all the same
+
+
 def test_batch_statistics_in_eval_are_left_alone():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     assert eval_copy(model) is model  # nothing to fold: it normalizes with each batch's statistics

@@ -28,9 +28,9 @@ class Evaluator:
     """Prediction-only forward passes through a channels_last copy of ``model`` in eval mode.
 
     Measured on the project's 2-core CPU: evaluation 1.2-1.6x faster than the default layout for
-    ``se_small_cnn`` and ``se_resnet20``, logits equal to ~3e-6. Attacks keep differentiating the
-    user's model in its own layout, so adversarials stay identical to torchattacks'; only
-    predictions go through the copy, and clean and adversarial predictions must both come from it.
+    ``se_small_cnn`` and ``se_resnet20``, logits equal to ~3e-6. Clean and adversarial predictions
+    must both come from it (the attacks' own gradient passes use
+    :func:`robustse.models.eval_copy.eval_copy`, or the model itself with ``exact``).
     """
 
     def __init__(self, model: nn.Module, *, copy_model: bool = True) -> None:

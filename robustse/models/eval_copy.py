@@ -11,8 +11,9 @@ multiply-add, and on request holds 4-d weights in channels_last layout. Measured
 
 Everything else is shared with the model, so hooks registered on its modules (a probe's, an
 intervention's, a sweep's check) still fire. A batch norm or convolution that carries hooks of its
-own is left as it is, and the layout is left alone when any module has hooks: a hook may rely on
-its tensors' strides.
+own is left as it is, and the layout is left alone when a module inside the model has hooks not
+marked :func:`any_layout`: a hook may rely on its tensors' strides. (Hooks on the model itself see
+its input, which keeps its layout, and its logits.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_ANY_LAYOUT = "_robustse_any_layout"
+
+
+def any_layout(hook):  # type: ignore[no-untyped-def]
+    """Mark a module hook as indifferent to memory layout (it never relies on strides), so
+    :func:`eval_copy` may still use channels_last weights while it is registered."""
+    setattr(hook, _ANY_LAYOUT, True)
+    return hook
 
 
 class EvalAffine(nn.Module):
@@ -62,7 +71,8 @@ def eval_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
 
     Args:
         model: the model, in eval mode.
-        channels_last: hold 4-d weights in channels_last layout (only where no module has hooks).
+        channels_last: hold 4-d weights in channels_last layout (not while a module inside the
+            model has hooks that are not marked :func:`any_layout`).
 
     Returns:
         The copy, or ``model`` itself where nothing changes (or it is scripted or wrapped for
@@ -70,7 +80,7 @@ def eval_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
     """
     if _opaque(model):
         return model
-    layout = channels_last and not any(_hooked(m) for m in model.modules())
+    layout = channels_last and all(_layout_free(m) for m in model.modules() if m is not model)
     return _copy(model, layout)
 
 
@@ -129,6 +139,11 @@ def _laid_out(tensors: dict[str, torch.Tensor | None], layout: bool, *, paramete
 
 def _hooked(m: nn.Module) -> bool:
     return any(getattr(m, name, None) for name in _HOOKS)
+
+
+def _layout_free(m: nn.Module) -> bool:
+    """No hooks on ``m`` but those marked :func:`any_layout`."""
+    return all(getattr(h, _ANY_LAYOUT, False) for name in _HOOKS for h in (getattr(m, name, None) or {}).values())
 
 
 def _opaque(model: nn.Module) -> bool:

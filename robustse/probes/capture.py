@@ -21,6 +21,7 @@ from robustse.core.device import evaluating
 from robustse.core.passes import rows_for_pass
 from robustse.core.progress import track
 from robustse.data.base import as_float_images, forward_rows
+from robustse.models.eval_copy import any_layout
 from robustse.models.gates import _gateless_sites, _se_modules, find_blocks, find_gates, site_of
 from robustse.models.layers import SEBlock
 
@@ -282,7 +283,9 @@ def fixed_gates(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
 
     try:
         for name, value in values.items():
-            handles.append(gates[name].register_forward_hook(lambda m, i, o, v=value: override(m, i, o, v)))
+            # a gate's output is (B, C) in any layout: the attacks' eval copy may still use channels_last
+            hook = any_layout(lambda m, i, o, v=value: override(m, i, o, v))
+            handles.append(gates[name].register_forward_hook(hook))
         yield
     finally:
         for h in handles:
