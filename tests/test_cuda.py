@@ -83,12 +83,14 @@ def test_eval_copy_on_cuda_is_the_same_function():
     import robustse as rs
     from robustse.models.eval_copy import eval_copy
 
+    from .test_eval_copy import settled
+
     for name in ("se_small_cnn", "se_resnet20"):
         torch.manual_seed(0)
-        model = rs.create_model(name, num_classes=10, in_channels=3).cuda().double().eval()
+        model = settled(rs.create_model(name, num_classes=10, in_channels=3)).cuda().double()
         x = torch.rand(4, 3, 32, 32, device="cuda", dtype=torch.float64)
         outs = []
-        for m in (model, eval_copy(model, channels_last=True)):
+        for m in (model, eval_copy(model)):  # as the attacks use it on a GPU: the default layout
             xr = x.clone().requires_grad_(True)
             logits = m(xr)
             (grad,) = torch.autograd.grad(logits.logsumexp(1).sum(), xr)

@@ -20,8 +20,9 @@ def settled(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5, generator=gen)
             m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.uniform_(-0.2, 0.2, generator=gen)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5, generator=gen)
+                m.bias.data.uniform_(-0.2, 0.2, generator=gen)
     return model.eval()
 
 
@@ -86,7 +87,7 @@ def test_hooks_fire_and_hooked_modules_stay():
     assert seen == ["gate", "bn"]
     assert view.blocks[1].convs[0][1] is bn  # a hooked batch norm is left as it is ...
     assert isinstance(view.blocks[0].convs[0][1], nn.Identity)  # ... the others are folded
-    assert view.blocks[0].convs[0][0].weight.is_contiguous()  # hooks anywhere: the layout stays
+    assert view.blocks[0].convs[0][0].weight.stride() == (9, 9, 3, 1)  # hooks inside: the layout stays
 
 
 def test_hooks_on_the_model_itself_or_marked_any_layout_keep_channels_last():
@@ -141,3 +142,75 @@ def test_attacks_default_to_the_copy_and_exact_to_the_model():
     assert "exact" not in create_attack("fgsm").describe()  # the default's cells keep their identity
     with pytest.raises(AttackError, match=r"exact must be true or false \(got 'yes'\)"):
         create_attack("pgd", exact="yes")
+
+
+class _Residual(nn.Sequential):
+    """A Sequential whose forward reads the conv's output twice: folding would change it."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        y = self[0](x)
+        return self[1](y) + y
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_odd_modules_keep_their_function(channels_last):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _Residual(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 6), nn.BatchNorm1d(6),
+    )  # fmt: skip
+    settled(model)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model = model.double()
+    view = eval_copy(model, channels_last=channels_last)
+    assert isinstance(view[0][1], EvalAffine)  # inside the custom forward: affine, not folded
+    assert isinstance(view[2], nn.Identity) and isinstance(view[6], EvalAffine)  # folded; after a Linear: affine
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    for a, b in zip(logits_and_grad(model, x), logits_and_grad(view, x), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_a_stacked_model_keeps_its_function():
+    from robustse.models.stacked import MemberRows, member_rows, stack_models
+
+    torch.manual_seed(0)
+    members = [settled(rs.create_model("se_small_cnn", num_classes=10, in_channels=1)) for _ in range(3)]
+    model = MemberRows(stack_models(members)).double().eval()
+    view = eval_copy(model, channels_last=True)
+    x = member_rows(torch.rand(4, 1, 28, 28, dtype=torch.float64), 3)
+    for a, b in zip(logits_and_grad(model, x), logits_and_grad(view, x), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+class _ViewNet(nn.Module):
+    """The classic MNIST net's pattern: ``.view`` right after a convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 26 * 26, 10)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        h = self.bn(self.conv(x)).relu()
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_a_model_that_needs_its_own_layout_is_attacked_in_it():
+    torch.manual_seed(0)
+    model = settled(_ViewNet())
+    x, y = torch.rand(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        eval_copy(model, channels_last=True)(x)  # what the attack meets first
+    fast = create_attack("pgd", steps=3, random_start=False)(model, x, y, epsilons=[0.05]).adversarials[0]
+    exact = create_attack("pgd", steps=3, random_start=False, exact=True)(model, x, y, epsilons=[0.05]).adversarials[0]
+    assert (fast - exact).abs().max() <= 0.05 * 2  # both in the ball; the copy in the default layout
+    assert create_attack("fgsm").clean_gradient(model, x, y) is not None  # the shared gradient too
+
+
+def test_torchattacks_attacks_take_exact_too():
+    atk = create_attack("torchattacks:PGD", exact=True, steps=2)
+    assert atk.exact and atk.describe()["exact"] is True
+    assert "exact" not in create_attack("torchattacks:PGD", steps=2).describe()

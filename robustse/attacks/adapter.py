@@ -55,7 +55,8 @@ class TorchattacksAttack(Attack):
         return f"{TORCHATTACKS_PREFIX}{self.attack}"
 
     def describe(self) -> dict[str, Any]:
-        return {"attack": self.name, "norm": self.norm, "seed": self.seed, **self.options}
+        exact = {"exact": True} if self.exact else {}  # as Attack.describe: only when set
+        return {"attack": self.name, "norm": self.norm, "seed": self.seed, **self.options, **exact}
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, rungs: Rungs

@@ -13,6 +13,7 @@ leaves in the eps-ball and in [0, 1], whatever the hook returned. See README "Ad
 from __future__ import annotations
 
 import contextlib
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ class Attack(ABC):
             default the gradient passes run an eval-mode copy with batch norms folded into their
             convolutions (and channels_last weights on a CPU,
             :func:`robustse.models.eval_copy.eval_copy`): the same function up to float rounding,
-            measured 1.5-2x faster per pass on a 2-core CPU (README "Performance").
+            measured 1.8-2.3x faster per pass on a 2-core CPU (README "Performance").
 
     Class attributes a subclass may set: ``stacks_rungs = False`` to get one rung per
     :meth:`perturb` call (every row with the same eps), e.g. for a library that takes one eps.
@@ -271,7 +272,9 @@ class Attack(ABC):
         if not self.shares_first_gradient():
             return None
         with eval_mode(model), torch.enable_grad():
-            grad, _ = input_grad(self.gradient_model(model, x), x, y, x.shape[0] // members)
+            grad, _ = in_default_layout_if_needed(
+                model, lambda: input_grad(self.gradient_model(model, x), x, y, x.shape[0] // members)
+            )
         return grad
 
     def gradient_model(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -279,15 +282,36 @@ class Attack(ABC):
         its eval-mode copy (channels_last on a CPU; :func:`robustse.models.eval_copy.eval_copy`)."""
         if self.exact:
             return model
-        return eval_copy(model, channels_last=x.device.type == "cpu" and x.dim() == 4)
+        layout = x.device.type == "cpu" and x.dim() == 4 and model not in _DEFAULT_LAYOUT
+        return eval_copy(model, channels_last=layout)
 
     def _attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], *,
         accuracy_only: bool, grad0: torch.Tensor | None, stream: int, members: int,
     ) -> AttackResult:  # fmt: skip
-        with eval_mode(model):
+        def ladder() -> AttackResult:
             run = LadderRun(self, self.gradient_model(model, x), seed=self.seed * 1_000_003 + stream, members=members)
             return run.survivors(x, y, eps, grad0) if accuracy_only else run.every_rung(x, y, eps, grad0)
+
+        with eval_mode(model):
+            return in_default_layout_if_needed(model, ladder)
+
+
+# Models whose own code needs activations in the default layout (a .view() after a convolution):
+# the eval copy keeps their layout once a channels_last pass failed.
+_DEFAULT_LAYOUT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def in_default_layout_if_needed(model: nn.Module, run: Callable[[], Any]) -> Any:
+    """``run()``; if the model's code refused the channels_last copy's strides (``.view`` after
+    a convolution), remember the model and run again with its copy in the default layout."""
+    try:
+        return run()
+    except RuntimeError as exc:
+        if "view size is not compatible" not in str(exc) or model in _DEFAULT_LAYOUT:
+            raise
+        _DEFAULT_LAYOUT.add(model)
+        return run()
 
 
 class LadderRun:

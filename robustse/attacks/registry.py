@@ -141,7 +141,7 @@ def create_attack(name: str, **kwargs: Any) -> Attack:
         from robustse.attacks.adapter import TorchattacksAttack
 
         attack = name.split(":", 1)[1]
-        common = {k: kwargs.pop(k) for k in ("norm", "seed", "only_eps") if k in kwargs}
+        common = {k: kwargs.pop(k) for k in ("norm", "seed", "only_eps", "exact") if k in kwargs}
         # torchattacks names its L2 attacks *L2 (PGDL2, FGSM has no L2 twin): the budget's norm;
         # attacks with a norm option of their own (APGD, Square, AutoAttack) get it from here
         common.setdefault("norm", "l2" if attack.upper().endswith("L2") else "linf")

@@ -6,8 +6,8 @@ general kernel. The copy folds each batch norm into the convolution right before
 ``nn.Sequential`` (Ioffe & Szegedy 2015 give the eval-mode map; the fold is
 :func:`torch.nn.utils.fusion.fuse_conv_bn_eval`), turns every other one into a per-channel
 multiply-add, and on request holds 4-d weights in channels_last layout. Measured on a 2-core CPU
-(one input-gradient pass, batch 250, 28x28): 1.5-2.1x for the ``small_cnn`` family, 1.5x for
-``resnet20``.
+(``benchmarks/layout_speed.py``: one input-gradient pass, batch 250, 28x28): 1.8-2.3x for the
+``small_cnn`` family.
 
 Everything else is shared with the model, so hooks registered on its modules (a probe's, an
 intervention's, a sweep's check) still fire. A batch norm or convolution that carries hooks of its
@@ -60,7 +60,8 @@ class EvalAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)  # (1, C, 1, 1) for images
-        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+        # x's dtype, as a batch norm keeps it (float32 statistics in a half-precision model)
+        return torch.addcmul(self.shift.view(shape).to(x.dtype), x, self.scale.view(shape).to(x.dtype))
 
 
 def eval_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
@@ -88,7 +89,9 @@ def _copy(module: nn.Module, layout: bool) -> nn.Module:
     """The copy of one module: folded, affine, re-laid out, or itself if nothing below it changes."""
     if _foldable_bn(module):
         return EvalAffine(module).eval()  # type: ignore[arg-type]
-    children = _fold_pairs(module._modules) if isinstance(module, nn.Sequential) else dict(module._modules)
+    # a fold changes what the conv outputs: only where nothing but the next child reads it
+    plain = isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+    children = _fold_pairs(module._modules) if plain else dict(module._modules)
     children = {k: (None if c is None else _copy(c, layout)) for k, c in children.items()}
     params = _laid_out(module._parameters, layout, parameters=True)
     buffers = _laid_out(module._buffers, layout, parameters=False)

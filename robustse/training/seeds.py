@@ -100,6 +100,8 @@ class _Batch:
         first = runs[0]
         cfg = first.job.cfg
         self.stacked: StackedModel = stack_models([r.model for r in runs]).to(first.job.device)
+        if first.channels_last:  # as the members would have trained alone (and their metadata says)
+            self.stacked.to_channels_last()
         self.opt = torch.optim.SGD(
             self.stacked.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
             weight_decay=cfg.weight_decay,

@@ -282,7 +282,7 @@ class TrainRun:
         self.hflip = flips_keep_labels(train_set.name)
         self.model = _build_model(job, train_set)
         self.channels_last = trains_channels_last(cfg.channels_last, device)
-        if self.channels_last:  # before the optimizer: its momentum buffers take the same layout
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.net = _wrap(self.model, job)
         self.amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
