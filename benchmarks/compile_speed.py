@@ -4,7 +4,8 @@ For each architecture the same SGD steps (batch 128, random Fashion-MNIST-shaped
 through the eager model and through ``torch.compile`` of an identical copy, interleaved for
 ``--repeats`` repeats; then robustse's FGSM ladder and PGD-10 at one eps (the user's entry point,
 ``create_attack(...)(model, x, y, epsilons=...)``) on the eager and the compiled model in eval
-mode. Prints medians, the compiled/eager speed ratio (> 1 = compiled faster), the one-off warm-up
+mode (the eager side through the attacks' default eval-mode copy; a compiled model is attacked as
+it is). Prints medians, the compiled/eager speed ratio (> 1 = compiled faster), the one-off warm-up
 and how far compiled results are from eager ones (loss and gradients of the first step; robust
 accuracy of the attacks). This is the measurement an ``auto`` compile rule needs.
 

@@ -168,7 +168,8 @@ def sweep_summary(result: Any) -> None:
 @click.option(
     "--channels-last/--no-channels-last",
     default=None,
-    help="Attack in channels_last memory layout: faster on CPU, equal up to float rounding [default: off].",
+    help="Convert the models to channels_last for the whole sweep (the attacks' gradient passes use it on "
+    "a CPU anyway): predictions and probes too, equal up to float rounding [default: off].",
 )
 @click.option(
     "--seed-batching/--no-seed-batching",

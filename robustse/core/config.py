@@ -221,8 +221,9 @@ class SweepConfig:
             (default: on a GPU only; see :func:`robustse.experiment.sweep.run_sweep`).
         probe_subsample: leading examples whose per-gate/block values are kept for the bootstrap.
         models: checkpoint paths or globs (``robustse sweep --spec``; experiments use their own models).
-        channels_last: attack the models in channels_last memory layout (faster on CPU; equal to
-            the default layout up to float rounding, see :func:`robustse.experiment.sweep.run_sweep`).
+        channels_last: convert the models to channels_last memory layout for the whole sweep
+            (the attacks' gradient passes use it on a CPU anyway; equal up to float rounding, see
+            :func:`robustse.experiment.sweep.run_sweep`).
         dataset: evaluate on this dataset (a registered name or ``imagefolder:DIR``) instead of
             the models' own (``robustse sweep --spec``; an experiment evaluates on ``[data]``).
         pass_rows: take input gradients and record probes this many rows of a batch at a time:

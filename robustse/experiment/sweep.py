@@ -334,11 +334,11 @@ def run_sweep(
         layout: the torchrun layout (:mod:`robustse.core.distributed`): batches are sharded over
             ranks, results gathered, and only rank 0 touches the store. Every rank must call
             this with the same arguments.
-        channels_last: attack the models in channels_last memory layout (weights converted for
-            the sweep, restored afterwards). The same function up to float rounding: measured on
-            the project's 2-core CPU, PGD 1.15-1.25x faster; adversarials then equal torchattacks'
-            on the channels_last model, and differ from the default layout's in a few pixels.
-            Part of the store's identity: a store holds one layout's results.
+        channels_last: convert the models to channels_last memory layout for the sweep
+            (restored afterwards): predictions, probes and interventions included; the attacks'
+            gradient passes use channels_last on a CPU anyway (their eval-mode copy). The same
+            function up to float rounding. Part of the store's identity: a store holds one
+            layout's results.
         seed_batching: attack the models of one architecture (the seeds of a family member) at
             once through one stacked network (:mod:`robustse.models.stacked`): FGSM, PGD and the noise
             control; each model gets its own gradients and the random starts it gets alone, so its

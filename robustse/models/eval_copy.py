@@ -19,6 +19,8 @@ its input, which keeps its layout, and its logits.)
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 _ANY_LAYOUT = "_robustse_any_layout"
 
 
-def any_layout(hook):  # type: ignore[no-untyped-def]
+def any_layout(hook: Any) -> Any:
     """Mark a module hook as indifferent to memory layout (it never relies on strides), so
     :func:`eval_copy` may still use channels_last weights while it is registered."""
     setattr(hook, _ANY_LAYOUT, True)
@@ -98,9 +100,9 @@ def _copy(module: nn.Module, layout: bool) -> nn.Module:
     if all(children[k] is module._modules[k] for k in children) and params is None and buffers is None:
         return module
     new = copy.copy(module)  # shares the hook dicts: hooks registered on the model fire here too
-    new._modules = children  # type: ignore[assignment]
-    new._parameters = module._parameters if params is None else params  # type: ignore[assignment]
-    new._buffers = module._buffers if buffers is None else buffers  # type: ignore[assignment]
+    new._modules = children
+    new._parameters = module._parameters if params is None else params
+    new._buffers = module._buffers if buffers is None else buffers
     return new
 
 
@@ -109,10 +111,21 @@ def _fold_pairs(children: dict[str, nn.Module | None]) -> dict[str, nn.Module | 
     names, out = list(children), dict(children)
     for a, b in zip(names, names[1:], strict=False):
         conv, bn = out[a], out[b]
-        if type(conv) is nn.Conv2d and not _hooked(conv) and not conv.training and isinstance(bn, nn.BatchNorm2d):
-            if _foldable_bn(bn) and bn.num_features == conv.out_channels:
-                out[a], out[b] = fuse_conv_bn_eval(conv, bn), nn.Identity().eval()
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _foldable_pair(conv, bn):
+            out[a], out[b] = fuse_conv_bn_eval(conv, bn), nn.Identity().eval()
     return out
+
+
+def _foldable_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
+    """A plain unhooked eval-mode Conv2d followed by a foldable BatchNorm2d of its width."""
+    return (
+        type(conv) is nn.Conv2d
+        and not _hooked(conv)
+        and not conv.training
+        and isinstance(bn, nn.BatchNorm2d)
+        and _foldable_bn(bn)
+        and bn.num_features == conv.out_channels
+    )
 
 
 def _foldable_bn(m: nn.Module) -> bool:
@@ -127,7 +140,7 @@ def _foldable_bn(m: nn.Module) -> bool:
     )
 
 
-def _laid_out(tensors: dict[str, torch.Tensor | None], layout: bool, *, parameters: bool) -> dict | None:
+def _laid_out(tensors: Mapping[str, torch.Tensor | None], layout: bool, *, parameters: bool) -> dict | None:
     """``tensors`` with the 4-d ones in channels_last layout (same values), or None if none moves."""
     if not layout or not any(t is not None and t.dim() == 4 for t in tensors.values()):
         return None
