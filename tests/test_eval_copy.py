@@ -68,22 +68,29 @@ def test_a_batch_norm_not_after_a_conv_becomes_affine():
     assert isinstance(view.blocks[0].bn1, EvalAffine)  # resnet blocks call conv and bn as attributes
 
 
-def test_hooks_fire_and_hooked_modules_stay():
-    torch.manual_seed(0)
-    model = settled(rs.create_model("se_small_cnn", num_classes=10, in_channels=1))
-    seen = []
-    gate = model.blocks[0].se.gate
-    bn = model.blocks[1].convs[0][1]
-    handles = [
-        gate.register_forward_hook(lambda m, i, o: seen.append("gate")),
-        bn.register_forward_hook(lambda m, i, o: seen.append("bn")),
-    ]
+def copy_and_run_with(model: nn.Module, *handles) -> nn.Module:  # type: ignore[no-untyped-def]
+    """The channels_last eval copy of ``model``, run once on two images while ``handles``' hooks
+    are registered (removed afterwards)."""
     try:
         view = eval_copy(model, channels_last=True)
         view(torch.rand(2, 1, 28, 28))
     finally:
         for h in handles:
             h.remove()
+    return view
+
+
+def test_hooks_fire_and_hooked_modules_stay():
+    torch.manual_seed(0)
+    model = settled(rs.create_model("se_small_cnn", num_classes=10, in_channels=1))
+    seen = []
+    gate = model.blocks[0].se.gate
+    bn = model.blocks[1].convs[0][1]
+    view = copy_and_run_with(
+        model,
+        gate.register_forward_hook(lambda m, i, o: seen.append("gate")),
+        bn.register_forward_hook(lambda m, i, o: seen.append("bn")),
+    )
     assert seen == ["gate", "bn"]
     assert view.blocks[1].convs[0][1] is bn  # a hooked batch norm is left as it is ...
     assert isinstance(view.blocks[0].convs[0][1], nn.Identity)  # ... the others are folded
@@ -96,16 +103,11 @@ def test_hooks_on_the_model_itself_or_marked_any_layout_keep_channels_last():
     model = settled(rs.create_model("se_small_cnn", num_classes=10, in_channels=1))
     gate = model.blocks[0].se.gate
     seen = []
-    handles = [
+    view = copy_and_run_with(
+        model,
         model.register_forward_pre_hook(lambda m, i: seen.append("model")),  # sees the input, as given
         gate.register_forward_hook(any_layout(lambda m, i, o: seen.append(o.shape))),
-    ]
-    try:
-        view = eval_copy(model, channels_last=True)
-        view(torch.rand(2, 1, 28, 28))
-    finally:
-        for h in handles:
-            h.remove()
+    )
     assert seen == ["model", (2, 16)]
     assert view.blocks[0].convs[0][0].weight.stride() == (9, 1, 3, 1)  # channels_last all the same
 
