@@ -9,7 +9,8 @@ May import :mod:`robustse.probes` (the gate attack records gates), :mod:`robusts
 attacks.
 """
 
-from robustse.attacks.base import Attack, AttackResult, Rungs, check_epsilons
+from robustse.attacks.base import Attack, AttackResult, Rungs
+from robustse.attacks.checks import check_epsilons
 from robustse.attacks.registry import (
     AttackInfo,
     attack_info,

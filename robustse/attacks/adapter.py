@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robustse.attacks.base import MAX_QUERIES, MAX_RESTARTS, MAX_STEPS, Attack, Rungs, is_int, is_real
+from robustse.attacks.base import Attack, Rungs
+from robustse.attacks.checks import MAX_QUERIES, MAX_RESTARTS, MAX_STEPS, is_int, is_real
 from robustse.core.errors import AttackError
 from robustse.core.roles import TORCHATTACKS_PREFIX
 

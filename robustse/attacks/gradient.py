@@ -15,16 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustse.attacks.base import (
-    MAX_PIXEL_UNITS,
-    MAX_RESTARTS,
-    MAX_STEPS,
-    Attack,
-    Rungs,
-    input_grad,
-    is_int,
-    is_real,
-)
+from robustse.attacks.base import Attack, Rungs, input_grad
+from robustse.attacks.checks import MAX_PIXEL_UNITS, MAX_RESTARTS, MAX_STEPS, is_int, is_real
 from robustse.attacks.registry import register_attack
 from robustse.core.errors import AttackError
 
