@@ -88,7 +88,7 @@ class TrainConfig:
             :mod:`robustse.training.compiled`), ``on`` or ``off``. The same function up to
             float rounding; not part of a checkpoint's fingerprint.
         channels_last: hold weights and activations in channels_last memory layout while
-            training: ``auto`` (on a CPU, where it measured 1.2-1.5x faster for the small twins),
+            training: ``auto`` (on a CPU, where it measured 1.4-1.5x faster for the small twins),
             ``on`` or ``off``. The same function up to float rounding; not part of a checkpoint's
             fingerprint (checkpoints are saved in the default layout).
     """

@@ -224,8 +224,8 @@ def _build_model(job: TrainJob, train_set: Dataset) -> nn.Module:
 
 def trains_channels_last(setting: str, device: torch.device) -> bool:
     """Whether training runs in channels_last layout: ``on``, or ``auto`` on a CPU (measured on a
-    2-core CPU, batch 128: ``small_cnn`` 1.5x, ``se_small_cnn`` 1.5x, ``static_small_cnn`` 1.2x;
-    no GPU figure yet, so ``auto`` leaves CUDA as it was)."""
+    2-core CPU by ``benchmarks/layout_speed.py``, batch 128: ``small_cnn`` 1.47x, ``se_small_cnn``
+    1.53x, ``static_small_cnn`` 1.42x; no GPU figure yet, so ``auto`` leaves CUDA as it was)."""
     return setting == "on" or (setting == "auto" and device.type == "cpu")
 
 
