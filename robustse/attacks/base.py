@@ -13,7 +13,6 @@ leaves in the eps-ball and in [0, 1], whatever the hook returned. See README "Ad
 from __future__ import annotations
 
 import contextlib
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from robustse.core.device import evaluating
 from robustse.core.errors import AttackError
 from robustse.core.passes import current_pass_rows, rows_of_pass
 from robustse.core.roles import Role, attack_role
-from robustse.models.eval_copy import eval_copy
+from robustse.models.eval_copy import copy_for, in_default_layout_if_needed
 
 Draw = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -274,10 +273,7 @@ class Attack(ABC):
     def gradient_model(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
         """The model the gradient passes run, ``model`` in eval mode: itself with ``exact``, else
         its eval-mode copy (channels_last on a CPU; :func:`robustse.models.eval_copy.eval_copy`)."""
-        if self.exact:
-            return model
-        layout = x.device.type == "cpu" and x.dim() == 4 and model not in _DEFAULT_LAYOUT
-        return eval_copy(model, channels_last=layout)
+        return model if self.exact else copy_for(model, x)
 
     def _attack(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: tuple[float, ...], *,
@@ -289,23 +285,6 @@ class Attack(ABC):
 
         with eval_mode(model):
             return in_default_layout_if_needed(model, ladder)
-
-
-# Models whose own code needs activations in the default layout (a .view() after a convolution):
-# the eval copy keeps their layout once a channels_last pass failed.
-_DEFAULT_LAYOUT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def in_default_layout_if_needed(model: nn.Module, run: Callable[[], Any]) -> Any:
-    """``run()``; if the model's code refused the channels_last copy's strides (``.view`` after
-    a convolution), remember the model and run again with its copy in the default layout."""
-    try:
-        return run()
-    except RuntimeError as exc:
-        if "view size is not compatible" not in str(exc) or model in _DEFAULT_LAYOUT:
-            raise
-        _DEFAULT_LAYOUT.add(model)
-        return run()
 
 
 class LadderRun:

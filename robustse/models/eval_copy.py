@@ -19,7 +19,8 @@ its input, which keeps its layout, and its logits.)
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -85,6 +86,31 @@ def eval_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
         return model
     layout = channels_last and all(_layout_free(m) for m in model.modules() if m is not model)
     return _copy(model, layout)
+
+
+def copy_for(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The eval copy of ``model`` for passes of ``x``: channels_last for images on a CPU (where it
+    was measured faster), unless the model's own code needs the default layout
+    (:func:`in_default_layout_if_needed` found it out)."""
+    layout = x.device.type == "cpu" and x.dim() == 4 and model not in _DEFAULT_LAYOUT
+    return eval_copy(model, channels_last=layout)
+
+
+# Models whose own code needs activations in the default layout (a .view() after a convolution):
+# their eval copy keeps that layout once a channels_last pass failed.
+_DEFAULT_LAYOUT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def in_default_layout_if_needed(model: nn.Module, run: Callable[[], Any]) -> Any:
+    """``run()``; if the model's code refused the channels_last copy's strides (``.view`` after
+    a convolution), remember the model and run again (its :func:`copy_for` now keeps the layout)."""
+    try:
+        return run()
+    except RuntimeError as exc:
+        if "view size is not compatible" not in str(exc) or model in _DEFAULT_LAYOUT:
+            raise
+        _DEFAULT_LAYOUT.add(model)
+        return run()
 
 
 def _copy(module: nn.Module, layout: bool) -> nn.Module:
