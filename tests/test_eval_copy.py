@@ -216,3 +216,44 @@ def test_torchattacks_attacks_take_exact_too():
     atk = create_attack("torchattacks:PGD", exact=True, steps=2)
     assert atk.exact and atk.describe()["exact"] is True
     assert "exact" not in create_attack("torchattacks:PGD", steps=2).describe()
+
+
+def _probe_columns(model: nn.Module, x: torch.Tensor, x_p: torch.Tensor, y: torch.Tensor):
+    from robustse.probes.capture import clean_gate_values
+    from robustse.probes.cell import CellProbe
+
+    means = {name: s.mean(0) for name, s in clean_gate_values(model, x).items()}  # frozen_mean's values
+    probe = CellProbe(len(x), gate_means=means or None)
+    probe.add(model, x, x_p, y, 0)
+    return probe.outputs, probe.values
+
+
+def test_probes_run_the_eval_copy_and_measure_what_the_model_measures(monkeypatch):
+    """A cell's probe passes (recorded clean pass, perturbed pass, clean_gates) run the model's
+    eval copy, channels_last on a CPU: the same measurements as passes of the model itself, up
+    to float rounding (float64 here: gate drift of an untrained model is near float32's resolution)."""
+    import robustse.probes.cell as C
+
+    torch.manual_seed(0)
+    model = settled(rs.create_model("se_small_cnn")).double()
+    x = torch.rand(16, 1, 28, 28, dtype=torch.float64)
+    x_p, y = (x + 0.05 * torch.randn_like(x)).clamp(0, 1), torch.randint(0, 10, (16,))
+    used = []
+    real = C.copy_for
+    monkeypatch.setattr(C, "copy_for", lambda m, t: used.append(real(m, t)) or used[-1])
+    fast = _probe_columns(model, x, x_p, y)
+    assert used and all(c is not model and c.blocks is not model.blocks for c in used)
+    monkeypatch.setattr(C, "copy_for", lambda m, t: m)
+    slow = _probe_columns(model, x, x_p, y)
+    for got, want in zip(fast, slow, strict=True):
+        assert list(got) == list(want) and len(want) > 3
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-12, equal_nan=True, msg=str(key))
+
+
+def test_a_model_that_needs_its_own_layout_is_probed_in_it():
+    torch.manual_seed(0)
+    model = settled(_ViewNet())
+    x = torch.rand(6, 1, 28, 28)
+    outputs, _ = _probe_columns(model, x, (x + 0.05).clamp(0, 1), torch.randint(0, 10, (6,)))
+    assert outputs["logit_sensitivity"].isfinite().all() and (outputs["logit_sensitivity"] > 0).all()

@@ -83,7 +83,10 @@ def capture(
             forward pass: a tensor changed in place raises instead of being silently wrong.
         recorder: receives each tensor as the hooks see it (default: a :class:`Recorder` that
             keeps them). One with ``keeps_tensors = False`` reduces each tensor inside the hook,
-            before anything can change it, so nothing is copied or guarded.
+            before anything can change it, so nothing is copied or guarded. Its hooks are marked
+            :func:`~robustse.models.eval_copy.any_layout`: what it receives may be in
+            channels_last layout (a pass through the eval copy), so it must use ``reshape`` or
+            ``flatten``, never ``view``.
 
     Raises:
         RuntimeError: an uncopied recorded tensor was changed in place during the forward pass.
@@ -167,7 +170,7 @@ def _hook_gates(
             rec.se(name, u, keep(out, name))
             rec.site(site_of(name), u)
 
-        handles += [gate.register_forward_hook(on_gate), se.register_forward_hook(on_se)]
+        handles += [gate.register_forward_hook(any_layout(on_gate)), se.register_forward_hook(any_layout(on_se))]
 
 
 def _hook_sites(sites: dict[str, nn.Module], rec: Recorder, keep: _Keeper, handles: list[RemovableHandle]) -> None:
@@ -177,7 +180,7 @@ def _hook_sites(sites: dict[str, nn.Module], rec: Recorder, keep: _Keeper, handl
         def on_site(m, inp, out, name=site_name):
             rec.site(name, keep(inp[0], name))
 
-        handles.append(module.register_forward_hook(on_site))
+        handles.append(module.register_forward_hook(any_layout(on_site)))
 
 
 def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, handles: list[RemovableHandle]) -> None:
@@ -187,7 +190,7 @@ def _hook_blocks(blocks: dict[str, nn.Module], rec: Recorder, keep: _Keeper, han
         def on_block(m, inp, out, name=block_name):
             rec.block(name, keep(out, name))
 
-        handles.append(block.register_forward_hook(on_block))
+        handles.append(block.register_forward_hook(any_layout(on_block)))
 
 
 # --------------------------------------------------------------------------- gate interventions

@@ -14,8 +14,14 @@ import torch.nn.functional as F
 
 
 def _norm(t: torch.Tensor) -> torch.Tensor:
-    """Per-example L2 norm over all but the first dimension, (B,)."""
-    return t.flatten(1).norm(p=2, dim=1)
+    """Per-example L2 norm over all but the first dimension, (B,); in place for any memory
+    layout (a channels_last activation is not copied to be flattened)."""
+    return torch.linalg.vector_norm(t, 2, dim=_after_batch(t))
+
+
+def _after_batch(t: torch.Tensor) -> tuple[int, ...]:
+    """Every dimension of ``t`` but the first (the batch)."""
+    return tuple(range(1, t.dim()))
 
 
 def relative_change(a: torch.Tensor, a_prime: torch.Tensor) -> torch.Tensor:
@@ -121,15 +127,14 @@ def adaptive_share(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor
 def adaptive_alignment(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
     """cos(Δs⊙u′, s⊙Δu) per example: < 0 when the reaction opposes the perturbation; NaN where
     either term is zero (a gate that did not move has no direction)."""
-    a, b = adaptive.flatten(1), static.flatten(1)
-    den = _norm(a) * _norm(b)
-    return _ratio((a * b).sum(1), den)
+    den = _norm(adaptive) * _norm(static)
+    return _ratio((adaptive * static).sum(_after_batch(static)), den)
 
 
 def spatial_mean(u: torch.Tensor) -> torch.Tensor:
     """z = mean over every dimension after the channel one: (B, C, H, W) → (B, C), the squeezed
     global state an SE block sees (Hu et al. 2018, Eq. 2)."""
-    return u.flatten(2).mean(2) if u.dim() > 2 else u
+    return u.mean(tuple(range(2, u.dim()))) if u.dim() > 2 else u  # any layout, no copy
 
 
 def squeeze_drift(u: torch.Tensor, u_prime: torch.Tensor) -> torch.Tensor:
