@@ -200,3 +200,38 @@ def test_fast_max_pool_steps_aside_for_the_compiler(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     with pytest.raises(AssertionError, match="channels_last function ran"):
         layers.MaxPool2d(2)(x)
+
+
+def _pooled_reference(se: SEBlock, u: torch.Tensor) -> torch.Tensor:
+    """The SE block as its formula reads, squeeze through ``AdaptiveAvgPool2d`` (PyTorch's backward)."""
+    s = se.gate(se.fc2(se.act(se.fc1(se.squeeze(u).flatten(1)))))
+    return u * s[:, :, None, None]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_se_squeeze_backward_is_pytorchs_bit_for_bit(channels_last):
+    """The SE squeeze's own backward (a broadcast view, not a full tensor) gives PyTorch's
+    gradients exactly: input and parameters, in either memory layout."""
+    torch.manual_seed(0)
+    se = SEBlock(16)
+    u0 = torch.randn(8, 16, 12, 12)
+    u0 = u0.contiguous(memory_format=torch.channels_last) if channels_last else u0
+    g = torch.randn_like(u0)
+    leaf = u0.clone().requires_grad_(True)
+    paths = (se, lambda u: _pooled_reference(se, u))
+    grads = [torch.autograd.grad(f(leaf * 1.5), [leaf, *se.parameters()], g) for f in paths]
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_se_squeeze_keeps_hooks_and_second_derivatives():
+    """A hooked squeeze module still runs (its hook fires), and the squeeze's backward is itself
+    differentiable (a gradient penalty's double backward)."""
+    torch.manual_seed(0)
+    se = SEBlock(4, reduction=2, min_hidden=1).double()
+    u = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(se, (u,))
+    seen = []
+    se.squeeze.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    torch.testing.assert_close(se(u), _pooled_reference(se, u), rtol=0, atol=0)
+    assert seen == [torch.Size([2, 4, 1, 1])] * 2
