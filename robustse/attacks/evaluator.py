@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustse.attacks.base import by_pass_rows
+from robustse.models.eval_copy import eval_copy
 
 
 def hookless_copy(model: nn.Module) -> nn.Module:
@@ -25,7 +26,8 @@ def hookless_copy(model: nn.Module) -> nn.Module:
 
 
 class Evaluator:
-    """Prediction-only forward passes through a channels_last copy of ``model`` in eval mode.
+    """Prediction-only forward passes through a channels_last copy of ``model`` in eval mode,
+    its batch norms folded.
 
     Measured on the project's 2-core CPU: evaluation 1.2-1.6x faster than the default layout for
     ``se_small_cnn`` and ``se_resnet20``, logits equal to ~3e-6. Clean and adversarial predictions
@@ -38,7 +40,8 @@ class Evaluator:
         if not copy_model:  # the model itself, as it is (hooks and all): e.g. a gate intervention
             self.model = model.eval()
             return
-        self.model = hookless_copy(model).to(memory_format=torch.channels_last)
+        # batch norms folded as for the attacks' gradient passes (robustse.models.eval_copy)
+        self.model = eval_copy(hookless_copy(model), channels_last=True)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
