@@ -83,16 +83,16 @@ def gate_metrics(clean: Site, pert: Site) -> dict[str, torch.Tensor]:
     """Per-example ``GATE_METRICS`` of one gate from its clean and perturbed (s, u, y)."""
     (s, u, y), (s_p, u_p, y_p) = clean, pert
     inp, outp = M.relative_change(u, u_p), M.relative_change(y, y_p)
-    static, adaptive = M.gate_reaction(u, u_p, s, s_p)
+    damping, share, alignment = M.reaction_measures(*M.gate_reaction(u, u_p, s, s_p))
     return {
         "gate_drift": M.gate_drift(s, s_p),
         "gate_cosine": M.gate_cosine_distance(s, s_p),
         "input_drift": inp,
         "output_drift": outp,
         "channel_gain": M.drift_ratio(outp, inp),  # = M.channel_gain, drifts not recomputed
-        "adaptive_damping": M.adaptive_damping(static, adaptive),
-        "adaptive_share": M.adaptive_share(static, adaptive),
-        "adaptive_alignment": M.adaptive_alignment(static, adaptive),
+        "adaptive_damping": damping,
+        "adaptive_share": share,
+        "adaptive_alignment": alignment,
     }
 
 

@@ -116,19 +116,33 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def adaptive_damping(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
     """‖Δy‖ / ‖s⊙Δu‖ per example: < 1 when the gate's reaction shrinks the perturbation compared
     with a gate that stayed at s(x); exactly 1 for a gate that cannot move."""
-    return _ratio(_norm(static + adaptive), _norm(static))
+    return reaction_measures(static, adaptive)[0]
 
 
 def adaptive_share(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
     """‖Δs⊙u′‖ / ‖s⊙Δu‖ per example: the size of the gate's reaction against the static term."""
-    return _ratio(_norm(adaptive), _norm(static))
+    return reaction_measures(static, adaptive)[1]
 
 
 def adaptive_alignment(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
     """cos(Δs⊙u′, s⊙Δu) per example: < 0 when the reaction opposes the perturbation; NaN where
     either term is zero (a gate that did not move has no direction)."""
-    den = _norm(adaptive) * _norm(static)
-    return _ratio((adaptive * static).sum(_after_batch(static)), den)
+    return reaction_measures(static, adaptive)[2]
+
+
+def reaction_measures(
+    static: torch.Tensor, adaptive: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(:func:`adaptive_damping`, :func:`adaptive_share`, :func:`adaptive_alignment`) from the
+    terms of :func:`gate_reaction`, each norm taken once (a probe measures every gate of every
+    perturbed pass)."""
+    n_static, n_adaptive = _norm(static), _norm(adaptive)
+    dot = (adaptive * static).sum(_after_batch(static))
+    return (
+        _ratio(_norm(static + adaptive), n_static),
+        _ratio(n_adaptive, n_static),
+        _ratio(dot, n_adaptive * n_static),
+    )
 
 
 def spatial_mean(u: torch.Tensor) -> torch.Tensor:
