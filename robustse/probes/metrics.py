@@ -130,9 +130,7 @@ def adaptive_alignment(static: torch.Tensor, adaptive: torch.Tensor) -> torch.Te
     return reaction_measures(static, adaptive)[2]
 
 
-def reaction_measures(
-    static: torch.Tensor, adaptive: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reaction_measures(static: torch.Tensor, adaptive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(:func:`adaptive_damping`, :func:`adaptive_share`, :func:`adaptive_alignment`) from the
     terms of :func:`gate_reaction`, each norm taken once (a probe measures every gate of every
     perturbed pass)."""
