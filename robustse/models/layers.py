@@ -145,8 +145,9 @@ class _SpatialMean(torch.autograd.Function):
     whose backward hands autograd the gradient broadcast over H and W as a view instead of a
     full tensor: autograd adds it into the SE block's other input gradient (from ``s * u``) in
     one pass. The values are those of PyTorch's own backward (dz / (H W) at every position, added
-    in the same order). Measured on the project's 2-core CPU (batch 128, 16 channels, 28x28): an SE
-    block's forward and backward pass 1.5-1.8x faster."""
+    in the same order). Measured by hand on the project's 2-core CPU: an SE block's forward and
+    backward pass 1.1-1.6x faster (batch 128 and 1,000; 16 and 32 channels; both layouts), a
+    channels_last ``se_small_cnn`` training step 1.11x (4,200 -> 4,653 img/s)."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor) -> torch.Tensor:
