@@ -225,3 +225,21 @@ def test_only_eps_restricts_an_attack_to_some_rungs(trained_small, tmp_path):
         )
     aa = rs.create_attack("torchattacks:AutoAttack", n_classes=10, only_eps=[0.1])
     assert aa.only_eps == (0.1,) and "only_eps" not in aa.describe()
+
+
+@pytest.mark.parametrize("table", ["examples", "sites", "site_examples", "excitations", "gallery"])
+def test_tables_read_with_their_cells_equal_the_sql_join(probed, table):
+    """The store joins rows to their cells in pandas (faster for millions of rows): the same frame,
+    row order and columns as SQL's JOIN ... ORDER BY."""
+    import pandas as pd
+
+    _, store, *_ = probed
+    last = "idx" if table == "examples" else "rowid"
+    want = pd.read_sql_query(
+        f"SELECT c.model, c.attack, c.attack_key, c.norm, c.eps, t.* FROM {table} t JOIN cells c ON c.id = t.cell_id"
+        f" ORDER BY c.model, c.attack_key, c.eps, t.{last}",
+        store.conn,
+    )
+    got = store.examples() if table == "examples" else store.probe_table(table)
+    assert len(want) > 0 and want["model"].nunique() == (1 if table == "excitations" else 2)  # SE only: excitations
+    pd.testing.assert_frame_equal(got, want)

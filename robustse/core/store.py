@@ -175,26 +175,30 @@ class StoreReader:
 
     def examples(self):
         """Per-example rows joined with their cell (model, attack, eps) as a DataFrame."""
-        import pandas as pd
-
-        return pd.read_sql_query(
-            "SELECT c.model, c.attack, c.attack_key, c.norm, c.eps, e.* FROM examples e"
-            " JOIN cells c ON c.id = e.cell_id ORDER BY c.model, c.attack_key, c.eps, e.idx",
-            self.conn,
-        )
+        return self._with_cells("examples", "idx")
 
     def probe_table(self, table: str):
         """A probe table (``sites``, ``site_examples``, ``excitations``, ``gallery``) joined with its
         cell's model, attack, attack_key, norm and eps, as a DataFrame."""
-        import pandas as pd
-
         if table not in PROBE_TABLES:
             raise ValueError(f"unknown probe table {table!r}")
-        return pd.read_sql_query(
-            f"SELECT c.model, c.attack, c.attack_key, c.norm, c.eps, t.* FROM {table} t"
-            " JOIN cells c ON c.id = t.cell_id ORDER BY c.model, c.attack_key, c.eps, t.rowid",
-            self.conn,
-        )
+        return self._with_cells(table, "rowid")
+
+    def _with_cells(self, table: str, last_key: str):
+        """``table``'s rows, each preceded by its cell's model, attack, attack_key, norm and eps,
+        ordered by model, attack_key, eps and then ``last_key`` (``idx`` or ``rowid``).
+
+        The same frame as SQL's JOIN ... ORDER BY, joined and sorted in pandas instead: for the
+        millions of rows of a probed run's ``site_examples`` it took half the time (measured on
+        the demo's store, 2.2 M rows: 13.8 s -> 7.6 s)."""
+        import pandas as pd
+
+        head = ["model", "attack", "attack_key", "norm", "eps"]
+        rows = pd.read_sql_query(f"SELECT rowid AS _rowid, * FROM {table}", self.conn)
+        cells = pd.read_sql_query(f"SELECT id AS cell_id, {', '.join(head)} FROM cells", self.conn)
+        order = head[:1] + ["attack_key", "eps", "_rowid" if last_key == "rowid" else last_key]
+        joined = cells.merge(rows, on="cell_id").sort_values(order, kind="stable")
+        return joined[head + [c for c in rows.columns if c != "_rowid"]].reset_index(drop=True)
 
     def models(self):
         import pandas as pd
