@@ -5,7 +5,11 @@ Checks out ``--before`` (a git ref) into a temporary worktree, then runs
 code and with this working tree, alternating, ``--repeats`` times each, in fresh output folders;
 prints each run's phase timings from its ``manifest.json`` and the medians.
 
-    python benchmarks/quick_phases.py --before 523a079 [--repeats 1]
+``--seeds K`` runs the spec with its first K seeds only (each seed trains and sweeps the same
+models, so the phase ratios carry over): shorter runs, so more alternating repeats fit, which a
+machine whose speed drifts during a run needs.
+
+    python benchmarks/quick_phases.py --before 523a079 [--repeats 1] [--seeds 2]
 """
 
 from __future__ import annotations
@@ -36,19 +40,34 @@ runpy.run_module("robustse.cli", run_name="__main__")
 """
 
 
-def run(code: Path, out: Path) -> dict[str, float]:
-    spec = str(ROOT / "attacks" / "quick.toml")
-    cmd = [sys.executable, "-c", BOOT, str(code), "--quiet", "experiment", "--spec", spec, "--out", str(out)]
+def run(code: Path, out: Path, spec: Path) -> dict[str, float]:
+    cmd = [sys.executable, "-c", BOOT, str(code), "--quiet", "experiment", "--spec", str(spec), "--out", str(out)]
     subprocess.run(cmd, cwd=code, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ""})
     return json.loads((out / "manifest.json").read_text())["timings_seconds"]
+
+
+def quick_spec(tmp: Path, seeds: int | None) -> Path:
+    """attacks/quick.toml, or a copy of it with only its first ``seeds`` seeds."""
+    import tomllib
+
+    spec = ROOT / "attacks" / "quick.toml"
+    if seeds is None:
+        return spec
+    text = spec.read_text()
+    kept = tomllib.loads(text)["seeds"][:seeds]
+    lines = [f"seeds = {kept}" if line.startswith("seeds =") else line for line in text.splitlines()]
+    (tmp / "quick.toml").write_text("\n".join(lines) + "\n")
+    return tmp / "quick.toml"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", required=True, help="git ref of the code before the change")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=None, help="run only the spec's first K seeds")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        spec = quick_spec(Path(tmp), args.seeds)
         old = Path(tmp) / "before"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), args.before], check=True,
                        capture_output=True)  # fmt: skip
@@ -56,7 +75,7 @@ def main() -> None:
             times: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
             for r in range(args.repeats):
                 for label, code in (("before", old), ("after", ROOT)):
-                    t = run(code, Path(tmp) / f"{label}{r}")
+                    t = run(code, Path(tmp) / f"{label}{r}", spec)
                     times[label].append(t)
                     line = ", ".join(f"{k} {t.get(k, 0):.1f}s" for k in PHASES)
                     print(f"{label:<7} run {r + 1}: {line}", flush=True)
