@@ -257,3 +257,23 @@ def test_a_model_that_needs_its_own_layout_is_probed_in_it():
     x = torch.rand(6, 1, 28, 28)
     outputs, _ = _probe_columns(model, x, (x + 0.05).clamp(0, 1), torch.randint(0, 10, (6,)))
     assert outputs["logit_sensitivity"].isfinite().all() and (outputs["logit_sensitivity"] > 0).all()
+
+
+def test_a_sweep_reuses_one_copy_per_model_and_layout():
+    """Inside ``reusing_copies`` (a sweep, model by model) every pass of a model runs one copy; the
+    same adversarials as copies built per call; outside, every call builds its own."""
+    from robustse.models.eval_copy import copy_for, reusing_copies
+
+    torch.manual_seed(0)
+    model = settled(rs.create_model("se_small_cnn"))
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    pgd = create_attack("pgd", steps=3)
+    fresh = pgd(model, x, y, epsilons=[0.05]).adversarials[0]
+    assert copy_for(model, x) is not copy_for(model, x)
+    with reusing_copies():
+        first = copy_for(model, x)
+        assert copy_for(model, x) is first and copy_for(model, x[0, 0]) is not first  # another layout
+        reused = pgd(model, x, y, epsilons=[0.05]).adversarials[0]
+        assert copy_for(model, x) is first
+    assert copy_for(model, x) is not first
+    assert torch.equal(reused, fresh)

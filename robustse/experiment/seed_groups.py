@@ -15,6 +15,7 @@ from robustse.attacks import Attack
 from robustse.core.errors import ModelError
 from robustse.data.base import to_float
 from robustse.experiment.cells import CellSteps, Ladder, Opened, PerturbationStats, SweepModel, cell_stream
+from robustse.models.eval_copy import reusing_copies
 from robustse.models.stacked import MemberRows, member_rows, stack_models
 
 
@@ -96,16 +97,21 @@ class SeedGroupSteps(CellSteps):
             return
         opened = [self._open(sm, share=len(members)) for sm in members]
         try:
-            for atk in self.attacks:
-                todos = [dict((id(a), t) for a, t in mine).get(id(atk)) for mine in ladders]
-                lads = [o.ladder(self.ladders, atk, t) for o, t in zip(opened, todos, strict=True) if t]
-                self._run_ladders(lads, stacked, together=len(lads) == len(members) and _same(todos))
-                for o, todo in zip(opened, todos, strict=True):
-                    if todo:
-                        self._model_done(o.sm, atk, todo, o.train_forwards)
+            with reusing_copies():  # the models stay as they are meanwhile: one eval copy each
+                for atk in self.attacks:
+                    self._attack_group(atk, opened, ladders, stacked)
         finally:
             for o in opened:
                 o.hook.remove()
+
+    def _attack_group(self, atk: Attack, opened: list[Opened], ladders: list, stacked: MemberRows) -> None:
+        """One attack's ladders on every member that has rungs left, stacked where they match."""
+        todos = [dict((id(a), t) for a, t in mine).get(id(atk)) for mine in ladders]
+        lads = [o.ladder(self.ladders, atk, t) for o, t in zip(opened, todos, strict=True) if t]
+        self._run_ladders(lads, stacked, together=len(lads) == len(opened) and _same(todos))
+        for o, todo in zip(opened, todos, strict=True):
+            if todo:
+                self._model_done(o.sm, atk, todo, o.train_forwards)
 
     def _run_ladders(self, lads: list[Ladder], stacked: MemberRows, *, together: bool) -> None:
         can = together and len(lads) > 1 and lads[0].atk.tiles_draws() and not self.opt.accuracy_only

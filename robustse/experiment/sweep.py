@@ -41,6 +41,7 @@ from robustse.experiment.cells import (
 from robustse.experiment.checks import run_checks
 from robustse.experiment.seed_groups import SeedGroupSteps, architecture_key
 from robustse.models.checkpoint import weight_hash
+from robustse.models.eval_copy import reusing_copies
 from robustse.models.gates import find_gates
 from robustse.probes.metrics import margin
 
@@ -216,10 +217,11 @@ class Sweep(SeedGroupSteps):
             return
         opened = self._open(sm)
         try:
-            for atk, todo in ladders:
-                if todo:
-                    self.run_ladder(opened.ladder(self.ladders, atk, todo))
-                    self._model_done(sm, atk, todo, opened.train_forwards)
+            with reusing_copies():  # the model stays as it is meanwhile: one eval copy for all its passes
+                for atk, todo in ladders:
+                    if todo:
+                        self.run_ladder(opened.ladder(self.ladders, atk, todo))
+                        self._model_done(sm, atk, todo, opened.train_forwards)
         finally:
             opened.hook.remove()
 

@@ -18,9 +18,11 @@ its input, which keeps its layout, and its logits.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -93,7 +95,30 @@ def copy_for(model: nn.Module, x: torch.Tensor) -> nn.Module:
     was measured faster), unless the model's own code needs the default layout
     (:func:`in_default_layout_if_needed` found it out)."""
     layout = x.device.type == "cpu" and x.dim() == 4 and model not in _DEFAULT_LAYOUT
-    return eval_copy(model, channels_last=layout)
+    reused = _REUSED.get()
+    if reused is None:
+        return eval_copy(model, channels_last=layout)
+    key = (id(model), layout)
+    if key not in reused:
+        reused[key] = (model, eval_copy(model, channels_last=layout))  # the model held: its id stays its own
+    return reused[key][1]
+
+
+_REUSED: ContextVar[dict[tuple[int, bool], tuple[nn.Module, nn.Module]] | None] = ContextVar("_REUSED", default=None)
+
+
+@contextlib.contextmanager
+def reusing_copies() -> Iterator[None]:
+    """Inside the block, :func:`copy_for` builds one copy per model and layout and returns it
+    again, instead of a new copy per call. Only for a caller that keeps each model unchanged
+    meanwhile: its weights, its modules and the hooks on its batch norms and convolutions (a
+    sweep attacking and probing one model, whose own hooks sit on gates and blocks, which the copy
+    shares)."""
+    token = _REUSED.set({})
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
 
 
 # Models whose own code needs activations in the default layout (a .view() after a convolution):
