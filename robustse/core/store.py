@@ -190,7 +190,7 @@ class StoreReader:
 
         The same frame as SQL's JOIN ... ORDER BY, joined and sorted in pandas instead: for the
         millions of rows of a probed run's ``site_examples`` it took half the time (measured on
-        the demo's store, 2.2 M rows: 13.8 s -> 7.6 s)."""
+        the demo's store, 2.2 M rows: 13.8 s -> 7.0 s)."""
         import pandas as pd
 
         head = ["model", "attack", "attack_key", "norm", "eps"]

@@ -171,7 +171,7 @@ def _foldable_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> bool:
     """A plain unhooked eval-mode Conv2d followed by a foldable BatchNorm2d of its width."""
     return (
         type(conv) is nn.Conv2d
-        and not _hooked(conv)
+        and not has_hooks(conv)
         and not conv.training
         and isinstance(bn, nn.BatchNorm2d)
         and _foldable_bn(bn)
@@ -187,7 +187,7 @@ def _foldable_bn(m: nn.Module) -> bool:
         and not m.training
         and m.running_mean is not None
         and m.running_var is not None
-        and not _hooked(m)
+        and not has_hooks(m)
     )
 
 
@@ -204,7 +204,8 @@ def _laid_out(tensors: Mapping[str, torch.Tensor | None], layout: bool, *, param
     return out
 
 
-def _hooked(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` itself carries forward or backward hooks (of any kind)."""
     return any(getattr(m, name, None) for name in _HOOKS)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from robustse.core.errors import ModelError
+from robustse.models.eval_copy import has_hooks
 
 Squeeze = Literal["avg", "max"]
 Gate = Literal["sigmoid", "hardsigmoid"]
@@ -134,7 +135,7 @@ class SEBlock(nn.Module):
         """z = squeeze(u) as (B, C); the spatial mean through :class:`_SpatialMean` where it is
         the same function (an unhooked average pool of an image batch, not under the compiler)."""
         pool = self.squeeze
-        plain_mean = type(pool) is nn.AdaptiveAvgPool2d and u.dim() == 4 and not _has_hooks(pool)
+        plain_mean = type(pool) is nn.AdaptiveAvgPool2d and u.dim() == 4 and not has_hooks(pool)
         if plain_mean and not torch.compiler.is_compiling():  # the compiler fuses the pool's backward itself
             return _SpatialMean.apply(u)
         return pool(u).flatten(1)
@@ -158,10 +159,6 @@ class _SpatialMean(torch.autograd.Function):
     def backward(ctx, dz: torch.Tensor) -> torch.Tensor:
         h, w = ctx.shape[2], ctx.shape[3]
         return (dz / (h * w))[:, :, None, None].expand(ctx.shape)
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 class StaticGate(nn.Module):
