@@ -172,6 +172,11 @@ def sweep_summary(result: Any) -> None:
     "a CPU anyway): predictions and probes too, equal up to float rounding [default: off].",
 )
 @click.option(
+    "--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default=None,
+    help="Run the attacks' gradient passes through torch.compile; auto: where measured faster (no device "
+    "yet). Probes and gate interventions stay eager; same results up to rounding [default: the spec's, else auto].",
+)  # fmt: skip
+@click.option(
     "--seed-batching/--no-seed-batching",
     default=None,
     help="Attack the seeds of one architecture at once through one stacked network [default: on a GPU only].",
@@ -209,6 +214,7 @@ def sweep_cmd(
     accuracy_only: bool | None,
     probes: bool | None,
     channels_last: bool | None,
+    compile_mode: str | None,
     seed_batching: bool | None,
     interventions: tuple[str, ...],
     num_classes: int | None,
@@ -238,7 +244,7 @@ def sweep_cmd(
         "epsilons": None if eps_text is None else parse_epsilons(eps_text),
         "norm": norm, "eval_subset": eval_subset, "batch_size": batch_size, "accuracy_only": accuracy_only,
         "probes": probes, "channels_last": channels_last, "interventions": interventions or None,
-        "seed_batching": seed_batching, "pass_rows": pass_rows, "seed": seed,
+        "seed_batching": seed_batching, "pass_rows": pass_rows, "seed": seed, "compile": compile_mode,
     }  # fmt: skip
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     paths = list(checkpoints) or list(cfg.models)

@@ -229,6 +229,9 @@ class SweepConfig:
         pass_rows: take input gradients and record probes this many rows of a batch at a time:
             less memory for full-size images, results equal up to float rounding (None: as many
             as fit the device's pass budget, :func:`robustse.attacks.pass_memory`).
+        compile: run the attacks' forward and backward passes through ``torch.compile``: ``auto``
+            (where measured faster, :mod:`robustse.attacks.compiled`), ``on`` or ``off``; probe
+            passes and gate interventions stay eager. Equal up to float rounding.
     """
 
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
@@ -246,11 +249,12 @@ class SweepConfig:
     seed_batching: bool | None = None
     dataset: str | None = None
     pass_rows: int | None = None
+    compile: Literal["auto", "on", "off"] = "auto"
 
     def run_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`robustse.experiment.sweep.run_sweep` that this table sets."""
         keys = ("batch_size", "accuracy_only", "probes", "probe_subsample", "channels_last", "seed_batching",
-                "pass_rows")  # fmt: skip
+                "pass_rows", "compile")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
     def __post_init__(self) -> None:
@@ -276,6 +280,8 @@ class SweepConfig:
             raise SpecError(f"sweep.pass_rows must be >= 1 (got {self.pass_rows})")
         if self.eval_subset is not None and self.eval_subset < 1:
             raise SpecError(f"sweep.eval_subset must be >= 1 (got {self.eval_subset})")
+        if self.compile not in ("auto", "on", "off"):
+            raise SpecError(f"sweep.compile must be one of auto, on, off (got {self.compile!r})")
         if 0.0 not in self.epsilons:
             object.__setattr__(self, "epsilons", (0.0, *self.epsilons))
 

@@ -116,6 +116,7 @@ class SweepOptions:
     progress: bool = True
     seed_batching: bool | None = None  # attack the seeds of one architecture at once; None: on a GPU
     pass_rows: int | None = None  # rows per gradient and probe pass within a batch (None: the pass budget's)
+    compile: str = "auto"  # attack passes through torch.compile: auto, on, off (robustse.attacks.compiled)
 
 
 @dataclass

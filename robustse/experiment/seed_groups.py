@@ -51,6 +51,7 @@ class SeedGroupSteps(CellSteps):
     attacks: list[Attack]
     ladders: dict[int, list[float]]
     budget_rows: int | None
+    compiled: bool
     log: Callable[[str], None] | None
 
     if TYPE_CHECKING:  # the per-model steps, Sweep's
@@ -97,7 +98,7 @@ class SeedGroupSteps(CellSteps):
             return
         opened = [self._open(sm, share=len(members)) for sm in members]
         try:
-            with reusing_copies():  # the models stay as they are meanwhile: one eval copy each
+            with reusing_copies(compiled=self.compiled):  # the models stay as they are meanwhile: one eval copy each
                 for atk in self.attacks:
                     self._attack_group(atk, opened, ladders, stacked)
         finally:

@@ -20,6 +20,7 @@ import torch
 
 from robustse.analysis.stats import wilson_interval, worst_case_examples
 from robustse.attacks import Attack, create_attack
+from robustse.attacks.compiled import compiles_attacks
 from robustse.attacks.evaluator import Evaluator, grad_bytes_per_row
 from robustse.core.distributed import SINGLE, Dist
 from robustse.core.errors import DataError, SpecError
@@ -117,6 +118,7 @@ class Sweep(SeedGroupSteps):
         self.models, self.attacks, self.dataset, self.out_dir = list(models), list(attacks), dataset, out_dir
         self.opt, self.device, self.layout, self.log, self.debug = options, torch.device(device), layout, log, debug
         self.labels = [m.label for m in models]
+        self.compiled = compiles_attacks(options.compile, self.device)  # refuses a bad setting before any work
         if len(set(self.labels)) != len(self.labels):
             raise SpecError(f"model labels must be distinct (got {self.labels})")
         self.eps = sorted({float(e) for e in epsilons})
@@ -193,6 +195,9 @@ class Sweep(SeedGroupSteps):
         if self.opt.pass_rows is None:
             self.budget_rows = self._budget_rows()
             self.pass_rows = None if self.budget_rows >= bs else self.budget_rows
+        if self.compiled and self.log and self.layout.is_main:
+            self.log("attack passes run compiled (torch.compile): each architecture's first batch of a shape "
+                     "waits for the compiler; probe passes and gate interventions run eager")  # fmt: skip
         show = self.opt.progress and self.layout.is_main
         total = sum(n_batches * len(todo) for _, todo in plan)
         self.bar = Progress(total, "sweep", show=show)
@@ -217,7 +222,8 @@ class Sweep(SeedGroupSteps):
             return
         opened = self._open(sm)
         try:
-            with reusing_copies():  # the model stays as it is meanwhile: one eval copy for all its passes
+            # the model stays as it is meanwhile: one eval copy for all its passes
+            with reusing_copies(compiled=self.compiled):
                 for atk, todo in ladders:
                     if todo:
                         self.run_ladder(opened.ladder(self.ladders, atk, todo))
@@ -315,6 +321,7 @@ def run_sweep(
     channels_last: bool = False,
     seed_batching: bool | None = None,
     pass_rows: int | None = None,
+    compile: str = "auto",
 ) -> SweepResult:
     """Run every (model, attack, eps) cell not yet in ``out_dir/results.db``; then check and summarize.
 
@@ -350,6 +357,10 @@ def run_sweep(
             (:func:`robustse.attacks.pass_rows`): peak memory follows ``pass_rows``, not
             ``batch_size``; results equal up to float rounding. None: as many rows as fit the
             device's pass budget (:func:`robustse.attacks.pass_memory`), measured per model.
+        compile: run the attacks' forward and backward passes through ``torch.compile``:
+            ``auto`` (where measured faster, :mod:`robustse.attacks.compiled`), ``on`` or ``off``.
+            Probe passes and models with gate interventions stay eager. The same results up to
+            float rounding.
 
     Returns:
         :class:`SweepResult` (on ranks other than 0: no tables, ``cells`` and ``robust`` None).
@@ -359,7 +370,7 @@ def run_sweep(
         ...           [0, 0.03], ds, Path("reports/sweep"))  # doctest: +SKIP
     """
     options = SweepOptions(
-        batch_size, accuracy_only, probes, probe_subsample, channels_last, progress, seed_batching, pass_rows
+        batch_size, accuracy_only, probes, probe_subsample, channels_last, progress, seed_batching, pass_rows, compile
     )
     sweep = Sweep(
         models, attacks, epsilons, dataset, out_dir, options, device=device, layout=layout, log=log, debug=debug

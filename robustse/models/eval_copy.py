@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,32 +95,96 @@ def eval_copy(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
 def copy_for(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """The eval copy of ``model`` for passes of ``x``: channels_last for images on a CPU (where it
     was measured faster), unless the model's own code needs the default layout
-    (:func:`in_default_layout_if_needed` found it out)."""
+    (:func:`in_default_layout_if_needed` found it out); with a compiled forward inside
+    ``reusing_copies(compiled=True)``."""
     layout = x.device.type == "cpu" and x.dim() == 4 and model not in _DEFAULT_LAYOUT
-    reused = _REUSED.get()
-    if reused is None:
+    reuse = _REUSED.get()
+    if reuse is None:
         return eval_copy(model, channels_last=layout)
     key = (id(model), layout)
-    if key not in reused:
-        reused[key] = (model, eval_copy(model, channels_last=layout))  # the model held: its id stays its own
-    return reused[key][1]
+    if key not in reuse.copies:
+        made = eval_copy(model, channels_last=layout)
+        made = with_compiled_forward(made) if reuse.compiled and not _opaque(made) else made
+        reuse.copies[key] = (model, made)  # the model held: its id stays its own
+    return reuse.copies[key][1]
 
 
-_REUSED: ContextVar[dict[tuple[int, bool], tuple[nn.Module, nn.Module]] | None] = ContextVar("_REUSED", default=None)
+@dataclass
+class _Reuse:
+    copies: dict[tuple[int, bool], tuple[nn.Module, nn.Module]]
+    compiled: bool
+
+
+_REUSED: ContextVar[_Reuse | None] = ContextVar("_REUSED", default=None)
 
 
 @contextlib.contextmanager
-def reusing_copies() -> Iterator[None]:
+def reusing_copies(*, compiled: bool = False) -> Iterator[None]:
     """Inside the block, :func:`copy_for` builds one copy per model and layout and returns it
     again, instead of a new copy per call. Only for a caller that keeps each model unchanged
     meanwhile: its weights, its modules and the hooks on its batch norms and convolutions (a
     sweep attacking and probing one model, whose own hooks sit on gates and blocks, which the copy
-    shares)."""
-    token = _REUSED.set({})
+    shares).
+
+    Args:
+        compiled: give each copy a compiled forward (:func:`with_compiled_forward`).
+    """
+    token = _REUSED.set(_Reuse({}, compiled))
     try:
         yield
     finally:
         _REUSED.reset(token)
+
+
+def with_compiled_forward(module: nn.Module) -> nn.Module:
+    """``module`` with its forward run through ``torch.compile`` (inductor) while no module inside
+    it carries hooks, and eager while one does (a probe's capture, a gate intervention).
+
+    The compiler traces hooks in once and does not notice hooks added or removed later
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so the compiled graph is only ever
+    traced and run with none inside; hooks on ``module`` itself run eagerly around either path.
+    A module the compiler cannot trace runs eager (with a warning); an error the module itself
+    raises is raised as it is (e.g. a ``.view`` that channels_last strides refuse, which
+    :func:`in_default_layout_if_needed` handles). Models of one architecture share the compiled
+    graphs (the warm-up is paid once per architecture, input shape and grad mode in a process),
+    and the compiler's on-disk cache shortens the next process's warm-up. The same function up to float rounding.
+
+    Returns:
+        A shallow copy of ``module`` (the same submodules, parameters and hooks).
+    """
+    fast = torch.compile(module.forward)
+    eager = type(module).forward
+    refused: list[bool] = []  # the compiler could not take the module: eager from then on
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if refused or any(has_hooks(m) for m in module.modules() if m is not module):
+            return eager(module, *args, **kwargs)
+        try:
+            return fast(*args, **kwargs)
+        except RuntimeError as exc:
+            if not _compiler_error(exc):
+                raise
+            out = eager(module, *args, **kwargs)  # raises what the module itself raises, if it does
+            refused.append(True)
+            warnings.warn(f"torch.compile could not take {type(module).__name__}; it runs eager ({_first_line(exc)})",
+                          stacklevel=2)  # fmt: skip
+            return out
+
+    new = copy.copy(module)  # shares the hook dicts: hooks on the module itself fire around forward
+    new.forward = forward  # type: ignore[method-assign]
+    return new
+
+
+def _compiler_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the compiler's (torch._dynamo is only imported once something compiled)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # Models whose own code needs activations in the default layout (a .view() after a convolution):

@@ -14,7 +14,7 @@ steps) therefore ran no faster compiled even with the cache filled; the break-ev
 cache is about 5,500 steps. Plain models, CUDA (not measured yet), torchrun, mixed precision,
 adversarial training and short runs stay eager under ``auto``; ``on`` compiles them anyway.
 
-The environment variable ``ROBUSTSE_COMPILE`` (``auto``, ``on`` or ``off``) replaces ``auto``,
+The environment variable ``ROBUSTSE_COMPILE`` (:mod:`robustse.core.compiling`) replaces ``auto``,
 e.g. to switch compilation off for a whole test session. A compiled step computes the same
 function as the eager one up to float rounding (the two losses and gradients agree to ~1e-6), so
 a checkpoint's fingerprint does not depend on the setting; runs differ in the last bits, as on
@@ -23,41 +23,21 @@ another device.
 
 from __future__ import annotations
 
-import os
-import shutil
-from typing import Literal
-
 import torch
 from torch import nn
 
-from robustse.core.errors import DeviceError, SpecError
+from robustse.core.compiling import (
+    COMPILE_CHOICES,
+    COMPILE_ENV,
+    CompileSetting,
+    has_cxx_compiler,
+    require_compiler,
+    resolved_setting,
+)
 from robustse.models.registry import model_info
 
-CompileSetting = Literal["auto", "on", "off"]
-COMPILE_CHOICES: tuple[str, ...] = ("auto", "on", "off")
-COMPILE_ENV = "ROBUSTSE_COMPILE"
-
-
-def resolved_setting(setting: str) -> str:
-    """``setting``, with ``auto`` replaced by ``$ROBUSTSE_COMPILE`` when that is set.
-
-    Raises:
-        SpecError: a setting or environment value other than auto, on, off.
-    """
-    if setting not in COMPILE_CHOICES:
-        raise SpecError(f"compile must be one of auto, on, off (got {setting!r})")
-    env = os.environ.get(COMPILE_ENV, "").strip().lower()
-    if setting != "auto" or not env:
-        return setting
-    if env not in COMPILE_CHOICES:
-        raise SpecError(f"{COMPILE_ENV}={env!r}: must be auto, on or off")
-    return env
-
-
-def has_cxx_compiler() -> bool:
-    """Whether inductor can build CPU kernels here (it calls a C++ compiler)."""
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
+__all__ = ["COMPILE_CHOICES", "COMPILE_ENV", "CompileSetting", "compiled", "compiles_training", "has_cxx_compiler",
+           "resolved_setting"]  # fmt: skip
 
 AUTO_MIN_STEPS = 5_000  # about the measured break-even with an empty compiler cache
 
@@ -81,8 +61,7 @@ def compiles_training(setting: str, arch: str, device: torch.device, *, steps: i
     if chosen == "off":
         return False
     if chosen == "on":
-        if device.type == "cpu" and not has_cxx_compiler():
-            raise DeviceError("compile = on needs a C++ compiler on CPU (g++); install one, or use compile = off")
+        require_compiler(device, has_cxx_compiler())
         return True
     gated = model_info(arch).kind != "plain"
     long_enough = steps >= AUTO_MIN_STEPS

@@ -1,0 +1,44 @@
+"""Compiled attack passes in a sweep (``[sweep] compile``, ``robustse sweep --compile``): when they run.
+
+``on`` gives each model's eval-mode copy (:mod:`robustse.models.eval_copy`) a forward run through
+``torch.compile`` (:func:`robustse.models.eval_copy.with_compiled_forward`) for the attacks'
+forward and backward passes; passes with hooks inside the model (the probes' captures, the gate
+interventions) run eager, and predictions run through the sweep's evaluator as before. Results
+equal eager ones up to float rounding.
+
+``auto`` compiles on the device types listed in :data:`AUTO_DEVICES`, where compiled attack
+passes were measured faster than eager ones (``benchmarks/compile_speed.py``, the ``attack`` rows
+compare the eval-mode copy eager and compiled). None so far: on a 2-core CPU one input-gradient
+pass (batch 256, Fashion-MNIST shape, channels_last copy) ran 0.45× (``small_cnn``), 1.03×
+(``se_small_cnn``) and 0.75× (``static_small_cnn``) as fast compiled as eager, after a 12-18 s
+warm-up per architecture and shape; CUDA has not been measured (``make gpu-check`` does). The
+environment variable ``ROBUSTSE_COMPILE`` replaces ``auto`` (:mod:`robustse.core.compiling`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from robustse.core.compiling import has_cxx_compiler, require_compiler, resolved_setting
+
+AUTO_DEVICES: frozenset[str] = frozenset()  # device types where compiled attack passes measured faster
+
+
+def compiles_attacks(setting: str, device: torch.device) -> bool:
+    """Whether a sweep on ``device`` runs its attack passes compiled under ``setting``.
+
+    Args:
+        setting: ``auto``, ``on`` or ``off`` (``auto`` as
+            :func:`robustse.core.compiling.resolved_setting` resolves it).
+        device: where the sweep runs.
+
+    Raises:
+        SpecError: a setting other than auto, on, off.
+        DeviceError: ``on`` on a CPU without a C++ compiler.
+    """
+    chosen = resolved_setting(setting)
+    if chosen == "on":
+        require_compiler(device, has_cxx_compiler())
+    if chosen == "auto":
+        return device.type in AUTO_DEVICES and (device.type != "cpu" or has_cxx_compiler())
+    return chosen == "on"
