@@ -2,12 +2,13 @@
 
 For each architecture the same SGD steps (batch 128, random Fashion-MNIST-shaped inputs) run
 through the eager model and through ``torch.compile`` of an identical copy, interleaved for
-``--repeats`` repeats; then robustse's FGSM ladder and PGD-10 at one eps (the user's entry point,
-``create_attack(...)(model, x, y, epsilons=...)``) on the eager and the compiled model in eval
-mode (the eager side through the attacks' default eval-mode copy; a compiled model is attacked as
-it is). Prints medians, the compiled/eager speed ratio (> 1 = compiled faster), the one-off warm-up
-and how far compiled results are from eager ones (loss and gradients of the first step; robust
-accuracy of the attacks). This is the measurement an ``auto`` compile rule needs.
+``--repeats`` repeats (``[train] compile``); then robustse's FGSM ladder and PGD-10 at one eps
+(the user's entry point, ``create_attack(...)(model, x, y, epsilons=...)``) in eval mode, through
+the attacks' eval-mode copy eager and with its forward compiled, as ``[sweep] compile = on`` runs
+them (``reusing_copies(compiled=True)``). Prints medians, the compiled/eager speed ratio (> 1 =
+compiled faster), the one-off warm-up and how far compiled results are from eager ones (loss and
+gradients of the first step; robust accuracy of the attacks). These are the measurements the
+``auto`` rules (:mod:`robustse.training.compiled`, :mod:`robustse.attacks.compiled`) rest on.
 
     python benchmarks/compile_speed.py [--archs small_cnn se_small_cnn static_small_cnn] [--steps 20]
         [--repeats 5] [--device cpu]
@@ -27,6 +28,7 @@ from train_throughput import images_per_second  # the calibration's own step loo
 import robustse as rs
 from robustse.attacks import create_attack
 from robustse.core.device import resolve_device
+from robustse.models.eval_copy import reusing_copies
 
 EPS = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]
 
@@ -45,14 +47,18 @@ def first_step_gap(eager: torch.nn.Module, compiled: torch.nn.Module, x: torch.T
     return abs(la - lb), max(float((a - b).abs().max()) for a, b in zip(ga, gb, strict=True))
 
 
-def attack_time(model: torch.nn.Module, attack, x: torch.Tensor, y: torch.Tensor, eps: list[float]):
-    """(seconds, robust accuracy per eps) of one attack call."""
+def attack_time(model: torch.nn.Module, attack, x: torch.Tensor, y: torch.Tensor, eps: list[float], *,
+                compiled: bool = False):  # fmt: skip
+    """(seconds, robust accuracy per eps) of one attack call, through the eval-mode copy a sweep
+    uses: eager, or with its forward compiled (``[sweep] compile = on``)."""
     t0 = time.perf_counter()
-    result = attack(model, x, y, epsilons=eps)
+    with reusing_copies(compiled=compiled):
+        result = attack(model, x, y, epsilons=eps)
     if x.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    accs = [float((model(a).argmax(1) == y).float().mean()) for a in result.adversarials]
+    with torch.no_grad():
+        accs = [float((model(a).argmax(1) == y).float().mean()) for a in result.adversarials]
     return seconds, accs
 
 
@@ -85,20 +91,15 @@ def bench_training(arch: str, args: argparse.Namespace, x: torch.Tensor, y: torc
 
 def bench_attacks(arch: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
     torch.manual_seed(0)
-    eager = rs.create_model(arch).to(x.device).eval()
-    compiled = torch.compile(copy.deepcopy(eager)).eval()
+    model = rs.create_model(arch).to(x.device).eval()
     for name, atk, eps in (("fgsm", create_attack("fgsm"), EPS), ("pgd10", create_attack("pgd", steps=10), [0.03])):
         t0 = time.perf_counter()
-        try:
-            attack_time(compiled, atk, x, y, eps)
-        except Exception as exc:  # noqa: BLE001 - report what does not work under the compiler
-            print(f"attack {arch:<18} {name:<6} compiled model refused: {type(exc).__name__}: {str(exc)[:120]}")
-            continue
+        attack_time(model, atk, x, y, eps, compiled=True)  # the compiled graphs are built here
         warm = time.perf_counter() - t0
-        (_, ae), (_, ac) = attack_time(eager, atk, x, y, eps), attack_time(compiled, atk, x, y, eps)
+        (_, ae), (_, ac) = attack_time(model, atk, x, y, eps), attack_time(model, atk, x, y, eps, compiled=True)
         te, tc = median_pair(
-            lambda a=atk, e=eps: attack_time(eager, a, x, y, e)[0],
-            lambda a=atk, e=eps: attack_time(compiled, a, x, y, e)[0],
+            lambda a=atk, e=eps: attack_time(model, a, x, y, e)[0],
+            lambda a=atk, e=eps: attack_time(model, a, x, y, e, compiled=True)[0],
             args.repeats,
         )
         gap = max(abs(p - q) for p, q in zip(ae, ac, strict=True))

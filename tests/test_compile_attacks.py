@@ -110,7 +110,8 @@ def test_a_compiled_sweep_gives_the_eager_sweeps_results(tmp_path, trained_small
     compiled and eager: the same predictions, margins and probe values up to float rounding."""
     _, _, _, ckpt = trained_small
     args = ["--quiet", "sweep", str(ckpt), "--eval-subset", "64", "--batch-size", "64", "--eps", "0,0.02,0.1",
-            "--attack", "fgsm", "--attack", "pgd(steps=3)", "--attack", "noise", "--intervention", "held_gates"]  # fmt: skip
+            "--attack", "fgsm", "--attack", "pgd(steps=3)", "--attack", "noise",
+            "--intervention", "held_gates"]  # fmt: skip
     tables = {}
     for mode in ("off", "on"):
         before = _graphs()

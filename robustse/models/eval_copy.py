@@ -171,7 +171,7 @@ def with_compiled_forward(module: nn.Module) -> nn.Module:
             return out
 
     new = copy.copy(module)  # shares the hook dicts: hooks on the module itself fire around forward
-    new.forward = forward  # type: ignore[method-assign]
+    new.forward = forward
     return new
 
 
