@@ -147,7 +147,8 @@ def with_compiled_forward(module: nn.Module) -> nn.Module:
     raises is raised as it is (e.g. a ``.view`` that channels_last strides refuse, which
     :func:`in_default_layout_if_needed` handles). Models of one architecture share the compiled
     graphs (the warm-up is paid once per architecture, input shape and grad mode in a process),
-    and the compiler's on-disk cache shortens the next process's warm-up. The same function up to float rounding.
+    and the compiler's on-disk cache shortens the next process's warm-up. The same function up
+    to float rounding.
 
     Returns:
         A shallow copy of ``module`` (the same submodules, parameters and hooks).
