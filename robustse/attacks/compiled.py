@@ -7,14 +7,14 @@ interventions) run eager, and predictions run through the sweep's evaluator as b
 equal eager ones up to float rounding.
 
 ``auto`` compiles on the device types listed in :data:`AUTO_DEVICES`, where compiled attack
-passes were measured faster than eager ones (``benchmarks/compile_speed.py``, the ``attack`` rows
-compare the eval-mode copy eager and compiled). None so far: on a 2-core CPU one input-gradient
-pass (batch 256, Fashion-MNIST shape, channels_last copy) ran 0.45× (``small_cnn``), 1.03×
-(``se_small_cnn``) and 0.75× (``static_small_cnn``) as fast compiled as eager, after a 12-18 s
-warm-up per architecture and shape; a whole ``robustse sweep`` of a trained ``se_small_cnn``
-(1,000 images, probes off) took 18-20 s eager, 77 s compiled with an empty compiler cache and
-25-28 s with a filled one. CUDA has not been measured (``make gpu-check`` does). The
-environment variable ``ROBUSTSE_COMPILE`` replaces ``auto`` (:mod:`robustse.core.compiling`).
+passes were measured faster than eager ones (README "Performance": compiled attack passes;
+``benchmarks/compile_speed.py``, whose ``attack`` rows time the eval-mode copy eager and
+compiled). None so far: on a 2-core CPU a PGD-10 call ran 0.42× as fast compiled as eager for
+``small_cnn`` and ``static_small_cnn`` and 1.11× for ``se_small_cnn``, and a whole ``robustse
+sweep`` of a trained ``se_small_cnn`` (1,000 images, probes off) took 18-20 s eager, 77 s
+compiled with an empty compiler cache and 25-28 s with a filled one. CUDA has not been measured
+(``make gpu-check`` does). The environment variable ``ROBUSTSE_COMPILE`` replaces ``auto``
+(:mod:`robustse.core.compiling`).
 """
 
 from __future__ import annotations

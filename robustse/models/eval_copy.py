@@ -137,35 +137,38 @@ def reusing_copies(*, compiled: bool = False) -> Iterator[None]:
 
 
 def with_compiled_forward(module: nn.Module) -> nn.Module:
-    """``module`` with its forward run through ``torch.compile`` (inductor) while no module inside
-    it carries hooks, and eager while one does (a probe's capture, a gate intervention).
+    """``module`` with its forward run through ``torch.compile`` (inductor) while no hooks could
+    reach inside it, and eager while they could (a probe's capture, a gate intervention, a global
+    module hook).
 
     The compiler traces hooks in once and does not notice hooks added or removed later
     (``torch._dynamo.config.skip_nnmodule_hook_guards``), so the compiled graph is only ever
     traced and run with none inside; hooks on ``module`` itself run eagerly around either path.
-    A module the compiler cannot trace runs eager (with a warning); an error the module itself
-    raises is raised as it is (e.g. a ``.view`` that channels_last strides refuse, which
-    :func:`in_default_layout_if_needed` handles). Models of one architecture share the compiled
-    graphs (the warm-up is paid once per architecture, input shape and grad mode in a process),
-    and the compiler's on-disk cache shortens the next process's warm-up. The same function up
-    to float rounding.
+    A module the compiler cannot take runs eager from then on, with a warning: a trace or kernel
+    build that fails (the backward pass is built with the forward, so its failures land here
+    too), or more than :data:`RECOMPILE_LIMIT` graphs for one forward function (every robustse
+    architecture shares one). An error the module itself raises is raised as it is (e.g. a
+    ``.view`` that channels_last strides refuse, which :func:`in_default_layout_if_needed`
+    handles). Models of one architecture share the compiled graphs (the warm-up is paid once per
+    architecture, input shape and grad mode in a process), and the compiler's on-disk cache
+    shortens the next process's warm-up. The same function up to float rounding.
 
     Returns:
         A shallow copy of ``module`` (the same submodules, parameters and hooks).
     """
-    fast = torch.compile(module.forward)
-    eager = type(module).forward
+    fast = _compiled_call(torch.compile(module.forward))
+    eager = module.forward
     refused: list[bool] = []  # the compiler could not take the module: eager from then on
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if refused or any(has_hooks(m) for m in module.modules() if m is not module):
-            return eager(module, *args, **kwargs)
+        if refused or _global_hooks() or any(has_hooks(m) for m in module.modules() if m is not module):
+            return eager(*args, **kwargs)
         try:
             return fast(*args, **kwargs)
-        except RuntimeError as exc:
+        except Exception as exc:
             if not _compiler_error(exc):
                 raise
-            out = eager(module, *args, **kwargs)  # raises what the module itself raises, if it does
+            out = eager(*args, **kwargs)  # raises what the module itself raises, if it does
             refused.append(True)
             warnings.warn(f"torch.compile could not take {type(module).__name__}; it runs eager ({_first_line(exc)})",
                           stacklevel=2)  # fmt: skip
@@ -176,11 +179,41 @@ def with_compiled_forward(module: nn.Module) -> nn.Module:
     return new
 
 
+RECOMPILE_LIMIT = 64  # graphs per forward function: architectures x shapes x grad modes x layouts
+
+
+def _compiled_call(fast: Callable[..., Any]) -> Callable[..., Any]:
+    """``fast`` called with the backward pass built at the first forward (so a failure to build
+    it is raised there) and with a recompile limit that fails loudly instead of quietly running
+    eager."""
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        limit = max(RECOMPILE_LIMIT, dynamo_config.recompile_limit)
+        with (
+            dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True),
+            functorch_config.patch(force_non_lazy_backward_lowering=True),
+        ):
+            return fast(*args, **kwargs)
+
+    return call
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module exist (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as m
+
+    hooks = (m._global_forward_hooks, m._global_forward_pre_hooks, m._global_backward_hooks,
+             m._global_backward_pre_hooks)  # fmt: skip
+    return any(hooks)
+
+
 def _compiler_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the compiler's (torch._dynamo is only imported once something compiled)."""
-    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
-    return isinstance(exc, TorchDynamoException)
+    return isinstance(exc, (TorchDynamoException, FailOnRecompileLimitHit))
 
 
 def _first_line(exc: BaseException) -> str:
