@@ -39,7 +39,12 @@ def fresh_compiler():
 def test_auto_compiles_only_where_measured_faster(monkeypatch):
     monkeypatch.delenv(COMPILE_ENV, raising=False)
     monkeypatch.setattr(A, "has_cxx_compiler", lambda: True)
-    assert not A.compiles_attacks("auto", CPU) and not A.compiles_attacks("auto", CUDA)  # measured: not yet
+    long, short = A.AUTO_MIN_PASSES, A.AUTO_MIN_PASSES - 1
+    assert A.compiles_attacks("auto", CPU, family="resnet20", passes=long)  # measured 1.12-1.19x
+    assert not A.compiles_attacks("auto", CPU, family="resnet20", passes=short)  # the warm-up would not pay
+    assert not A.compiles_attacks("auto", CPU, family="small_cnn", passes=10**6)  # measured 0.42-1.11x
+    assert not A.compiles_attacks("auto", CPU, family=None, passes=10**6)  # a foreign model: not measured
+    assert not A.compiles_attacks("auto", CUDA, family="resnet20", passes=10**6)  # not measured yet
     monkeypatch.setattr(A, "AUTO_DEVICES", frozenset({"cpu", "cuda"}))
     assert A.compiles_attacks("auto", CPU) and A.compiles_attacks("auto", CUDA)
     monkeypatch.setattr(A, "has_cxx_compiler", lambda: False)
@@ -51,6 +56,13 @@ def test_auto_compiles_only_where_measured_faster(monkeypatch):
     assert not A.compiles_attacks("auto", CUDA) and A.compiles_attacks("on", CUDA)
     with pytest.raises(SpecError, match="compile must be one of auto, on, off"):
         A.compiles_attacks("sometimes", CPU)
+
+
+def test_planned_passes_count_steps_restarts_rungs_and_batches():
+    from robustse.attacks import create_attack
+
+    pgd, fgsm = create_attack("pgd", steps=7, restarts=2), create_attack("fgsm")
+    assert A.planned_passes([(pgd, 3), (fgsm, 5)], 4) == (7 * 2 * 3 + 5) * 4
 
 
 def test_sweep_config_and_cli_refuse_an_unknown_setting(tmp_path):
@@ -180,3 +192,25 @@ def test_a_model_that_refuses_channels_last_is_attacked_compiled_in_its_own_layo
     assert _graphs() >= 1  # compiled, in the default layout
     exact = create_attack("pgd", steps=3, random_start=False, exact=True)(model, x, y, epsilons=[0.05]).adversarials[0]
     assert ((fast - exact).abs() > 1e-6).float().mean() < 0.01  # a rounding-level gradient may flip a sign
+
+
+@pytest.mark.parametrize(("min_passes", "compiled"), [(1, True), (10**6, False)])
+def test_a_sweep_under_auto_compiles_a_measured_family_once_its_plan_is_long_enough(
+    tmp_path, trained_small, monkeypatch, min_passes, compiled
+):
+    """The sweep asks the rule per model with its family and planned passes (here small_cnn's
+    family is made a measured one; the compiled copy is stubbed, so nothing compiles)."""
+    import robustse.models.eval_copy as E
+
+    made: list[nn.Module] = []
+    monkeypatch.setattr(E, "with_compiled_forward", lambda m: made.append(m) or m)
+    monkeypatch.setattr(A, "has_cxx_compiler", lambda: True)
+    monkeypatch.setattr(A, "AUTO_CPU_FAMILIES", frozenset({"small_cnn"}))
+    monkeypatch.setattr(A, "AUTO_MIN_PASSES", min_passes)
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    _, _, _, ckpt = trained_small
+    res = CliRunner().invoke(cli, ["sweep", str(ckpt), "--eval-subset", "32", "--eps", "0,0.02", "--attack", "fgsm",
+                                   "--no-probes", "--out", str(tmp_path / "o")], catch_exceptions=False)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert bool(made) == compiled
+    assert ("attack passes compiled" in res.output) == compiled  # the log says so

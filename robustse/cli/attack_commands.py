@@ -173,8 +173,9 @@ def sweep_summary(result: Any) -> None:
 )
 @click.option(
     "--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default=None,
-    help="Run the attacks' gradient passes through torch.compile; auto: where measured faster (no device "
-    "yet). Probes and gate interventions stay eager; same results up to rounding [default: the spec's, else auto].",
+    help="Run the attacks' gradient passes through torch.compile; auto: where measured to pay (on a CPU, "
+    "ResNet-20 family models planning 3,000+ passes). Probes and gate interventions stay eager; same results "
+    "up to rounding [default: the spec's, else auto].",
 )  # fmt: skip
 @click.option(
     "--seed-batching/--no-seed-batching",

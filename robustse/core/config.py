@@ -230,7 +230,7 @@ class SweepConfig:
             less memory for full-size images, results equal up to float rounding (None: as many
             as fit the device's pass budget, :func:`robustse.attacks.pass_memory`).
         compile: run the attacks' forward and backward passes through ``torch.compile``: ``auto``
-            (where measured faster, :mod:`robustse.attacks.compiled`), ``on`` or ``off``; probe
+            (where measured to pay, :mod:`robustse.attacks.compiled`), ``on`` or ``off``; probe
             passes and gate interventions stay eager. Equal up to float rounding.
     """
 

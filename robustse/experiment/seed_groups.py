@@ -51,13 +51,13 @@ class SeedGroupSteps(CellSteps):
     attacks: list[Attack]
     ladders: dict[int, list[float]]
     budget_rows: int | None
-    compiled: bool
     log: Callable[[str], None] | None
 
     if TYPE_CHECKING:  # the per-model steps, Sweep's
 
         def run_model(self, sm: SweepModel, ladders: list[tuple[Attack, list[float]]]) -> None: ...
         def _open(self, sm: SweepModel, *, share: int = 1) -> Opened: ...
+        def compiles(self, models: list[SweepModel], ladders: list[list[tuple[Attack, list[float]]]]) -> bool: ...
         def _model_done(self, sm: SweepModel, atk: Attack, todo: list[float], train_forwards: list[int]) -> None: ...
 
     def _groups(self) -> list[list[SweepModel]]:
@@ -98,7 +98,8 @@ class SeedGroupSteps(CellSteps):
             return
         opened = [self._open(sm, share=len(members)) for sm in members]
         try:
-            with reusing_copies(compiled=self.compiled):  # the models stay as they are meanwhile: one eval copy each
+            # the models stay as they are meanwhile: one eval copy each
+            with reusing_copies(compiled=self.compiles(members, ladders)):
                 for atk in self.attacks:
                     self._attack_group(atk, opened, ladders, stacked)
         finally:

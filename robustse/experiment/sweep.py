@@ -20,7 +20,7 @@ import torch
 
 from robustse.analysis.stats import wilson_interval, worst_case_examples
 from robustse.attacks import Attack, create_attack
-from robustse.attacks.compiled import compiles_attacks
+from robustse.attacks.compiled import compiles_attacks, planned_passes
 from robustse.attacks.evaluator import Evaluator, grad_bytes_per_row
 from robustse.core.distributed import SINGLE, Dist
 from robustse.core.errors import DataError, SpecError
@@ -44,6 +44,7 @@ from robustse.experiment.seed_groups import SeedGroupSteps, architecture_key
 from robustse.models.checkpoint import weight_hash
 from robustse.models.eval_copy import reusing_copies
 from robustse.models.gates import find_gates
+from robustse.models.registry import list_models, model_info
 from robustse.probes.metrics import margin
 
 
@@ -118,7 +119,8 @@ class Sweep(SeedGroupSteps):
         self.models, self.attacks, self.dataset, self.out_dir = list(models), list(attacks), dataset, out_dir
         self.opt, self.device, self.layout, self.log, self.debug = options, torch.device(device), layout, log, debug
         self.labels = [m.label for m in models]
-        self.compiled = compiles_attacks(options.compile, self.device)  # refuses a bad setting before any work
+        compiles_attacks(options.compile, self.device)  # refuses a bad setting before any work
+        self.n_batches = 0  # batches of the evaluation set (set by _start)
         if len(set(self.labels)) != len(self.labels):
             raise SpecError(f"model labels must be distinct (got {self.labels})")
         self.eps = sorted({float(e) for e in epsilons})
@@ -189,15 +191,12 @@ class Sweep(SeedGroupSteps):
         """Put the data on the device once (uint8; batches are sliced there) and start the progress bar."""
         self.x_all, self.y_all = self.dataset.x.to(self.device), self.dataset.y.to(self.device)
         n, bs = len(self.y_all), self.opt.batch_size
-        n_batches = (n + bs - 1) // bs
+        n_batches = self.n_batches = (n + bs - 1) // bs
         if self.debug and self.layout.is_main:
             self.debug(f"cells to run: {sum(len(todo) for _, todo in plan)} ({n} examples, batch {bs})")
         if self.opt.pass_rows is None:
             self.budget_rows = self._budget_rows()
             self.pass_rows = None if self.budget_rows >= bs else self.budget_rows
-        if self.compiled and self.log and self.layout.is_main:
-            self.log("attack passes run compiled (torch.compile): each architecture's first batch of a shape "
-                     "waits for the compiler; probe passes and gate interventions run eager")  # fmt: skip
         show = self.opt.progress and self.layout.is_main
         total = sum(n_batches * len(todo) for _, todo in plan)
         self.bar = Progress(total, "sweep", show=show)
@@ -223,13 +222,25 @@ class Sweep(SeedGroupSteps):
         opened = self._open(sm)
         try:
             # the model stays as it is meanwhile: one eval copy for all its passes
-            with reusing_copies(compiled=self.compiled):
+            with reusing_copies(compiled=self.compiles([sm], [ladders])):
                 for atk, todo in ladders:
                     if todo:
                         self.run_ladder(opened.ladder(self.ladders, atk, todo))
                         self._model_done(sm, atk, todo, opened.train_forwards)
         finally:
             opened.hook.remove()
+
+    def compiles(self, models: list[SweepModel], ladders: list[list[tuple[Attack, list[float]]]]) -> bool:
+        """Whether these models (one, or a seed group of one architecture) are attacked through a
+        compiled forward (:func:`robustse.attacks.compiled.compiles_attacks`); logged when they are."""
+        arch = models[0].meta.get("arch")
+        family = model_info(arch).family if isinstance(arch, str) and arch in list_models() else None
+        passes = sum(planned_passes([(a, len(t)) for a, t in mine], self.n_batches) for mine in ladders)
+        chosen = compiles_attacks(self.opt.compile, self.device, family=family, passes=passes)
+        if chosen and self.log and self.layout.is_main:
+            self.log(f"{', '.join(sm.label for sm in models)}: attack passes compiled (torch.compile; the first "
+                     "batch of each shape waits for the compiler)")  # fmt: skip
+        return chosen
 
     def _open(self, sm: SweepModel, *, share: int = 1) -> Opened:
         """A model ready to attack: on the device, in eval mode, counting training-mode forwards,
@@ -358,7 +369,7 @@ def run_sweep(
             ``batch_size``; results equal up to float rounding. None: as many rows as fit the
             device's pass budget (:func:`robustse.attacks.pass_memory`), measured per model.
         compile: run the attacks' forward and backward passes through ``torch.compile``:
-            ``auto`` (where measured faster, :mod:`robustse.attacks.compiled`), ``on`` or ``off``.
+            ``auto`` (where measured to pay, :mod:`robustse.attacks.compiled`), ``on`` or ``off``.
             Probe passes and models with gate interventions stay eager. The same results up to
             float rounding.
 
