@@ -11,7 +11,7 @@ gradients of the first step; robust accuracy of the attacks). These are the meas
 ``auto`` rules (:mod:`robustse.training.compiled`, :mod:`robustse.attacks.compiled`) rest on.
 
     python benchmarks/compile_speed.py [--archs small_cnn se_small_cnn static_small_cnn] [--steps 20]
-        [--repeats 5] [--device cpu]
+        [--repeats 5] [--device cpu] [--channels-last] [--no-attacks]
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def median_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
 def bench_training(arch: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
     torch.manual_seed(0)
     eager = rs.create_model(arch).to(x.device)
+    if args.channels_last:  # as [train] channels_last = auto trains on a CPU
+        eager = eager.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(copy.deepcopy(eager))
     t0 = time.perf_counter()
     loss_gap, grad_gap = first_step_gap(eager, compiled, x, y)  # the compiled graphs are built here
@@ -114,6 +117,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--attack-batch", type=int, default=250)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true",
+                   help="training rows: both sides in channels_last layout (the CPU's training default)")  # fmt: skip
+    p.add_argument("--no-attacks", action="store_true", help="training rows only")
     args = p.parse_args()
     device = resolve_device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -122,11 +128,12 @@ def main() -> None:
     ya = torch.randint(0, 10, (args.attack_batch,), generator=gen)
     x, y, xa, ya = (t.to(device) for t in (x, y, xa, ya))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}; eager vs compiled (inductor)")
+    layout = "channels_last" if args.channels_last else "default layout"
+    print(f"torch {torch.__version__}, {name}; eager vs compiled (inductor); training in the {layout}")
     print(f"{'':6} {'arch':<18} {'eager':>9} {'compiled':>9}")
     for arch in args.archs:
         bench_training(arch, args, x, y)
-    for arch in args.archs:
+    for arch in [] if args.no_attacks else args.archs:
         bench_attacks(arch, args, xa, ya)
 
 

@@ -25,6 +25,9 @@ def test_auto_compiles_only_long_float32_single_process_cpu_runs_of_gated_models
     assert not _auto("se_small_cnn", steps=C.AUTO_MIN_STEPS - 1)  # the warm-up would not pay back
     assert not _auto("se_small_cnn", CUDA)  # not measured on a GPU
     assert not _auto("se_small_cnn", single=False) and not _auto("se_small_cnn", plain=False)
+    cl = dict(steps=10**6, single_process=True, plain_float=True, channels_last=True)
+    assert not C.compiles_training("auto", "se_resnet20", CPU, **cl)  # measured 0.73-1.07x over eager channels_last
+    assert C.compiles_training("on", "se_resnet20", CPU, **cl)
     monkeypatch.setattr(C, "has_cxx_compiler", lambda: False)
     assert not _auto("se_small_cnn")
     with pytest.raises(DeviceError, match="needs a C\\+\\+ compiler"):

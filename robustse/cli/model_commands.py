@@ -164,7 +164,7 @@ def inspect_cmd(target: str, num_classes: int, in_channels: int | None, arch: st
 @click.option(
     "--compile", "compile_mode", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
     help="Run the training steps through torch.compile; auto: where measured to pay (SE and static-gate "
-    "models on a CPU, runs of at least 5,000 steps). $ROBUSTSE_COMPILE replaces auto.",
+    "models on a CPU in the default layout, runs of at least 5,000 steps). $ROBUSTSE_COMPILE replaces auto.",
 )  # fmt: skip
 @click.option(
     "--channels-last", "channels_last", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,

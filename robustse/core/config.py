@@ -84,7 +84,7 @@ class TrainConfig:
         amp: mixed precision for training only (bfloat16 autocast on CPU, float16 with loss
             scaling on CUDA); attacks and evaluation stay float32.
         compile: run the training steps through ``torch.compile``: ``auto`` (where measured to
-            pay: SE and static-gate models on a CPU, runs of at least 5,000 steps;
+            pay: SE and static-gate models on a CPU in the default layout, runs of 5,000+ steps;
             :mod:`robustse.training.compiled`), ``on`` or ``off``. The same function up to
             float rounding; not part of a checkpoint's fingerprint.
         channels_last: hold weights and activations in channels_last memory layout while

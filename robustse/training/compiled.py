@@ -14,6 +14,13 @@ steps) therefore ran no faster compiled even with the cache filled; the break-ev
 cache is about 5,500 steps. Plain models, CUDA (not measured yet), torchrun, mixed precision,
 adversarial training and short runs stay eager under ``auto``; ``on`` compiles them anyway.
 
+Those figures compare layouts as they were before channels_last training: against eager
+training in channels_last layout (the CPU's default, ``[train] channels_last = auto``), a
+compiled step gained little or lost (``compile_speed.py --channels-last``, calibration about
+4,300 img/s): ``small_cnn`` 0.73×, ``se_small_cnn`` 1.03×, ``static_small_cnn`` 0.92×,
+``resnet20`` 0.97×, ``se_resnet20`` 1.04×, ``static_resnet20`` 1.07×, after 33-44 s warm-ups for
+the ResNets. So ``auto`` compiles only training in the default layout (``channels_last = off``).
+
 The environment variable ``ROBUSTSE_COMPILE`` (:mod:`robustse.core.compiling`) replaces ``auto``,
 e.g. to switch compilation off for a whole test session. A compiled step computes the same
 function as the eager one up to float rounding (the two losses and gradients agree to ~1e-6), so
@@ -43,7 +50,7 @@ AUTO_MIN_STEPS = 5_000  # about the measured break-even with an empty compiler c
 
 
 def compiles_training(setting: str, arch: str, device: torch.device, *, steps: int, single_process: bool,
-                      plain_float: bool) -> bool:  # fmt: skip
+                      plain_float: bool, channels_last: bool = False) -> bool:  # fmt: skip
     """Whether training steps of ``arch`` on ``device`` run compiled under ``setting``.
 
     Args:
@@ -53,6 +60,7 @@ def compiles_training(setting: str, arch: str, device: torch.device, *, steps: i
         steps: the SGD steps of the whole run.
         single_process: not under torchrun.
         plain_float: float32 training without adversarial examples.
+        channels_last: training in channels_last layout (where compiling measured no gain).
 
     Raises:
         DeviceError: ``on`` on a CPU without a C++ compiler.
@@ -65,7 +73,8 @@ def compiles_training(setting: str, arch: str, device: torch.device, *, steps: i
         return True
     gated = model_info(arch).kind != "plain"
     long_enough = steps >= AUTO_MIN_STEPS
-    return device.type == "cpu" and gated and long_enough and single_process and plain_float and has_cxx_compiler()
+    plain_run = single_process and plain_float and not channels_last
+    return device.type == "cpu" and gated and long_enough and plain_run and has_cxx_compiler()
 
 
 def compiled(net: nn.Module) -> nn.Module:

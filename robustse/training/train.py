@@ -291,6 +291,7 @@ class TrainRun:
         self.compiled = compiles_training(
             cfg.compile, job.arch, device, steps=cfg.epochs * self.steps_per_epoch,
             single_process=not job.layout.active, plain_float=not cfg.amp and cfg.adv_eps == 0,
+            channels_last=self.channels_last,
         )  # fmt: skip
         self.step_net = compiled(self.net) if self.compiled else self.net
         self.opt = torch.optim.SGD(
