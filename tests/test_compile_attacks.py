@@ -40,11 +40,11 @@ def test_auto_compiles_only_where_measured_faster(monkeypatch):
     monkeypatch.delenv(COMPILE_ENV, raising=False)
     monkeypatch.setattr(A, "has_cxx_compiler", lambda: True)
     long, short = A.AUTO_MIN_PASSES, A.AUTO_MIN_PASSES - 1
-    assert A.compiles_attacks("auto", CPU, family="resnet20", passes=long)  # measured 1.12-1.19x
-    assert not A.compiles_attacks("auto", CPU, family="resnet20", passes=short)  # the warm-up would not pay
-    assert not A.compiles_attacks("auto", CPU, family="small_cnn", passes=10**6)  # measured 0.42-1.11x
-    assert not A.compiles_attacks("auto", CPU, family=None, passes=10**6)  # a foreign model: not measured
-    assert not A.compiles_attacks("auto", CUDA, family="resnet20", passes=10**6)  # not measured yet
+    assert A.compiles_attacks("auto", CPU, arch="se_resnet20", passes=long)  # measured 1.12-1.19x
+    assert not A.compiles_attacks("auto", CPU, arch="se_resnet20", passes=short)  # the warm-up would not pay
+    assert not A.compiles_attacks("auto", CPU, arch="se_small_cnn", passes=10**6)  # measured 0.42-1.11x
+    assert not A.compiles_attacks("auto", CPU, arch="timm:seresnet50", passes=10**6)  # a foreign model: not measured
+    assert not A.compiles_attacks("auto", CUDA, arch="se_resnet20", passes=10**6)  # not measured yet
     monkeypatch.setattr(A, "AUTO_DEVICES", frozenset({"cpu", "cuda"}))
     assert A.compiles_attacks("auto", CPU) and A.compiles_attacks("auto", CUDA)
     monkeypatch.setattr(A, "has_cxx_compiler", lambda: False)

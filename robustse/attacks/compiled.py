@@ -30,20 +30,21 @@ from collections.abc import Iterable
 import torch
 
 from robustse.core.compiling import has_cxx_compiler, require_compiler, resolved_setting
+from robustse.models.registry import list_models, model_info
 
 AUTO_DEVICES: frozenset[str] = frozenset()  # device types where every architecture compiles under auto
 AUTO_CPU_FAMILIES: frozenset[str] = frozenset({"resnet20"})  # measured faster compiled on a CPU
 AUTO_MIN_PASSES = 3_000  # planned passes per model: past the break-even with an empty compiler cache
 
 
-def compiles_attacks(setting: str, device: torch.device, *, family: str | None = None, passes: int = 0) -> bool:
+def compiles_attacks(setting: str, device: torch.device, *, arch: object = None, passes: int = 0) -> bool:
     """Whether a sweep on ``device`` runs a model's attack passes compiled under ``setting``.
 
     Args:
         setting: ``auto``, ``on`` or ``off`` (``auto`` as
             :func:`robustse.core.compiling.resolved_setting` resolves it).
         device: where the sweep runs.
-        family: the model's architecture family (None: not a registered architecture).
+        arch: the model's architecture (its family decides ``auto``; None or a foreign one: eager).
         passes: the model's planned gradient passes (:func:`planned_passes`).
 
     Raises:
@@ -58,7 +59,12 @@ def compiles_attacks(setting: str, device: torch.device, *, family: str | None =
     if device.type in AUTO_DEVICES:
         return device.type != "cpu" or has_cxx_compiler()
     long_enough = passes >= AUTO_MIN_PASSES
-    return device.type == "cpu" and family in AUTO_CPU_FAMILIES and long_enough and has_cxx_compiler()
+    return device.type == "cpu" and _family(arch) in AUTO_CPU_FAMILIES and long_enough and has_cxx_compiler()
+
+
+def _family(arch: object) -> str | None:
+    """A registered architecture's family; None for anything else (timm:..., torchvision:..., None)."""
+    return model_info(arch).family if isinstance(arch, str) and arch in list_models() else None
 
 
 def planned_passes(ladders: Iterable[tuple[object, int]], batches: int) -> int:

@@ -44,7 +44,7 @@ from robustse.experiment.seed_groups import SeedGroupSteps, architecture_key
 from robustse.models.checkpoint import weight_hash
 from robustse.models.eval_copy import reusing_copies
 from robustse.models.gates import find_gates
-from robustse.models.registry import list_models, model_info
+from robustse.models.layout import restore_strides, to_channels_last
 from robustse.probes.metrics import margin
 
 
@@ -153,7 +153,8 @@ class Sweep(SeedGroupSteps):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.store = ResultsStore(self.out_dir / "results.db")
         pairs = attack_pairs(self.models, self.attacks)
-        restore = _to_channels_last(self.models) if self.opt.channels_last else []
+        unique = {id(sm.model): sm.model for sm in self.models}.values()  # interventions share their model's weights
+        restore = to_channels_last(unique) if self.opt.channels_last else []
         try:
             plan = list(zip(pairs, self.prepare(pairs), strict=True))
             self._start(plan)
@@ -167,7 +168,7 @@ class Sweep(SeedGroupSteps):
             self.bar.close()
             return self.finish()
         finally:
-            _restore_strides(restore)
+            restore_strides(restore)
             if self.store is not None:
                 self.store.close()
 
@@ -233,10 +234,8 @@ class Sweep(SeedGroupSteps):
     def compiles(self, models: list[SweepModel], ladders: list[list[tuple[Attack, list[float]]]]) -> bool:
         """Whether these models (one, or a seed group of one architecture) are attacked through a
         compiled forward (:func:`robustse.attacks.compiled.compiles_attacks`); logged when they are."""
-        arch = models[0].meta.get("arch")
-        family = model_info(arch).family if isinstance(arch, str) and arch in list_models() else None
         passes = sum(planned_passes([(a, len(t)) for a, t in mine], self.n_batches) for mine in ladders)
-        chosen = compiles_attacks(self.opt.compile, self.device, family=family, passes=passes)
+        chosen = compiles_attacks(self.opt.compile, self.device, arch=models[0].meta.get("arch"), passes=passes)
         if chosen and self.log and self.layout.is_main:
             self.log(f"{', '.join(sm.label for sm in models)}: attack passes compiled (torch.compile; the first "
                      "batch of each shape waits for the compiler)")  # fmt: skip
@@ -420,28 +419,6 @@ def _clean_pass(sm: SweepModel, ev: Evaluator, x: torch.Tensor, y: torch.Tensor,
         zero_grads = sum(p[3] for p in parts)
         prob_like = all(p[4] for p in parts)
     return Clean(preds, margs, finite), zero_grads / n, prob_like
-
-
-def _to_channels_last(models: Sequence[SweepModel]) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-    """Convert the models' 4-d parameters and buffers to channels_last; (tensor, original strides).
-
-    Converts as ``Module.to(memory_format=torch.channels_last)`` does, ambiguous shapes included
-    (a (16, 1, 5, 5) weight counts as contiguous in both layouts, yet its strides steer the kernels).
-    """
-    converted = []
-    unique = {id(sm.model): sm.model for sm in models}  # an intervention shares its model's weights
-    for model in unique.values():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.dim() == 4:
-                converted.append((t, t.stride()))
-                t.data = t.data.to(memory_format=torch.channels_last)
-    return converted
-
-
-def _restore_strides(converted: list[tuple[torch.Tensor, tuple[int, ...]]]) -> None:
-    """Put converted tensors back in their own strides, on whatever device the sweep left them."""
-    for t, stride in converted:
-        t.data = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t.data)
 
 
 def _prepare_store(store: ResultsStore, sweep: Sweep, pairs: list[tuple[SweepModel, Attack]]) -> list[list[float]]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -202,8 +203,7 @@ def _compiled_call(fast: Callable[..., Any]) -> Callable[..., Any]:
 
 def _global_hooks() -> bool:
     """Whether module hooks registered for every module exist (``register_module_forward_hook``)."""
-    from torch.nn.modules import module as m
-
+    m = _module
     hooks = (m._global_forward_hooks, m._global_forward_pre_hooks, m._global_backward_hooks,
              m._global_backward_pre_hooks)  # fmt: skip
     return any(hooks)
