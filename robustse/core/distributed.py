@@ -12,6 +12,7 @@ Training wraps the model in DistributedDataParallel and splits every global batc
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,9 @@ def init_from_env(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def shutdown() -> None:
-    """Leave the process group (safe to call when none was started)."""
+    """Leave the process group (safe to call when none was started), and free it while the
+    interpreter is fully alive: a gloo group freed during interpreter shutdown can abort the
+    process (pytorch/pytorch#179291)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()

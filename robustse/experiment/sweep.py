@@ -166,7 +166,9 @@ class Sweep(SeedGroupSteps):
                     else:
                         self.run_model(group[0], ladders[0])
             self.bar.close()
-            return self.finish()
+            result = self.finish()
+            self.layout.barrier()  # ranks leave together, after rank 0's checks and exports
+            return result
         finally:
             restore_strides(restore)
             if self.store is not None:
