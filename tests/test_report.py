@@ -223,3 +223,21 @@ def test_shipped_specs_load_and_standard_is_the_real_study():
     assert any(std.arm_train(a).adv_eps > 0 for a in std.arms if a.plain)
     quick = specs["quick"]
     assert len(quick.seeds) >= 2 and quick.sweep is not None and len(quick.sweep.epsilons) >= 5
+
+
+def test_excitation_heatmaps_name_few_classes_and_index_many():
+    """Ten class names label the rows; ImageNet's 1,000 become an index axis (laying out 1,000 tick
+    labels per panel took matplotlib about 29 s per figure)."""
+    import numpy as np
+
+    from robustse.analysis import plots
+
+    rng = np.random.default_rng(0)
+    for k, named in ((10, True), (1000, False)):
+        names = [f"class {i}" for i in range(k)]
+        fig = plots.excitation_heatmaps([("stage0.se", rng.random((k, 8)), rng.random((k, 8)))], names, 0.01)
+        ax = fig.axes[0]
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert (labels == names) is named
+        assert ("class index" in ax.get_ylabel()) is not named
+        assert len(labels) < 50

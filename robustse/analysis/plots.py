@@ -211,8 +211,7 @@ def excitation_heatmaps(maps: list[tuple[str, Any, Any]], classes: list[str], ep
         for ax, data, title in ((row[0], clean, "clean"), (row[1], adv, f"adversarial, eps = {eps:g}")):
             im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
             ax.set(title=f"{_short(name)}: {title}", xlabel="channel")
-            ax.set_yticks(range(len(classes)))
-            ax.set_yticklabels(classes, fontsize=6)
+            _class_axis(ax, classes)
             fig.colorbar(im, ax=ax, fraction=0.03)
         diff = adv - clean
         lim = float(np.nanmax(np.abs(diff))) or 1.0
@@ -223,6 +222,19 @@ def excitation_heatmaps(maps: list[tuple[str, Any, Any]], classes: list[str], ep
     fig.suptitle("Mean excitation per class (SE models, mean over seeds)")
     fig.tight_layout()
     return fig
+
+
+MAX_CLASS_LABELS = 40  # more class names than fit a heatmap row's height: label by index instead
+
+
+def _class_axis(ax: Any, classes: list[str]) -> None:
+    """One named tick per class where the names fit (10 for Fashion-MNIST); an index axis for many
+    classes (ImageNet's 1,000 names would be unreadable and take matplotlib tens of seconds to lay out)."""
+    if len(classes) <= MAX_CLASS_LABELS:
+        ax.set_yticks(range(len(classes)))
+        ax.set_yticklabels(classes, fontsize=6)
+    else:
+        ax.set_ylabel(f"class index (of {len(classes)})")
 
 
 def gallery(items: list[dict[str, Any]], *, magnify: float) -> Figure:
