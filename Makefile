@@ -43,8 +43,9 @@ browser:
 demo: setup
 	$(BIN)/robustse experiment --spec attacks/quick.toml
 
+# two workers, one thread each (tests/conftest.py): both cores busy through the subprocess-heavy tests
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # The manual (docs/, mkdocs.yml) as a static site in site/; --strict fails on a broken link or page.
 docs: setup

@@ -77,10 +77,14 @@ def train_both_ways(tmp_path, device: str):  # type: ignore[no-untyped-def]
 @pytest.mark.skipif(not C.has_cxx_compiler(), reason="inductor needs a C++ compiler on CPU")
 def test_a_compiled_run_trains_the_same_model_up_to_float_rounding(real_fmnist, tmp_path):
     """Four equal batches (one compiled graph), the same seed, compiled and eager: the same
-    losses, weights and accuracy up to float rounding, and the checkpoint says how it ran."""
+    losses, weights and accuracy up to float rounding, and the checkpoint says how it ran.
+
+    Four SGD steps amplify rounding, and by how much depends on the thread count: the largest
+    weight difference was 7e-5 with two threads and 8e-4 with one (as under ``make test``'s
+    workers), where the eager kernels sum in another order. Hence 1e-3 (README "Performance")."""
     eager, comp = train_both_ways(tmp_path, "cpu")
     assert comp.meta["compiled"] is True and eager.meta["compiled"] is False
     assert comp.meta["history"][0]["loss"] == pytest.approx(eager.meta["history"][0]["loss"], rel=1e-4)
     for key, v in eager.model.state_dict().items():
-        torch.testing.assert_close(comp.model.state_dict()[key], v, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(comp.model.state_dict()[key], v, rtol=1e-3, atol=1e-3)
     assert abs(comp.meta["clean_accuracy"] - eager.meta["clean_accuracy"]) <= 0.01
